@@ -114,7 +114,10 @@ def read_split(voc_dir, is_train=True):
     txt = Path(voc_dir) / 'ImageSets' / 'Segmentation' / ('train.txt' if is_train else 'val.txt')
     if not txt.exists():
         raise UserError(f'split file {txt} is missing: the VOC2012 folder is incomplete, unpack the dataset again')
-    return [line.strip() for line in txt.read_text().splitlines() if line.strip()]
+    ids = [line.strip() for line in txt.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise UserError(f'split file {txt} lists no ids: the VOC2012 folder is incomplete, unpack the dataset again')
+    return ids
 
 
 def voc_paths(voc_dir, name):
@@ -304,8 +307,8 @@ def make_loader(dataset, batch_size, is_train, seed=0, num_workers=None, drop_la
     """Shuffled for training; both drop the last partial batch, as the book does."""
     workers = default_workers() if num_workers is None else num_workers
     sampler = SeededSampler(dataset, shuffle=is_train, seed=seed, drop_last=True)
-    if not is_train and drop_last:
-        sampler.eval_limit = len(dataset) // batch_size * batch_size * sampler.num_replicas
+    if not is_train and drop_last and len(dataset) >= batch_size:
+        sampler.eval_limit = len(dataset) // batch_size * batch_size
     per_rank = max(1, batch_size // sampler.num_replicas) if is_train else batch_size
     if is_train and len(dataset) // sampler.num_replicas < per_rank:
         raise UserError(f'only {len(dataset)} training examples for a batch of {batch_size}: '
@@ -1049,7 +1052,9 @@ def load_torch_file(path, what='checkpoint'):
     if not path.exists():
         raise UserError(f'{what} {path} does not exist: train first, or pass the right path')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():     # torch warns about old pickle protocols before refusing: one line only
+            warnings.simplefilter('ignore')
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:
         text = str(err)
         if 'Weights only load failed' in text or 'Unsupported global' in text:
@@ -1162,6 +1167,8 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, device, *,
             history.append({'epoch': epoch + 1, 'loss': l_total / n, 'train_acc': correct / max(pixels, 1),
                             'test_acc': test['pixel_acc'], 'test_miou': test['miou'],
                             'lr': trainer.param_groups[0]['lr'], 'seconds': time.time() - start})
+            if not all(v.isfinite().all() for v in model.state_dict().values() if v.is_floating_point()):
+                raise NonFiniteLoss(epoch + 1, steps, float('nan'))     # finite loss, broken weights: keep the last
             ckpt.update(epoch=epoch + 1, model=model.state_dict(), optimizer=trainer.state_dict(),
                         scaler=scaler.state_dict() if scaler is not None else None)
             if is_main_process():
@@ -1642,6 +1649,7 @@ def run_training(args):
     torch.backends.cudnn.benchmark = True
     for path in (args.save, args.curves):
         check_writable(path)
+    pyplot()    # imported now: a Ctrl-C in the middle of matplotlib's first import cannot be handled cleanly
     torch.manual_seed(args.seed)
     train_ds, test_ds, class_names, _ = open_data(args, args.crop_size, normalize=False)
     num_classes = len(class_names)
@@ -1843,7 +1851,7 @@ def known_metrics(ckpt_path, ckpt):
     return 'untrained'
 
 
-def segment_file(net, path, out_dir, colormap, device, scales, amp, test_size=None):
+def segment_file(net, path, out_dir, colormap, device, scales, amp, test_size=None, inputs=()):
     """One image -> <stem>_color.png, <stem>_overlay.png, <stem>_labels.png (class ids as a palette PNG)."""
     image = image_to_tensor(open_image(path))
     X = normalize_image(image.to(device)).unsqueeze(0)
@@ -1857,8 +1865,8 @@ def segment_file(net, path, out_dir, colormap, device, scales, amp, test_size=No
     outs = [(out_dir / f'{stem}_{kind}.png', img) for kind, img in
             (('color', Image.fromarray(color)), ('overlay', Image.fromarray(overlay)), ('labels', ids))]
     for out, img in outs:
-        if out.resolve() == Path(path).resolve():
-            raise UserError(f'{out} is the input itself: pass another --out-dir')
+        if out.resolve() == Path(path).resolve() or out.resolve() in inputs:
+            raise UserError(f'{out} is an input image: pass another --out-dir')
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         for out, img in outs:
@@ -1881,12 +1889,14 @@ def image_files(inputs):
 def segment_files(net, files, out_dir, colormap, device, scales, amp, test_size=None):
     """Streams: one image in memory at a time. Unreadable files are skipped with a warning, counted at the end."""
     done, skipped = 0, 0
+    files = list(files)
+    inputs = {Path(p).resolve() for p in files}     # no output may land on any input, not only its own
     for path in files:
         try:
-            segment_file(net, path, Path(out_dir), colormap, device, scales, amp, test_size)
+            segment_file(net, path, Path(out_dir), colormap, device, scales, amp, test_size, inputs)
             done += 1
         except UserError as err:
-            if 'cannot write' in str(err) or 'is the input itself' in str(err):
+            if 'cannot write' in str(err) or 'is an input image' in str(err):
                 raise
             print(f'warning: skipped {path}: {error_line(err)}', file=sys.stderr)
             skipped += 1
