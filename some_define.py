@@ -1492,6 +1492,9 @@ def fill_defaults(args):
             setattr(args, key, d.get(key, value) if args.demo else value)
     if args.pretrained is None:
         args.pretrained = not args.demo
+    if args.model == 'fcn' and any(side % 32 for side in args.crop_size):
+        raise UserError(f'--crop-size {args.crop_size[0]} {args.crop_size[1]}: the FCN needs multiples of 32 (its '
+                        'transposed conv upsamples exactly 32x; the book uses 320 480)')
     if args.dataset is None:
         args.dataset = 'voc'
     if args.demo and args.dataset != 'voc':

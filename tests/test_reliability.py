@@ -49,15 +49,6 @@ class Result:
     err: str
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Two shared cores: torch's second intra-op thread makes these tiny convolutions ~10x slower, not faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def print_warning(message, category, filename, lineno, file=None, line=None):
     """What an interpreter does with a warning: its text on stderr (pytest would only record it)."""
     sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
@@ -334,11 +325,11 @@ def test_06_label_values_outside_the_classes(tmp_path, voc):
 
 def test_07_every_image_smaller_than_the_crop(tmp_path, voc):
     sizes = {f'{h}x{w}' for h, w in (Image.open(image_path(voc, n)).size[::-1] for n in split_ids(voc, 'train'))}
-    args = ['--data-dir', voc, '--epochs', '1', '--batch-size', '4', '--crop-size', '200', '200', '--no-pretrained',
+    args = ['--data-dir', voc, '--epochs', '1', '--batch-size', '4', '--crop-size', '224', '224', '--no-pretrained',
             '--workers', '0']
     res = run_inprocess(ORIGIN_TRAIN, args, tmp_path)
-    line = one_error_line(res, '200x200', '--crop-size')
-    named = set(re.findall(r'\d+x\d+', line)) - {'200x200'}
+    line = one_error_line(res, '224x224', '--crop-size')
+    named = set(re.findall(r'\d+x\d+', line)) - {'224x224'}
     assert named & sizes, f'the largest image seen is not named: {line} (sizes {sorted(sizes)})'
 
 

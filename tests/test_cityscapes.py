@@ -1,0 +1,187 @@
+"""Cityscapes / MiniCity (the DeepLabV3 tutorial's data) on the real one-image sample in shared/cityscapes_sample:
+labelIds mapped to the 19 train ids, the labelTrainIds fallback, MiniCity's flat layout, the training crops, and a
+short my_train.py + my_predict.py run on it. CPU only; skipped when the sample is absent."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+MAIN = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(MAIN))
+import some_define as sd  # noqa: E402
+from conftest import finish  # noqa: E402
+
+SAMPLE = Path(__file__).resolve().parents[2] / 'shared' / 'cityscapes_sample'
+STEM = 'frankfurt_000000_000294'
+
+if not (SAMPLE / 'gtFine' / 'val' / 'frankfurt' / f'{STEM}_gtFine_labelIds.png').exists():
+    pytest.skip(f'no Cityscapes sample at {SAMPLE}', allow_module_level=True)
+
+
+# The official Cityscapes table (cityscapesScripts' labels.py): the raw ids of the 19 train ids, in train-id order.
+TRAIN_ID_OF = {raw: train for train, raw in enumerate([7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28,
+                                                       31, 32, 33])}
+
+
+def read_png(name, root=SAMPLE):
+    return torch.from_numpy(np.array(Image.open(root / 'gtFine' / 'val' / 'frankfurt' / f'{STEM}_gtFine_{name}.png'),
+                                     dtype=np.int64))
+
+
+def train_ids_png(root=SAMPLE):
+    return read_png('labelTrainIds', root)
+
+
+def mapped_label_ids():
+    """The raw labelIds PNG through the official table, computed here independently of some_define."""
+    raw = read_png('labelIds')
+    return raw.clone().apply_(lambda v: TRAIN_ID_OF.get(v, 255))
+
+
+@pytest.fixture(scope='module')
+def with_train(tmp_path_factory):
+    """A copy of the sample with a 'train' split (the val image again) beside 'val'."""
+    root = tmp_path_factory.mktemp('cityscapes') / 'cityscapes'
+    shutil.copytree(SAMPLE, root)
+    for top in ('leftImg8bit', 'gtFine'):
+        shutil.copytree(root / top / 'val', root / top / 'train')
+    return root
+
+
+def test_reads_label_ids_as_train_ids():
+    ds = sd.CityscapesSegDataset(False, None, SAMPLE)
+    assert len(ds) == 1 and ds.num_classes == 19
+    assert ds.items[0][1].name.endswith('_gtFine_labelIds.png')   # the raw ids are preferred when both exist
+    image, label = ds[0]
+    expected = mapped_label_ids()
+    assert image.shape == (3,) + tuple(expected.shape) and image.dtype == torch.float32
+    assert label.dtype == torch.int64
+    assert torch.equal(label, expected)                            # exactly the official table, pixel for pixel
+    assert not torch.equal(read_png('labelIds'), expected)         # the mapping did something
+    assert set(label.unique().tolist()) <= set(range(19)) | {255}
+    # uint8 image for the training loop, the same picture and label
+    raw_image, raw_label = sd.CityscapesSegDataset(False, None, SAMPLE, normalize=False)[0]
+    assert raw_image.dtype == torch.uint8 and torch.equal(raw_label, expected)
+    assert torch.allclose(sd.normalize_image(raw_image), image)
+
+
+def test_label_ids_agree_with_the_label_train_ids_png():
+    """The sample's labelTrainIds PNG is NOT the pixel-exact image of its labelIds PNG: the fixture downscaled the
+    two files (2048x1024 -> 256x128) separately, and they disagree at 77 of 32768 pixels, every one on a class
+    boundary (the PNG's value lies within 2 px in the mapped label). So: the table matches per raw id (each id's
+    pixels are mostly its train id in the PNG), and the disagreements are boundary jitter only."""
+    label = sd.CityscapesSegDataset(False, None, SAMPLE)[0][1]
+    png, raw = train_ids_png(), read_png('labelIds')
+    assert (label == png).double().mean() > 0.995
+    for v in raw.unique().tolist():
+        values, counts = png[raw == v].unique(return_counts=True)
+        assert int(values[counts.argmax()]) == TRAIN_ID_OF.get(v, 255), f'labelId {v}'
+    near = torch.zeros_like(png, dtype=torch.bool)
+    padded = torch.nn.functional.pad(label[None, None].float(), (2, 2, 2, 2), value=-1)[0, 0].long()
+    h, w = png.shape
+    for dy in range(5):
+        for dx in range(5):
+            near |= padded[dy:dy + h, dx:dx + w] == png
+    assert near.all()
+
+
+def test_falls_back_to_label_train_ids(tmp_path):
+    root = tmp_path / 'cs'
+    shutil.copytree(SAMPLE, root)
+    (root / 'gtFine' / 'val' / 'frankfurt' / f'{STEM}_gtFine_labelIds.png').unlink()
+    ds = sd.CityscapesSegDataset(False, None, root)
+    assert ds.items[0][1].name.endswith('_gtFine_labelTrainIds.png')
+    assert torch.equal(ds[0][1], train_ids_png())
+
+
+def test_minicity_flat_layout(tmp_path):
+    root = tmp_path / 'minicity'
+    (root / 'leftImg8bit' / 'val').mkdir(parents=True)
+    (root / 'gtFine' / 'val').mkdir(parents=True)
+    shutil.copy(SAMPLE / 'leftImg8bit' / 'val' / 'frankfurt' / f'{STEM}_leftImg8bit.png',
+                root / 'leftImg8bit' / 'val' / f'{STEM}_leftImg8bit.png')
+    shutil.copy(SAMPLE / 'gtFine' / 'val' / 'frankfurt' / f'{STEM}_gtFine_labelIds.png',
+                root / 'gtFine' / 'val' / f'{STEM}_gtFine_labelIds.png')
+    ds = sd.CityscapesSegDataset(False, None, root)
+    reference = sd.CityscapesSegDataset(False, None, SAMPLE)
+    assert len(ds) == 1 and ds.items[0][1].parent == root / 'gtFine' / 'val'
+    assert torch.equal(ds[0][1], mapped_label_ids())
+    assert torch.equal(ds[0][0], reference[0][0])
+
+
+def test_missing_label_is_one_clear_error(tmp_path):
+    root = tmp_path / 'cs'
+    shutil.copytree(SAMPLE, root)
+    for p in (root / 'gtFine' / 'val' / 'frankfurt').glob('*.png'):
+        p.unlink()
+    with pytest.raises(sd.UserError, match='labelIds.png is missing'):
+        sd.CityscapesSegDataset(False, None, root)
+    with pytest.raises(sd.UserError, match='no Cityscapes train images'):
+        sd.CityscapesSegDataset(True, (64, 128), root)
+
+
+def test_training_crops(with_train):
+    ds = sd.CityscapesSegDataset(True, (64, 128), with_train)
+    assert len(ds) == 1
+    seen = []
+    for seed in range(6):
+        image, label = ds[(0, seed)]
+        assert image.shape == (3, 64, 128) and image.dtype == torch.float32 and torch.isfinite(image).all()
+        assert label.shape == (64, 128) and label.dtype == torch.int64
+        assert set(label.unique().tolist()) <= set(range(19)) | {255}
+        again = ds[(0, seed)]
+        assert torch.equal(again[0], image) and torch.equal(again[1], label)   # (index, seed) -> the same item
+        seen.append(image)
+    assert any(not torch.equal(seen[0], other) for other in seen[1:])          # and seeds do vary the crop
+    # without the tutorial's random scale/flip/jitter a crop is a window of the full label
+    plain = sd.CityscapesSegDataset(True, (64, 128), with_train, normalize=False, augment=False)
+    full = mapped_label_ids()
+    image, label = plain[(0, 3)]
+    assert image.dtype == torch.uint8
+    windows = full.unfold(0, 64, 1).unfold(1, 128, 1)                          # every 64x128 window
+    assert (windows == label).flatten(2).all(2).any()
+
+
+def start_script(script, args, cwd):
+    return subprocess.Popen([sys.executable, str(MAIN / script)] + [str(a) for a in args], cwd=cwd,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish_ok(proc, timeout=240):
+    code, out, err = finish(proc, timeout)
+    assert code == 0, f'{proc.args[1:3]} exited {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}'
+    return out
+
+
+def test_train_and_predict_scripts(with_train, tmp_path):
+    common = ['--dataset', 'cityscapes', '--data-dir', with_train, '--model', 'fcn', '--epochs', 1,
+              '--batch-size', 1, '--crop-size', 64, 128, '--no-pretrained', '--workers', 0,
+              '--finetune-epochs', 0, '--loss', 'weighted_ce']
+    # the two trainings run side by side (separate working folders: each draws its own pictures/)
+    (tmp_path / 'tutorial').mkdir()
+    counted = start_script('my_train.py', common + ['--save', 'ckpt'], tmp_path)
+    tutorial = start_script('my_train.py', common + ['--class-weights', 'tutorial', '--save', 'ckpt_tutorial'],
+                            tmp_path / 'tutorial')
+    out, out_tutorial = finish_ok(counted), finish_ok(tutorial)
+    assert 'epoch 1/1' in out and 'epoch 1/1' in out_tutorial
+    assert 'share' in out and 'share' not in out_tutorial   # pixel-count weights are shown, the tutorial's are fixed
+    ckpt = torch.load(tmp_path / 'ckpt', map_location='cpu', weights_only=True)
+    assert ckpt['epoch'] == 1 and ckpt['num_classes'] == 19 and ckpt['config']['dataset'] == 'cityscapes'
+    assert ckpt['model_args']['name'] == 'fcn' and len(ckpt['history']) == 1
+    tutorial = torch.load(tmp_path / 'tutorial' / 'ckpt_tutorial', map_location='cpu', weights_only=True)
+    assert tutorial['config']['class_weights'] == 'tutorial' and tutorial['epoch'] == 1
+
+    out = finish_ok(start_script('my_predict.py', ['--checkpoint', 'ckpt', '--eval'], tmp_path))
+    assert 'mIoU' in out
+    result = json.loads((tmp_path / 'ckpt_results.json').read_text())
+    assert result['images'] == 1 and len(result['iou']) == 19
+    assert result['pixels'] == int((mapped_label_ids() != 255).sum())   # the whole image at its original size
+    assert (tmp_path / 'pictures' / 'my_out.png').exists()

@@ -1,0 +1,155 @@
+"""Several processes through torchrun, on the CPU (gloo): the same code path as several GPUs, minus the GPUs.
+
+A 2-process origin_train.py run on a tiny synthetic VOC must print its report once (rank 0), write one checkpoint,
+and evaluate exactly the items a single process evaluates: the per-epoch test figures of the 2-process run must equal
+a single process's evaluation of the same weights. A helper run through torchrun compares the confusion matrix
+itself, and a fast in-process check shows how make_loader deals the test items to ranks."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+MAIN = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(MAIN))
+import some_define as sd  # noqa: E402
+from conftest import finish  # noqa: E402
+
+CROP = (32, 64)
+BATCH = 4
+
+if not torch.distributed.is_available():
+    pytest.skip('this PyTorch build has no torch.distributed', allow_module_level=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def start_torchrun(args, cwd, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(MAIN))
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        env.pop(key, None)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
+           '--master_addr=127.0.0.1', f'--master_port={free_port()}'] + [str(a) for a in args]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+
+
+# A helper launched through torchrun: evaluate_crops of given weights over the test loader, in each rank; rank 0
+# writes the all-reduced confusion matrix and the items every rank saw.
+HELPER = textwrap.dedent('''
+    import json, sys
+    import torch
+    import some_define as sd
+    demo, weights, out = sys.argv[1:4]
+    crop, batch = (int(sys.argv[4]), int(sys.argv[5])), int(sys.argv[6])
+    sd.setup_distributed()
+    net = sd.build_model('fcn', num_classes=21)
+    net.load_state_dict(torch.load(weights, weights_only=True))
+    test = sd.VOCSegDataset(False, crop, demo, normalize=False)
+    loader = sd.make_loader(test, batch, False, seed=0, num_workers=0)
+    matrices = []
+    compute = sd.ConfusionMatrix.compute
+    sd.ConfusionMatrix.compute = lambda self: (matrices.append(self.mat.clone()), compute(self))[1]
+    result = sd.evaluate_crops(net, loader, torch.device('cpu'), 21)
+    gathered = [None] * sd.world_size()
+    torch.distributed.all_gather_object(gathered, [i for i, _ in loader.sampler])
+    if sd.is_main_process():
+        json.dump({'mat': matrices[0].tolist(), 'items': gathered, 'miou': result['miou']}, open(out, 'w'))
+    torch.distributed.destroy_process_group()
+''')
+
+
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory):
+    return Path(sd.make_demo_voc(tmp_path_factory.mktemp('voc') / 'VOC2012', num_train=12, num_val=6))
+
+
+@pytest.fixture(scope='module')
+def runs(demo, tmp_path_factory):
+    """Both torchrun launches side by side (2 x 2 processes; most of their time is importing torch)."""
+    train_dir, eval_dir = tmp_path_factory.mktemp('ddp'), tmp_path_factory.mktemp('ddp_eval')
+    torch.manual_seed(0)
+    state = sd.build_model('fcn', num_classes=21).state_dict()   # the same weights for 2 processes and for 1
+    torch.save(state, eval_dir / 'weights.pt')
+    (eval_dir / 'helper.py').write_text(HELPER)
+    train = start_torchrun([MAIN / 'origin_train.py', '--data-dir', demo, '--epochs', 1, '--batch-size', BATCH,
+                            '--crop-size', *CROP, '--no-pretrained', '--workers', 0, '--save', 'ckpt'], train_dir)
+    evaluate = start_torchrun([eval_dir / 'helper.py', demo, eval_dir / 'weights.pt', eval_dir / 'cm.json', *CROP,
+                               BATCH], eval_dir)
+    return {'train': (train_dir,) + finish(train), 'eval': (eval_dir,) + finish(evaluate), 'state': state}
+
+
+def single_process_eval(state, demo):
+    """evaluate_crops of these weights over the test loader, in this (single) process: (result, matrix, items)."""
+    assert 'WORLD_SIZE' not in os.environ and not torch.distributed.is_initialized()
+    net = sd.build_model('fcn', num_classes=21)
+    net.load_state_dict(state)
+    test = sd.VOCSegDataset(False, CROP, demo, normalize=False)
+    loader = sd.make_loader(test, BATCH, False, seed=0, num_workers=0)
+    matrices = []
+    compute = sd.ConfusionMatrix.compute
+    try:
+        sd.ConfusionMatrix.compute = lambda self: (matrices.append(self.mat.clone()), compute(self))[1]
+        result = sd.evaluate_crops(net, loader, torch.device('cpu'), 21)
+    finally:
+        sd.ConfusionMatrix.compute = compute
+    return result, matrices[0], [i for i, _ in loader.sampler]
+
+
+def test_eval_items_dealt_to_ranks_are_those_of_one_process(demo, monkeypatch):
+    """The test loader of each rank: together the ranks must see each item of a single process's loader once
+    (no padding, nothing beyond the dataset), with the same crop seeds."""
+    test = sd.VOCSegDataset(False, CROP, demo, normalize=False)
+    single = list(sd.make_loader(test, BATCH, False, seed=0, num_workers=0).sampler)
+    assert [i for i, _ in single] == list(range(len(test) // BATCH * BATCH))   # the book drops the partial batch
+    dealt = []
+    for rank in range(2):
+        monkeypatch.setenv('WORLD_SIZE', '2')
+        monkeypatch.setenv('RANK', str(rank))
+        dealt += list(sd.make_loader(test, BATCH, False, seed=0, num_workers=0).sampler)
+    assert sorted(dealt) == sorted(single)
+
+
+def test_two_process_training_runs(runs):
+    cwd, rc, out, err = runs['train']
+    assert rc == 0, f'torchrun exited {rc}\n{out[-3000:]}\n{err[-4000:]}'
+    lines = (out + err).splitlines()
+    assert sum(line.startswith('epoch 1/1:') for line in lines) == 1, out     # rank 0 reports, rank 1 does not
+    assert sum(line.startswith('read ') for line in lines) == 2               # train + test, once each
+    assert 'x2' in out                                                         # "device cpu x2"
+    ckpt = torch.load(cwd / 'ckpt', map_location='cpu', weights_only=True)
+    assert ckpt['epoch'] == 1 and len(ckpt['history']) == 1
+    assert not list(cwd.glob('*.tmp'))
+
+
+def test_two_process_test_figures_equal_one_process_evaluation(runs, demo):
+    """The 2-process run's own test acc / mIoU (evaluated with the weights it saved) = a single process's."""
+    cwd, rc, out, err = runs['train']
+    assert rc == 0, f'torchrun exited {rc}\n{err[-3000:]}'
+    ckpt = torch.load(cwd / 'ckpt', map_location='cpu', weights_only=True)
+    result, _, _ = single_process_eval(ckpt['model'], demo)
+    h = ckpt['history'][-1]
+    assert h['test_acc'] == pytest.approx(result['pixel_acc'], abs=1e-12)
+    assert h['test_miou'] == pytest.approx(result['miou'], abs=1e-12)
+
+
+def test_confusion_matrix_two_processes_equals_one(runs, demo):
+    cwd, rc, out, err = runs['eval']
+    assert rc == 0, f'torchrun exited {rc}\n{out[-3000:]}\n{err[-4000:]}'
+    two = json.loads((cwd / 'cm.json').read_text())
+    result, matrix, items = single_process_eval(runs['state'], demo)
+    assert sorted(sum(two['items'], [])) == items          # each item once, no padding, nothing else
+    assert all(two['items'])                               # and both ranks had work
+    assert matrix.sum() == result['pixels'] > 0
+    assert torch.equal(torch.tensor(two['mat']), matrix)
+    assert two['miou'] == result['miou']
