@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -1342,7 +1343,7 @@ def save_image_grid(path, rows, title, row_titles=None, col_titles=None, scale=2
                 ax.set_title(col_titles[c], fontsize=8)
             if row_titles and c == 0:
                 ax.set_ylabel(row_titles[r], fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1.08 if col_titles else 0.98)   # above multi-line column titles
     save_figure(fig, path)
 
 
@@ -1965,7 +1966,8 @@ def run_predict(args):
         columns, titles = [], ['image', 'ground truth']
         for p, n, c in checkpoints:
             columns.append(val_picture_rows(n, val, args.num_images, crop, colormap, device)[1])
-            titles.append(f'{Path(p).name}: {recipe_title(c["config"])}\n{known_metrics(p, c)}')
+            recipe = textwrap.fill(recipe_title(c['config']), 30)    # columns are narrow: wrap, do not overlap
+            titles.append(f'{Path(p).name}\n{recipe}\n{known_metrics(p, c)}')
         base = val_picture_rows(checkpoints[0][1], val, args.num_images, crop, colormap, device)
         rows = [[base[0][i], base[2][i]] + [col[i] for col in columns] for i in range(len(base[0]))]
         compare_path = Path(args.picture).with_name('compare.png')

@@ -1,5 +1,8 @@
 """The book's building blocks (DESIGN.md, "Names and behaviour kept from d2l", "Checkpoints", "Evaluation"), checked
 against independent computations: interpolation, PIL, brute-force loops. CPU only, tiny sizes."""
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -394,3 +397,29 @@ def test_predict_any_size(fcn):
     with torch.no_grad():
         expected = fcn(x).argmax(1)[0]
     assert torch.equal(sd.predict(fcn, img), expected)
+
+
+def run_script(script, args, cwd, monkeypatch):
+    """A script in this process, as `python script args` would run it (saves a torch import per run)."""
+    import runpy
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, 'argv', [script] + [str(a) for a in args])
+    runpy.run_path(str(Path(sd.__file__).parent / script), run_name='__main__')
+
+
+def test_accum_steps_gives_the_same_update_as_the_whole_batch(demo_voc, tmp_path, monkeypatch):
+    """Batch 4 in micro-batches of 2 = batch 4, for a model without batch statistics (GroupNorm)."""
+    common = ['--data-dir', demo_voc, '--model', 'fcn', '--norm', 'group', '--optimizer', 'sgd', '--epochs', 1,
+              '--finetune-epochs', 0, '--batch-size', 4, '--crop-size', 32, 64, '--no-pretrained', '--workers', 0]
+    run_script('my_train.py', common + ['--save', 'whole.pt'], tmp_path, monkeypatch)
+    run_script('my_train.py', common + ['--accum-steps', 2, '--save', 'accum.pt'], tmp_path, monkeypatch)
+    whole = sd.load_torch_file(tmp_path / 'whole.pt')
+    accum = sd.load_torch_file(tmp_path / 'accum.pt')
+    torch.manual_seed(0)    # what run_training does before building the model
+    initial = sd.build_model('fcn', norm='group').state_dict()
+    moved = 0
+    for key, value in whole['model'].items():
+        assert torch.allclose(value, accum['model'][key], rtol=1e-4, atol=1e-6), key
+        moved += not torch.equal(value, initial[key]) if key in initial else 0
+    assert moved > 0    # training changed the weights: the comparison is not between two untouched models
+    assert whole['history'][0]['loss'] == pytest.approx(accum['history'][0]['loss'], rel=1e-5)
