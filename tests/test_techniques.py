@@ -457,3 +457,27 @@ def test_fcn_training_crop_not_a_multiple_of_32(tmp_path, monkeypatch):
         assert '--crop-size' in str(err)
     else:
         assert (tmp_path / 'ckpt.pt').exists()
+
+
+def test_infer_test_size_runs_the_net_resized_and_returns_scores_at_the_input_size():
+    """--test-size (the tutorial's Cityscapes evaluation): the net sees the resized image, scores come back at the
+    label's size."""
+    torch.manual_seed(0)
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return self.conv(x)
+
+    net, x = Probe().eval(), torch.randn(1, 3, 40, 70)
+    with torch.inference_mode():
+        out = some_define.infer(net, x, 4, test_size=(64, 96))
+        small = net.conv(F.interpolate(x, size=(64, 96), mode='bilinear', align_corners=False))
+    assert seen == [(64, 96)]
+    assert out.shape == (1, 4, 40, 70)
+    assert torch.allclose(out, F.interpolate(small, size=(40, 70), mode='bilinear', align_corners=False), atol=1e-6)
