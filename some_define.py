@@ -80,10 +80,8 @@ def log(*args, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------------------- data
-def find_voc_dir(data_dir=None, download=False):
+def find_voc_dir(data_dir=None):
     """The VOC2012 folder: --data-dir, or VOC2012 / VOCdevkit/VOC2012 / data/VOCdevkit/VOC2012 next to the scripts."""
-    if download:
-        download_voc(DOWNLOAD_DIR if data_dir is None else Path(data_dir))
     if data_dir is not None:
         base = Path(data_dir)
         candidates = [base, base / 'VOC2012', base / 'VOCdevkit' / 'VOC2012']
@@ -1523,7 +1521,11 @@ def open_data(args, crop_size, normalize=True):
         barrier()
         voc_dir = DEMO_DIR
     else:
-        voc_dir = find_voc_dir(args.data_dir, args.download and is_main_process())
+        if args.download:
+            if is_main_process():   # one download; the other ranks wait for it
+                download_voc(DOWNLOAD_DIR if args.data_dir is None else Path(args.data_dir))
+            barrier()
+        voc_dir = find_voc_dir(args.data_dir)
     args.data_dir = str(voc_dir)
     return (VOCSegDataset(True, crop_size, voc_dir, args.void_as_background, normalize),
             VOCSegDataset(False, crop_size, voc_dir, args.void_as_background, normalize),
