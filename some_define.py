@@ -23,6 +23,8 @@ import torchvision
 from PIL import Image, ImageDraw
 from torch import nn
 from torch.nn import functional as F
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 # ----------------------------------------------------------------------------------------------------- constants
 VOC_CLASSES = ['background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
@@ -351,8 +353,6 @@ class CityscapesSegDataset(VOCSegDataset):
     num_classes = len(CITYSCAPES_CLASSES)
 
     def __init__(self, is_train, crop_size, root, normalize=True, augment=None):
-        from torchvision.transforms import v2
-        from torchvision import tv_tensors
         self.crop_size = None if crop_size is None else tuple(int(s) for s in crop_size)
         self.normalize, self.void_as_background = normalize, False
         self.augment = is_train if augment is None else augment
@@ -376,7 +376,6 @@ class CityscapesSegDataset(VOCSegDataset):
         self.transform = None if self.crop_size is None else v2.Compose(
             [v2.RandomCrop(self.crop_size, pad_if_needed=True, fill=fill)]
             + ([v2.RandomHorizontalFlip(), v2.ColorJitter(0.3, 0.3, 0.3)] if self.augment else []))
-        self.tv_tensors, self.v2 = tv_tensors, v2
 
     def read(self, idx):
         img_path, label_path = self.items[idx]
@@ -394,12 +393,12 @@ class CityscapesSegDataset(VOCSegDataset):
             with torch.random.fork_rng(devices=[]):
                 if seed is not None:
                     torch.manual_seed(int(seed))
-                image, label = self.tv_tensors.Image(image), self.tv_tensors.Mask(label)
+                image, label = tv_tensors.Image(image), tv_tensors.Mask(label)
                 if self.augment:    # the tutorial's random scale, image bilinear, labels nearest
                     s = float(torch.empty(1).uniform_(0.75, 2.0))
                     size = [round(image.shape[-2] * s), round(image.shape[-1] * s)]
-                    image = self.v2.functional.resize(image, size, antialias=True)
-                    label = self.v2.functional.resize(label, size)
+                    image = v2.functional.resize(image, size, antialias=True)
+                    label = v2.functional.resize(label, size)
                 image, label = self.transform(image, label)
                 image, label = image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)
         return (normalize_image(image) if self.normalize else image), label
@@ -1970,8 +1969,8 @@ def run_predict(args):
             columns.append(val_picture_rows(n, val, args.num_images, crop, colormap, device)[1])
             recipe = textwrap.fill(recipe_title(c['config']), 30)    # columns are narrow: wrap, do not overlap
             titles.append(f'{Path(p).name}\n{recipe}\n{known_metrics(p, c)}')
-        base = val_picture_rows(checkpoints[0][1], val, args.num_images, crop, colormap, device)
-        rows = [[base[0][i], base[2][i]] + [col[i] for col in columns] for i in range(len(base[0]))]
+        images, truths = rows[0], rows[2]     # the same val crops as my_out.png, whatever the net
+        rows = [[images[i], truths[i]] + [col[i] for col in columns] for i in range(len(images))]
         compare_path = Path(args.picture).with_name('compare.png')
         save_image_grid(compare_path, rows, f'side by side on {data_title(args)}', col_titles=titles)
         log(f'wrote {compare_path}')
