@@ -1450,8 +1450,9 @@ def train_parser(recipe, description, techniques=False):
                        f'{d["finetune_lr"]:g}')
         t = p.add_argument_group('the tutorial\'s techniques')
         t.add_argument('--loss', default='ce', choices=['ce', 'weighted_ce', 'focal'], help='default: ce')
-        t.add_argument('--class-weights', help='for weighted_ce/focal: a file of one weight per class, or '
-                       '"tutorial" (its 19 Cityscapes weights) (default: from the training labels\' pixel counts)')
+        t.add_argument('--class-weights', help='for weighted_ce/focal: "counts" (from the training labels\' pixel '
+                       'counts), "tutorial" (its 19 Cityscapes weights) or a file of one weight per class (default: '
+                       'counts for weighted_ce, none for focal)')
         t.add_argument('--focal-gamma', type=float, default=2.0, help='default: 2.0 (0 is cross entropy)')
         t.add_argument('--norm', default='batch', choices=NORMS, help='replace every BatchNorm2d (default: batch;'
                        ' evo = EvoNorm-S0)')
@@ -1556,7 +1557,7 @@ def class_weights_for(args, train_ds, class_names):
             raise UserError('--class-weights tutorial holds the 19 Cityscapes weights: use it with --dataset '
                             'cityscapes')
         return torch.tensor(TUTORIAL_CITYSCAPES_WEIGHTS)
-    if args.class_weights:
+    if args.class_weights not in (None, 'counts'):
         try:
             weights = [float(v) for v in Path(args.class_weights).read_text().split()]
         except (OSError, ValueError) as err:

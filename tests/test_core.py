@@ -423,3 +423,29 @@ def test_accum_steps_gives_the_same_update_as_the_whole_batch(demo_voc, tmp_path
         moved += not torch.equal(value, initial[key]) if key in initial else 0
     assert moved > 0    # training changed the weights: the comparison is not between two untouched models
     assert whole['history'][0]['loss'] == pytest.approx(accum['history'][0]['loss'], rel=1e-5)
+
+
+def test_my_train_with_the_tutorial_techniques(demo_voc, tmp_path, monkeypatch, capsys):
+    """The technique flags reach the training loop: focal loss with pixel-count weights, EvoNorm, CutMix and
+    CopyBlob (person pasted onto background) train, and the checkpoint records them."""
+    run_script('my_train.py', ['--data-dir', demo_voc, '--model', 'fcn', '--epochs', 1, '--finetune-epochs', 0,
+                               '--batch-size', 4, '--crop-size', 32, 64, '--no-pretrained', '--workers', 0,
+                               '--loss', 'focal', '--class-weights', 'counts', '--norm', 'evo', '--cutmix', 1,
+                               '--copyblob', 1, '--copyblob-pairs', 'person:background', '--save', 'tricks.pt'],
+               tmp_path, monkeypatch)
+    ckpt = sd.load_torch_file(tmp_path / 'tricks.pt')
+    config = ckpt['config']
+    assert (config['loss'], config['norm'], config['cutmix'], config['copyblob']) == ('focal', 'evo', 1.0, 1.0)
+    assert ckpt['model_args']['norm'] == 'evo' and ckpt['epoch'] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
+    net, _ = sd.load_model(tmp_path / 'tricks.pt', 'cpu')
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.ReLU)) for m in net.modules())
+    out = capsys.readouterr().out
+    assert 'epoch 1/1' in out and 'share' in out     # the class-frequency table was printed
+
+
+def test_copyblob_pairs_by_name_and_a_clear_error_for_an_unknown_one():
+    assert sd.parse_pairs(['person:background', '5:11'], sd.VOC_CLASSES, 'voc') == [(15, 0), (5, 11)]
+    assert sd.parse_pairs(None, sd.VOC_CLASSES, 'voc')[0] == (5, 11)     # bottle on diningtable
+    with pytest.raises(sd.UserError, match='--copyblob-pairs'):
+        sd.parse_pairs(['unicorn:road'], sd.VOC_CLASSES, 'voc')
