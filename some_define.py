@@ -1857,9 +1857,9 @@ def known_metrics(ckpt_path, ckpt):
     return 'untrained'
 
 
-def segment_file(net, path, out_dir, colormap, device, scales, amp, test_size=None, inputs=()):
-    """One image -> <stem>_color.png, <stem>_overlay.png, <stem>_labels.png (class ids as a palette PNG)."""
-    image = image_to_tensor(open_image(path))
+def segment_file(net, image, path, out_dir, colormap, device, scales, amp, test_size=None, inputs=()):
+    """One uint8 image read from `path` -> <stem>_color.png, <stem>_overlay.png, <stem>_labels.png (class ids as a
+    palette PNG) in out_dir; no output may be one of `inputs`."""
     X = normalize_image(image.to(device)).unsqueeze(0)
     with torch.inference_mode(), autocast(device, amp):
         pred = infer(net, X, len(colormap), scales, test_size).argmax(1)[0].cpu()
@@ -1871,7 +1871,7 @@ def segment_file(net, path, out_dir, colormap, device, scales, amp, test_size=No
     outs = [(out_dir / f'{stem}_{kind}.png', img) for kind, img in
             (('color', Image.fromarray(color)), ('overlay', Image.fromarray(overlay)), ('labels', ids))]
     for out, img in outs:
-        if out.resolve() == Path(path).resolve() or out.resolve() in inputs:
+        if out.resolve() in inputs:
             raise UserError(f'{out} is an input image: pass another --out-dir')
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -1898,14 +1898,14 @@ def segment_files(net, files, out_dir, colormap, device, scales, amp, test_size=
     files = list(files)
     inputs = {Path(p).resolve() for p in files}     # no output may land on any input, not only its own
     for path in files:
-        try:
-            segment_file(net, path, Path(out_dir), colormap, device, scales, amp, test_size, inputs)
-            done += 1
+        try:    # an unreadable input is skipped; a failed write stops the run (the next would fail too)
+            image = image_to_tensor(open_image(path))
         except UserError as err:
-            if 'cannot write' in str(err) or 'is an input image' in str(err):
-                raise
             print(f'warning: skipped {path}: {error_line(err)}', file=sys.stderr)
             skipped += 1
+            continue
+        segment_file(net, image, path, Path(out_dir), colormap, device, scales, amp, test_size, inputs)
+        done += 1
     log(f'segmented {done} image(s) into {out_dir}' + (f', skipped {skipped} unreadable' if skipped else ''))
 
 
@@ -1950,8 +1950,10 @@ def run_predict(args):
     checkpoints = [(Path(path), net, ckpt)]
     if getattr(args, 'compare', None) is not None or args.recipe == 'my':
         names = args.compare or [RECIPES['origin']['save'], RECIPES['my']['save'], finetune_path(RECIPES['my']['save'])]
-        checkpoints = [(Path(p),) + load_model(p, device) for p in names
-                       if args.compare or Path(p).exists()] or checkpoints
+        # the main checkpoint is usually one of them: loaded once, its predictions drawn once
+        checkpoints = [checkpoints[0] if Path(p).resolve() == Path(path).resolve()
+                       else (Path(p),) + load_model(p, device)
+                       for p in names if args.compare or Path(p).exists()] or checkpoints
     if args.eval:
         for p, n, _ in checkpoints:
             evaluate_checkpoint(n, p, args, val_full, class_names, device, amp)
@@ -1967,7 +1969,8 @@ def run_predict(args):
     if args.recipe == 'my':
         columns, titles = [], ['image', 'ground truth']
         for p, n, c in checkpoints:
-            columns.append(val_picture_rows(n, val, args.num_images, crop, colormap, device)[1])
+            columns.append(rows[1] if n is net else val_picture_rows(n, val, args.num_images, crop, colormap,
+                                                                      device)[1])
             recipe = textwrap.fill(recipe_title(c['config']), 30)    # columns are narrow: wrap, do not overlap
             titles.append(f'{Path(p).name}\n{recipe}\n{known_metrics(p, c)}')
         images, truths = rows[0], rows[2]     # the same val crops as my_out.png, whatever the net
