@@ -17,8 +17,13 @@ It prints a table and writes it to benchmark_results.md (--out), naming the mach
           some_define.amp_dtype, channels_last, cudnn.benchmark, optionally torch.compile). Synthetic batches:
           the model step only, no data loading.
   infer   ms per 500x375 image: one forward pass against multi-scale (8 scales) + flip inference.
+  accuracy  does the fast path learn as well? origin_train.py and my_train.py --demo, each run plain
+          (--no-amp --no-channels-last) and fast (--amp --channels-last) with a few seeds (--seeds), every
+          checkpoint then evaluated the same way (fp32, whole demo val split at original size). The seeds give
+          the noise to judge the difference by. Not in the default parts: it trains 4 x seeds models.
 """
 import argparse
+import concurrent.futures
 import contextlib
 import datetime
 import gc
@@ -40,6 +45,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import some_define as sd  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 VOC_HW = (375, 500)         # a typical VOC image: 500x375 (width x height)
 MARK = 'BENCHMARK_JSON '
 
@@ -371,18 +377,75 @@ def run_infer_part(args, cfg, device):
     return '## Inference\n\n' + note + '\n\n' + '\n'.join(table) + '\n'
 
 
+# -------------------------------------------------------------------------------------------------------- accuracy
+def train_demo(recipe, fast, seed, device, folder, quick):
+    """One demo training in its own folder (its curves picture lands there); the checkpoint to evaluate."""
+    folder.mkdir(parents=True)
+    cmd = [sys.executable, str(ROOT / f'{recipe}_train.py'), '--demo', '--seed', str(seed), '--device', str(device),
+           '--save', str(folder / 'ckpt.pt'), '--workers', '1']
+    cmd += ['--amp', '--channels-last'] if fast else ['--no-amp', '--no-channels-last']
+    if quick:
+        cmd += ['--epochs', '1'] + (['--finetune-epochs', '0'] if recipe == 'my' else [])
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
+    (folder / 'log.txt').write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f'{" ".join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}')
+    finetuned = sd.finetune_path(folder / 'ckpt.pt')
+    return (finetuned if finetuned.exists() else folder / 'ckpt.pt'), time.perf_counter() - start
+
+
+def run_accuracy_part(args, cfg, device):
+    sd.make_demo_voc(sd.DEMO_DIR)          # written once here, before the parallel runs read it
+    val = sd.VOCSegDataset(False, None, sd.DEMO_DIR, normalize=False)
+    work = Path(tempfile.mkdtemp(prefix='seg_accuracy_'))
+    plan = [(recipe, fast, seed) for recipe in ('origin', 'my') for fast in (False, True) for seed in cfg['seeds']]
+    rows = []
+    try:
+        with concurrent.futures.ThreadPoolExecutor(cfg['jobs']) as pool:
+            futures = {key: pool.submit(train_demo, *key, device, work / '_'.join(map(str, key)), args.quick)
+                       for key in plan}
+            for (recipe, fast, seed), future in futures.items():
+                path, seconds = future.result()
+                net, _ = sd.load_model(path, device)
+                m = sd.evaluate_full(net, val, device, len(sd.VOC_CLASSES), num_workers=0).compute()
+                rows.append(dict(recipe=recipe, fast=fast, seed=seed, acc=m['pixel_acc'], miou=m['miou'],
+                                 seconds=seconds))
+                print(f'  accuracy {recipe:6} {"fast" if fast else "plain":5} seed {seed}: pixel acc '
+                      f'{m["pixel_acc"]:.3f}, mIoU {m["miou"]:.3f} ({seconds:.0f} s)', flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    table = ['| recipe | path | mIoU per seed | mean mIoU | pixel acc per seed | mean pixel acc |',
+             '|---|---|---|---:|---|---:|']
+    for recipe in ('origin', 'my'):
+        for fast in (False, True):
+            rs = [r for r in rows if r['recipe'] == recipe and r['fast'] == fast]
+            miou, acc = [r['miou'] for r in rs], [r['acc'] for r in rs]
+            table.append(f'| {recipe} | {"fast (amp, channels_last)" if fast else "plain fp32"} | '
+                         f'{" ".join(f"{v:.3f}" for v in miou)} | {sum(miou) / len(miou):.3f} | '
+                         f'{" ".join(f"{v:.3f}" for v in acc)} | {sum(acc) / len(acc):.3f} |')
+    amp = sd.amp_dtype(device, True)
+    note = (f'{device.type.upper()}, the --demo presets{" cut to 1 epoch (--quick)" if args.quick else ""}, seeds '
+            f'{" ".join(map(str, cfg["seeds"]))}; fast = --amp ({str(amp).replace("torch.", "")}) --channels-last, '
+            'plain = --no-amp --no-channels-last. Every checkpoint evaluated alike: fp32, the 40 synthetic demo val '
+            'images at original size, mIoU over the classes present. The spread between seeds is the noise.')
+    return '## Accuracy of the fast path (demo data)\n\n' + note + '\n\n' + '\n'.join(table) + '\n'
+
+
 # ------------------------------------------------------------------------------------------------------------ main
 def settings(args, device):
     gpu = device.type == 'cuda'
+    acc = dict(seeds=args.seeds or ([0] if args.quick else [0, 1, 2]),
+               jobs=args.jobs or (min(8, (os.cpu_count() or 1) // 2) if gpu else 1))
     if args.quick:
         return dict(sizes=args.sizes or [16, 48], loader_batch=8, loader_crop=[320, 480],
                     train_batch=4 if gpu else 1, train_crop=[160, 240] if gpu else [64, 64],
                     train_steps=3 if gpu else 1, train_warmup=2 if gpu else 1, infer_hw=[48, 64],
-                    infer_reps=4 if gpu else 1)
+                    infer_reps=4 if gpu else 1, **acc)
     return dict(sizes=args.sizes or [100, 1000], loader_batch=32, loader_crop=[320, 480],
                 train_batch=32 if gpu else 4, train_crop=[320, 480] if gpu else [160, 256],   # fcn: multiples of 32
                 train_steps=20 if gpu else 5, train_warmup=5 if gpu else 1, infer_hw=list(VOC_HW),
-                infer_reps=20 if gpu else 4)
+                infer_reps=20 if gpu else 4, **acc)
 
 
 def parse_args(argv=None):
@@ -390,8 +453,13 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument('--device', help='cpu, cuda or cuda:N (default: the GPU if there is one)')
     p.add_argument('--quick', action='store_true', help='tiny sizes: a check that everything runs (default: off)')
-    p.add_argument('--parts', nargs='+', choices=['loader', 'train', 'infer'], default=['loader', 'train', 'infer'],
-                   help='default: all three')
+    p.add_argument('--parts', nargs='+', choices=['loader', 'train', 'infer', 'accuracy'],
+                   default=['loader', 'train', 'infer'], help='default: loader train infer (accuracy trains 4 x '
+                   'seeds demo models: minutes on a GPU, most of an hour on 2 CPU cores)')
+    p.add_argument('--seeds', type=int, nargs='+', help='accuracy: seeds per recipe and path (default: 0 1 2; '
+                   '--quick: 0)')
+    p.add_argument('--jobs', type=int, help='accuracy: trainings at once (default: min(8, CPUs / 2) with a GPU, '
+                   'else 1)')
     p.add_argument('--sizes', type=int, nargs='+', help='loader dataset sizes (default: 100 1000; --quick: 16 48)')
     p.add_argument('--workers', type=int, default=sd.default_workers(),
                    help=f'DataLoader workers for both loaders (default: min(4, CPUs) = {sd.default_workers()})')
@@ -428,6 +496,9 @@ def run_benchmark(args):
         if 'infer' in args.parts:
             print('inference ...', flush=True)
             sections.append(run_infer_part(args, cfg, device))
+        if 'accuracy' in args.parts:
+            print('accuracy ...', flush=True)
+            sections.append(run_accuracy_part(args, cfg, device))
     finally:
         if not args.data_root:
             shutil.rmtree(data_root, ignore_errors=True)
