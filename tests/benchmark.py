@@ -5,17 +5,18 @@
     python tests/benchmark.py --quick              # tiny sizes: checks that it all runs (1-2 minutes on 2 CPU cores)
     python tests/benchmark.py --parts loader       # only the loader's memory / throughput (CPU-bound)
 
-It prints a table and writes it to benchmark_results.md (--out), naming the machine. Three parts:
+It prints a table and writes it to benchmark_results.md (--out), naming the machine. Four parts
+(accuracy only when asked for):
   loader  one training epoch of VOCSegDataset through make_loader (lazy: file names in memory, decoding in the
           workers) against the book's way (the whole split read into memory and normalised to float32 tensors up
           front, labels as RGB images, its 256**3 colour table), at two dataset sizes of synthetic VOC-sized
           (500x375) images. Each measurement runs in a fresh process, so each peak is its own: peak RSS of the main
           process, of the largest DataLoader worker (getrusage RUSAGE_CHILDREN), and the peak of the process
           tree's total PSS (shared pages counted once), sampled from /proc every 50 ms.
-  train   training images/s of fcn and resnet_unet: the book's plain loop (float32 input normalised on the host,
-          fp32, NCHW) against the fast path (uint8 input normalised on the device, mixed precision per
-          some_define.amp_dtype, channels_last, cudnn.benchmark, optionally torch.compile). Synthetic batches:
-          the model step only, no data loading.
+  train   training images/s of fcn and resnet_unet: the book's plain loop (float32 images and int64 labels from
+          pageable memory, fp32, NCHW) against the fast path (uint8 images and labels as make_loader gives them,
+          pinned on CUDA, normalised and widened on the device; mixed precision per some_define.amp_dtype,
+          channels_last, cudnn.benchmark, optionally torch.compile). Synthetic batches: the model step only.
   infer   ms per 500x375 image: one forward pass against multi-scale (8 scales) + flip inference.
   accuracy  does the fast path learn as well? origin_train.py and my_train.py --demo, each run plain
           (--no-amp --no-channels-last) and fast (--amp --channels-last) with a few seeds (--seeds), every
@@ -261,19 +262,21 @@ def measure_train(model_name, fast, device, batch, crop, steps, warmup, use_comp
     torch.backends.cudnn.benchmark = fast
     images = torch.randint(0, 256, (batch, 3) + tuple(crop), dtype=torch.uint8)
     labels = torch.randint(0, 21, (batch,) + tuple(crop))
-    if fast:
-        host_x = images.pin_memory() if device.type == 'cuda' else images      # uint8, normalised on the device
-    else:
-        host_x = sd.normalize_image(images)                                    # the book: float32 from the loader
+    if fast:    # what make_loader hands over: uint8 images and labels, pinned on CUDA; normalised on the device
+        host_x, host_y = images, labels.to(torch.uint8)
+        if device.type == 'cuda':
+            host_x, host_y = host_x.pin_memory(), host_y.pin_memory()
+    else:       # the book's loader: float32 images and int64 labels in pageable memory
+        host_x, host_y = sd.normalize_image(images), labels
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
 
     def step():
         if fast:
-            X, y = sd.to_device(host_x, labels, device, channels_last)
+            X, y = sd.to_device(host_x, host_y, device, channels_last)
         else:
-            X, y = host_x.to(device), labels.to(device)
+            X, y = host_x.to(device), host_y.to(device)
         with sd.autocast(device, amp):
             l = sd.loss(sd.model_output(net(X))[0], y)
         trainer.zero_grad(set_to_none=True)
@@ -326,8 +329,8 @@ def run_train_part(args, cfg, device):
             "model with its recipe's optimiser (fcn: SGD, resnet_unet: Adam).")
     if device.type == 'cpu':
         note += (' On the CPU some_define.amp_dtype turns mixed precision off, so the fast path here differs only '
-                 'by channels_last and uint8 input; the GPU figures are the ones that matter (batch 32, 320x480). The crop is '
-                 "about half the book's 320x480 in each side, kept to multiples of 32 as the FCN needs.")
+                 'by channels_last and uint8 input; the GPU figures are the ones that matter (batch 32, 320x480). '
+                 "The crop is about half the book's 320x480 in each side, kept to multiples of 32 as the FCN needs.")
     return '## Training throughput\n\n' + note + '\n\n' + '\n'.join(table) + '\n'
 
 

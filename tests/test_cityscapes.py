@@ -68,7 +68,8 @@ def test_reads_label_ids_as_train_ids():
     assert set(label.unique().tolist()) <= set(range(19)) | {255}
     # uint8 image for the training loop, the same picture and label
     raw_image, raw_label = sd.CityscapesSegDataset(False, None, SAMPLE, normalize=False)[0]
-    assert raw_image.dtype == torch.uint8 and torch.equal(raw_label, expected)
+    assert raw_image.dtype == torch.uint8 and raw_label.dtype == torch.uint8
+    assert torch.equal(raw_label.long(), expected)
     assert torch.allclose(sd.normalize_image(raw_image), image)
 
 

@@ -163,8 +163,8 @@ def test_dataset_items_are_normalised_aligned_crops(demo_voc):
         values = set(y.unique().tolist())
         assert values <= set(range(21)) | {255}, values
         xr, yr = raw[(i, 1000 + i)]
-        assert xr.dtype == torch.uint8
-        assert torch.equal(y, yr)
+        assert xr.dtype == torch.uint8 and yr.dtype == torch.uint8        # the fast path's bytes
+        assert torch.equal(y, yr.long())
         torch.testing.assert_close(x * std + mean, xr.float() / 255, atol=1e-5, rtol=0)
         # the crop is a window of the JPEG and the same window of the label
         img_path, label_path = ds.items[i]
@@ -176,6 +176,20 @@ def test_dataset_items_are_normalised_aligned_crops(demo_voc):
         assert where is not None, 'the image crop is not a window of the image'
         top, left = where
         assert np.array_equal(full_label[top:top + 64, left:left + 96], y.numpy()), 'label crop misaligned'
+
+
+def test_to_device_turns_the_loaders_bytes_into_the_books_tensors(demo_voc):
+    """uint8 batches from the fast loader become exactly the book's float32 images and int64 labels."""
+    book = sd.VOCSegDataset(True, (64, 96), demo_voc)
+    fast = sd.VOCSegDataset(True, (64, 96), demo_voc, normalize=False)
+    items = [(i, 7 + i) for i in range(4)]
+    Xb = torch.stack([book[i][0] for i in items])
+    yb = torch.stack([book[i][1] for i in items])
+    X, y = sd.to_device(torch.stack([fast[i][0] for i in items]), torch.stack([fast[i][1] for i in items]),
+                        torch.device('cpu'), channels_last=True)
+    assert y.dtype == torch.int64 and torch.equal(y, yb)
+    assert X.dtype == torch.float32 and X.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(X, Xb, atol=1e-6, rtol=0)
 
 
 def test_dataset_seeded_items_are_reproducible(demo_voc):

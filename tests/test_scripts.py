@@ -194,7 +194,7 @@ def test_my_predict_pictures_and_results(runs):
 COMMON_FLAGS = ['--data-dir', '--download', '--demo', '--device', '--seed', '--epochs', '--batch-size', '--lr',
                 '--crop-size', '--no-pretrained', '--backbone-weights', '--save', '--resume', '--void-as-background']
 MY_FLAGS = ['--optimizer', '--finetune-epochs', '--finetune-lr', '--model', '--loss', '--norm', '--cutmix',
-            '--copyblob', '--accum-steps']
+            '--copyblob', '--accum-steps', '--channels-last', '--cudnn-benchmark', '--compile', '--amp']
 
 
 def script_help(script):
