@@ -490,18 +490,14 @@ def run_benchmark(args):
     sections = []
     start = time.perf_counter()
     try:
-        if 'loader' in args.parts:
-            print('loader ...', flush=True)
-            sections.append(run_loader_part(args, cfg, data_root))
-        if 'train' in args.parts:
-            print('train ...', flush=True)
-            sections.append(run_train_part(args, cfg, device))
-        if 'infer' in args.parts:
-            print('inference ...', flush=True)
-            sections.append(run_infer_part(args, cfg, device))
-        if 'accuracy' in args.parts:
-            print('accuracy ...', flush=True)
-            sections.append(run_accuracy_part(args, cfg, device))
+        parts = {'loader': lambda: run_loader_part(args, cfg, data_root),
+                 'train': lambda: run_train_part(args, cfg, device),
+                 'infer': lambda: run_infer_part(args, cfg, device),
+                 'accuracy': lambda: run_accuracy_part(args, cfg, device)}
+        for name, run in parts.items():
+            if name in args.parts:
+                print(f'{name} ...', flush=True)
+                sections.append(run())
     finally:
         if not args.data_root:
             shutil.rmtree(data_root, ignore_errors=True)
