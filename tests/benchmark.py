@@ -439,7 +439,7 @@ def run_accuracy_part(args, cfg, device):
 def settings(args, device):
     gpu = device.type == 'cuda'
     acc = dict(seeds=args.seeds or ([0] if args.quick else [0, 1, 2]),
-               jobs=args.jobs or (min(8, (os.cpu_count() or 1) // 2) if gpu else 1))
+               jobs=max(1, args.jobs or (min(8, (os.cpu_count() or 1) // 2) if gpu else 1)))
     if args.quick:
         return dict(sizes=args.sizes or [16, 48], loader_batch=8, loader_crop=[320, 480],
                     train_batch=4 if gpu else 1, train_crop=[160, 240] if gpu else [64, 64],
