@@ -4,11 +4,39 @@
     python origin_predict.py --eval           # pixel acc, mean acc, per-class IoU, mIoU, fwIoU over the val split
     python origin_predict.py photos/          # segment your own images into predictions/
 """
+import argparse
+
 import some_define as sd
+
+CHECKPOINT, PICTURE = 'checkpoints/origin.pt', 'pictures/origin_out.png'
 
 
 def main():
-    sd.run_predict(sd.predict_parser('origin', __doc__.split('\n')[0]).parse_args())
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    sd.add_predict_args(parser, CHECKPOINT, PICTURE)
+    args = parser.parse_args()
+    path = args.checkpoint or CHECKPOINT
+    device = sd.pick_device(args.device)
+    amp = sd.amp_dtype(device, args.amp)
+    net, ckpt = sd.load_model(path, device)
+    data = sd.checkpoint_data(path, ckpt, args.dataset, args.data_dir, args.demo, args.void_as_background)
+    colors, scales = data.classes.colors, args.scales if args.mst else None
+    if args.inputs:         # your own images; the val split only when asked for too
+        sd.segment_files(net, sd.image_files(args.inputs), args.out_dir, colors, scales, amp, args.test_size)
+        if not (args.eval or args.write_split):
+            return
+
+    val = sd.open_dataset(data, is_train=False, normalize=False)    # whole images: metrics at the original size
+    if args.eval:
+        sd.evaluate_checkpoint(net, path, val, data.title, scales, amp, args.test_size, args.workers)
+    if args.write_split:
+        sd.segment_files(net, [image for image, _ in val.items], args.out_dir, colors, scales, amp, args.test_size)
+    if sd.is_main_process():    # the book's picture: val images cropped like the training crops (demo: its size)
+        crop = sd.DEMO_MIN_SIZE if ckpt['config'].get('demo') else ckpt['config']['crop_size']
+        rows = sd.val_picture_rows(net, val, args.num_images, crop, colors)
+        title = f'{sd.recipe_title(ckpt["config"])}\n{sd.known_metrics(path, ckpt)} - {data.title}'
+        sd.save_image_grid(args.picture, rows, title, row_titles=['image', 'prediction', 'ground truth'])
+        sd.log(f'wrote {args.picture}')
 
 
 if __name__ == '__main__':

@@ -4,12 +4,57 @@
     python origin_train.py                 # VOC2012 next to the script (or --data-dir / --download), on the GPU
 Then origin_predict.py draws pictures/origin_out.png from the checkpoint.
 """
+import argparse
+import os
+
+import torch
+
 import some_define as sd
+
+# The recipe. The book's cell reads `num_epochs, lr, wd = 5, 0.001, 1e-3`; the seed's pictures train 30 epochs.
+NUM_EPOCHS, LR, WD = 30, 1e-3, 1e-3
+BATCH_SIZE, CROP_SIZE = 32, [320, 480]
+SAVE, CURVES = 'checkpoints/origin.pt', 'pictures/origin_curves.png'
+# --demo: a CPU and no dataset. Small crops and batches, 8 epochs, no ImageNet weights to download; the book's lr
+# stays (its loss is summed over the batch, which already makes the steps large).
+DEMO = dict(epochs=8, batch_size=8, crop_size=[64, 96], pretrained=False)
+
+
+def get_args():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    sd.add_data_args(parser)
+    sd.add_recipe_args(parser, NUM_EPOCHS, LR, WD, BATCH_SIZE, CROP_SIZE, SAVE, DEMO)
+    sd.add_speed_args(parser)
+    args = parser.parse_args()
+    if args.demo:               # the demo's recipe, where the command line does not say otherwise
+        parser.set_defaults(**DEMO)
+        args = parser.parse_args()
+    return args
 
 
 def main():
-    parser = sd.train_parser('origin', __doc__.split('\n')[0])
-    sd.run_training(parser.parse_args())
+    args = get_args()
+    device, amp, channels_last = sd.setup_run(args.device, args.amp, args.channels_last, args.cudnn_benchmark,
+                                              args.detect_anomaly)
+    sd.check_training_flags('fcn', args.crop_size, args.batch_size, args.accum_steps, args.epochs)
+    sd.check_writable(args.save, CURVES)
+    torch.manual_seed(args.seed)
+
+    data = sd.find_data(args.dataset, args.data_dir, args.demo, args.download, args.void_as_background)
+    train_iter, test_iter = sd.load_data_voc(args.batch_size // args.accum_steps, args.crop_size, data, args.seed,
+                                             args.workers, device, channels_last)
+    num_classes = len(data.classes.names)
+    resuming = args.resume and os.path.exists(args.save)     # its weights replace the ImageNet ones: skip them
+    net = sd.fcn_resnet18(num_classes, args.pretrained and not resuming, args.backbone_weights)
+    model, net = net, sd.place_model(net, device, channels_last, args.sync_bn, args.compile)
+    loss = sd.cross_entropy_loss
+    trainer = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+    config = dict(vars(args), model='fcn', optimizer='sgd', stage='train', data_dir=str(data.root),
+                  data_title=data.title)
+    model_args = dict(name='fcn', num_classes=num_classes, norm='batch', aux_loss=False)    # what rebuilds it
+    ckpt = sd.Checkpoint(args.save, model, model_args, config, data.classes, args.resume, CURVES)
+    sd.train_ch13(net, train_iter, test_iter, loss, trainer, args.epochs, ckpt, amp, args.accum_steps)
 
 
 if __name__ == '__main__':

@@ -1,19 +1,20 @@
-"""Definitions for the d2l semantic-segmentation chapter, its ResNetUNet improvement and a segmentation
-tutorial's tricks.
+"""Named building blocks for the d2l semantic-segmentation chapter, its ResNetUNet improvement and a segmentation
+tutorial's techniques: this project's d2l/torch.py. It holds no recipe; the four scripts do.
 
 Read top to bottom, it follows the data: constants -> data -> models -> losses -> augmentation -> training ->
-evaluation/inference -> pictures -> the pieces the four scripts share. Names from the book (d2l, "Semantic
-Segmentation and the Dataset", "Transposed Convolution", "Fully Convolutional Networks") are kept where the book has
-one, so a reader of the book recognises them; where the book is wasteful (the whole split as float32 in memory, a
+evaluation and inference -> pictures -> utilities (flags, device, checkpoints, errors) -> the demo-data generator.
+Names from the book ("Semantic Segmentation and the Dataset", "Transposed Convolution", "Fully Convolutional
+Networks") are kept where the book has one. Where the book is wasteful (the whole split as float32 in memory, a
 256**3-entry lookup table) the names and the results stay, the waste does not.
 """
 import argparse
+import collections
 import contextlib
+import hashlib
 import json
 import math
 import os
 import sys
-import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -38,48 +39,41 @@ IGNORE_INDEX = 255              # VOC's 'void' border and Cityscapes' unlabelled
 VOID_COLOR = [224, 224, 192]    # how VOC draws index 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Cityscapes / MiniCity (the tutorial's data): torchvision's class table gives the 19 train ids, names and colours.
+CITYSCAPES_TRAIN_CLASSES = sorted((c for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 19),
+                                  key=lambda c: c.train_id)
+CITYSCAPES_CLASSES = [c.name for c in CITYSCAPES_TRAIN_CLASSES]
+CITYSCAPES_COLORMAP = [list(c.color) for c in CITYSCAPES_TRAIN_CLASSES]
+# The tutorial's 19 Cityscapes class weights (--class-weights tutorial).
+TUTORIAL_CITYSCAPES_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023, 0.9539,
+                               0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507]
+# CopyBlob's (rare class : plausible host) pairs: the tutorial's for Cityscapes; for VOC, a bottle stands on a table
+# and the other objects stand free.
+COPYBLOB_PAIRS = {'cityscapes': ['wall:sidewalk', 'fence:sidewalk', 'bus:road', 'train:road'],
+                  'voc': ['bottle:diningtable', 'pottedplant:background', 'chair:background', 'boat:background']}
+MST_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.2)     # multi-scale inference, each also flipped
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 HERE = Path(__file__).resolve().parent
-DEMO_DIR = HERE / 'data' / 'demo' / 'VOC2012'
-DOWNLOAD_DIR = HERE / 'data'
-# ImageNet backbones: the file torchvision's weights API downloads, looked for next to the scripts first
-BACKBONE_FILES = {
-    'resnet18': 'https://download.pytorch.org/models/resnet18-f37072fd.pth',
-    'resnet50': 'https://download.pytorch.org/models/resnet50-0676ba61.pth',
-    'resnet101': 'https://download.pytorch.org/models/resnet101-63fe2227.pth',
-}
+DATA_DIR = HERE / 'data'                                    # --download and --demo write here
+DEMO_DIR = DATA_DIR / 'demo' / 'VOC2012'
+DEMO_MIN_SIZE = (80, 112)       # the demo's smallest regular image: its pictures show this much of each
+# ImageNet backbones: the weights API's files, looked for next to the scripts first (the seed's instruction)
+BACKBONE_WEIGHTS = {'resnet18': torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+                    'resnet50': torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+                    'resnet101': torchvision.models.ResNet101_Weights.IMAGENET1K_V1}
+MODELS = ('fcn', 'resnet_unet', 'deeplabv3_resnet50', 'deeplabv3_resnet101')
+NORMS = ('batch', 'instance', 'group', 'evo', 'evo_s0', 'evo_b0')
+LOSSES = ('ce', 'weighted_ce', 'focal')
 
-
-class UserError(Exception):
-    """A mistake the user can fix. The scripts print its single line and exit with status 2."""
-
-
-def error_line(err):
-    """The one line worth showing: DataLoader workers re-raise our error wrapped in their traceback text."""
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    line = lines[-1].strip() if lines else type(err).__name__
-    for prefix in ('some_define.UserError: ', 'UserError: '):
-        if line.startswith(prefix):
-            line = line[len(prefix):]
-    return line
-
-
-def run_main(main):
-    """Every script ends with run_main(main): a user mistake becomes one line on stderr, not a traceback."""
-    try:
-        main()
-    except UserError as err:
-        print(f'error: {error_line(err)}', file=sys.stderr)
-        sys.exit(2)
-
-
-def is_main_process():
-    return int(os.environ.get('RANK', '0')) == 0
-
-
-def log(*args, **kwargs):
-    """print, from rank 0 only: with torchrun every rank runs the same script."""
-    if is_main_process():
-        print(*args, **kwargs, flush=True)
+# A class table: names, and one RGB colour per class (drawn in pictures; in an RGB label, the colour of the class).
+Classes = collections.namedtuple('Classes', 'names colors')
+VOC = Classes(VOC_CLASSES, VOC_COLORMAP)
+CITYSCAPES = Classes(CITYSCAPES_CLASSES, CITYSCAPES_COLORMAP)
+# Where a run's data is: kind (voc, cityscapes), root folder, class table, VOC's void as background, picture title.
+Data = collections.namedtuple('Data', 'kind root classes void_as_background title')
+# What a dataset lister finds: (image, label) path pairs, where they were listed (for messages), what to tell a user
+# whose file is broken, and a 256-entry table from stored label values to classes (None: values are the classes).
+Files = collections.namedtuple('Files', 'items source fix label_lut', defaults=(None,))
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -89,7 +83,7 @@ def find_voc_dir(data_dir=None):
         base = Path(data_dir)
         candidates = [base, base / 'VOC2012', base / 'VOCdevkit' / 'VOC2012']
     else:
-        candidates = [HERE / 'VOC2012', HERE / 'VOCdevkit' / 'VOC2012', DOWNLOAD_DIR / 'VOCdevkit' / 'VOC2012']
+        candidates = [HERE / 'VOC2012', HERE / 'VOCdevkit' / 'VOC2012', DATA_DIR / 'VOCdevkit' / 'VOC2012']
     for path in candidates:
         if (path / 'ImageSets' / 'Segmentation').is_dir():
             return path
@@ -112,6 +106,27 @@ def download_voc(root):
                         'VOCtrainval_11-May-2012.tar by hand, unpack it and pass --data-dir') from None
 
 
+def find_data(kind='voc', data_dir=None, demo=False, download=False, void_as_background=False):
+    """The Data of --dataset/--data-dir/--demo/--download: --demo writes the synthetic set once, --download fetches
+    VOC once (under torchrun, rank 0 does it while the others wait)."""
+    if kind == 'cityscapes':
+        if demo:
+            raise UserError('--demo makes VOC-format data: drop --dataset cityscapes')
+        if data_dir is None:
+            raise UserError('--dataset cityscapes needs --data-dir, the folder holding leftImg8bit/ and gtFine/')
+        return Data('cityscapes', Path(data_dir), CITYSCAPES, False, 'Cityscapes')
+    if demo:
+        if is_main_process():
+            make_demo_voc(DEMO_DIR)
+        barrier()
+        return Data('voc', DEMO_DIR, VOC, void_as_background, 'DEMO data (synthetic)')
+    if download:
+        if is_main_process():
+            download_voc(DATA_DIR if data_dir is None else Path(data_dir))
+        barrier()
+    return Data('voc', find_voc_dir(data_dir), VOC, void_as_background, 'VOC2012')
+
+
 def read_split(voc_dir, is_train=True):
     txt = Path(voc_dir) / 'ImageSets' / 'Segmentation' / ('train.txt' if is_train else 'val.txt')
     if not txt.exists():
@@ -119,47 +134,90 @@ def read_split(voc_dir, is_train=True):
     ids = [line.strip() for line in txt.read_text().splitlines() if line.strip()]
     if not ids:
         raise UserError(f'split file {txt} lists no ids: the VOC2012 folder is incomplete, unpack the dataset again')
-    return ids
+    return txt, ids
 
 
 def voc_paths(voc_dir, name):
     return Path(voc_dir) / 'JPEGImages' / f'{name}.jpg', Path(voc_dir) / 'SegmentationClass' / f'{name}.png'
 
 
-def open_image(path):
-    """A fully decoded PIL image, or a one-line error naming the file (truncated and corrupt files included)."""
+def voc_files(voc_dir, is_train=True):
+    """The (image, label) pairs of a VOC split, each checked to exist."""
+    split, ids = read_split(voc_dir, is_train)
+    items = [voc_paths(voc_dir, name) for name in ids]
+    for name, pair in zip(ids, items):
+        for path in pair:
+            if not path.exists():
+                raise UserError(f'{path} is missing (id {name} of {split}): restore it or remove the id')
+    return Files(items, split, f'remove its id from {split}')
+
+
+def cityscapes_files(root, is_train=True):
+    """leftImg8bit/<split>/[city/]<name>_leftImg8bit.png with gtFine/<same>: the official layout (city folders) and
+    MiniCity's flat one. Labels: *_gtFine_labelIds.png through torchvision's table to the 19 train ids, else
+    *_gtFine_labelTrainIds.png as the official scripts write them."""
+    split = 'train' if is_train else 'val'
+    image_dir = Path(root) / 'leftImg8bit' / split
+    if not image_dir.is_dir():
+        raise UserError(f'no Cityscapes {split} images at {image_dir}: pass --data-dir to the folder that holds '
+                        'leftImg8bit/ and gtFine/')
+    images = sorted(image_dir.rglob('*_leftImg8bit.png'))
+    if not images:
+        raise UserError(f'no *_leftImg8bit.png under {image_dir}: is --data-dir the Cityscapes folder?')
+    labels = {}
+    for kind in ('labelIds', 'labelTrainIds'):
+        labels[kind] = [Path(root) / 'gtFine' / split / p.parent.relative_to(image_dir) /
+                        p.name.replace('_leftImg8bit.png', f'_gtFine_{kind}.png') for p in images]
+    for kind, lut in (('labelIds', cityscapes_id_to_trainid()), ('labelTrainIds', None)):
+        if all(p.exists() for p in labels[kind]):
+            return Files(list(zip(images, labels[kind])), image_dir, 'remove it', lut)
+    for ids, train_ids in zip(labels['labelIds'], labels['labelTrainIds']):
+        if not ids.exists() and not train_ids.exists():
+            raise UserError(f'{ids} is missing (nor is there a labelTrainIds file): restore gtFine/')
+    first = next(p for p in labels['labelIds'] if not p.exists())
+    raise UserError(f'{first} is missing while other images have theirs: give every image the same kind of label '
+                    '(all *_labelIds.png or all *_labelTrainIds.png)')
+
+
+def cityscapes_id_to_trainid():
+    """A 256-entry lookup: raw labelId -> train id, every other id (and 'ignore in eval') -> 255."""
+    lut = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
+    for c in torchvision.datasets.Cityscapes.classes:
+        if c.id >= 0 and 0 <= c.train_id < 19:
+            lut[c.id] = c.train_id
+    return lut
+
+
+def read_image(path, mode='RGB', fix='remove it'):
+    """A file as a uint8 CxHxW tensor: mode 'RGB' gives 3 channels, 'UNCHANGED' what is stored (a palette PNG gives
+    its indices). PIL decodes: torchvision.io's decoders are deprecated from torchvision 0.29 on. A missing or broken
+    file ends in one line naming it and `fix`."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f'{path} is missing: restore it or {fix}')
     try:
         with Image.open(path) as img:
-            img.load()
-            return img
-    except FileNotFoundError:
-        raise UserError(f'{path} is missing: restore it or remove its id from the split file') from None
+            array = torch.from_numpy(np.array(img.convert('RGB') if mode == 'RGB' else img))
     except Exception as err:
-        raise UserError(f'{path} cannot be read ({error_line(err)}): replace the file or remove its id from the '
-                        'split file') from None
+        raise UserError(f'{path} cannot be read ({error_line(err)}): replace it or {fix}') from None
+    return array.permute(2, 0, 1).contiguous() if array.ndim == 3 else array[None]
 
 
-def image_to_tensor(img):
-    """uint8 CHW: decoded in the worker, normalised later on the device (4x less to copy than float32)."""
-    return torch.from_numpy(np.array(img.convert('RGB'), dtype=np.uint8)).permute(2, 0, 1).contiguous()
-
-
-def read_voc_images(voc_dir, is_train=True, limit=None):
-    """The book's reader: uint8 CHW images and RGB label images. `limit` reads only the first ones (pictures)."""
-    names = read_split(voc_dir, is_train)[:limit]
-    features, labels = [], []
-    for name in names:
-        img_path, label_path = voc_paths(voc_dir, name)
-        features.append(image_to_tensor(open_image(img_path)))
-        labels.append(image_to_tensor(open_image(label_path)))
+def read_voc_images(voc_dir, is_train=True):
+    """The book's reader: every image and RGB label image of a split, as uint8 tensors (the pictures and the
+    benchmark's copy of the book's dataset use it; training reads lazily)."""
+    files = voc_files(voc_dir, is_train)
+    features = [read_image(img, 'RGB', files.fix) for img, _ in files.items]
+    labels = [read_image(label, 'RGB', files.fix) for _, label in files.items]
     return features, labels
 
 
-def voc_colormap2label():
-    """Colour -> class, as sorted packed RGB codes and their classes (22 entries, not the book's 256**3 table)."""
-    colors = torch.tensor(VOC_COLORMAP + [VOID_COLOR], dtype=torch.int64)
+def voc_colormap2label(colormap=VOC_COLORMAP):
+    """Colour -> class, as sorted packed RGB codes and their classes (one entry a colour and one for VOC's void colour,
+    not the book's 256**3 table)."""
+    colors = torch.tensor(list(colormap) + [VOID_COLOR], dtype=torch.int64)
     codes = (colors[:, 0] * 256 + colors[:, 1]) * 256 + colors[:, 2]
-    classes = torch.tensor(list(range(len(VOC_COLORMAP))) + [IGNORE_INDEX])
+    classes = torch.tensor(list(range(len(colormap))) + [IGNORE_INDEX])
     order = codes.argsort()
     return codes[order], classes[order]
 
@@ -173,12 +231,19 @@ def voc_label_indices(colormap, colormap2label):
     return torch.where(codes[pos] == idx, classes[pos], torch.full_like(idx, -1))
 
 
-def read_label(path, colormap2label=None):
-    """VOC labels are palette PNGs whose indices ARE the classes; an RGB label goes through the colour lookup."""
-    img = open_image(path)
-    if img.mode in ('P', 'L', 'I', 'I;16'):
-        return torch.from_numpy(np.array(img, dtype=np.int64))
-    return voc_label_indices(image_to_tensor(img), colormap2label or voc_colormap2label())
+def read_label(path, colormap2label=None, fix='remove it'):
+    """Class indices (HxW int64) of a label PNG. Palette and greyscale labels (VOC's are palette PNGs) hold the
+    indices themselves; an RGB label goes through the colour lookup, and a colour of no class is an error naming
+    the colour and where it is."""
+    label = read_image(path, 'UNCHANGED', fix)
+    if label.shape[0] <= 2:         # palette or grey (with alpha): the values are the classes
+        return label[0].long()
+    indices = voc_label_indices(label[:3], colormap2label or voc_colormap2label())
+    if (indices < 0).any():
+        y, x = (int(v) for v in (indices < 0).nonzero()[0])
+        raise UserError(f'{path} has the colour {tuple(label[:3, y, x].tolist())} at x={x}, y={y}, which is no '
+                        "class's colour: correct the label, or give the colour a class")
+    return indices
 
 
 def check_pair(image, label, img_path, label_path, num_classes):
@@ -189,7 +254,7 @@ def check_pair(image, label, img_path, label_path, num_classes):
     if bad.any():
         values = sorted(set(label[bad].unique().tolist()))[:5]
         raise UserError(f'{label_path} holds label values {values} outside 0..{num_classes - 1} and '
-                        f'{IGNORE_INDEX}: is it a label of this dataset (VOC palette PNG)?')
+                        f'{IGNORE_INDEX}: is it a label of this dataset?')
 
 
 def voc_rand_crop(feature, label, height, width, generator=None):
@@ -206,48 +271,70 @@ def voc_rand_crop(feature, label, height, width, generator=None):
     return feature, label
 
 
+def tutorial_augment(image, label, crop_size, generator):
+    """The tutorial's training transform: random scale 0.75-2.0 (image bilinear, label nearest), a random crop padded
+    with void where the scaled image is smaller, a horizontal flip half the time, and brightness, contrast and
+    saturation each scaled by 0.7-1.3. Every draw comes from `generator`."""
+    s = 0.75 + 1.25 * float(torch.rand((), generator=generator))
+    size = [round(image.shape[-2] * s), round(image.shape[-1] * s)]
+    image = v2.functional.resize(tv_tensors.Image(image), size, antialias=True).as_subclass(torch.Tensor)
+    label = v2.functional.resize(tv_tensors.Mask(label), size).as_subclass(torch.Tensor)
+    pad = (0, max(crop_size[1] - size[1], 0), 0, max(crop_size[0] - size[0], 0))
+    image, label = F.pad(image, pad), F.pad(label, pad, value=IGNORE_INDEX)
+    image, label = voc_rand_crop(image, label, *crop_size, generator=generator)
+    if float(torch.rand((), generator=generator)) < 0.5:
+        image, label = image.flip(-1), label.flip(-1)
+    for adjust in (v2.functional.adjust_brightness, v2.functional.adjust_contrast, v2.functional.adjust_saturation):
+        image = adjust(image, 0.7 + 0.6 * float(torch.rand((), generator=generator)))
+    return image, label
+
+
 def normalize_image(img):
-    """uint8 or [0,1] float image(s) -> ImageNet-normalised float32, on whatever device they are on."""
+    """uint8 or [0,1] float image(s) -> ImageNet-normalised float32, on whatever device they are on. The one place
+    images are normalised (dataset items of the book's path, batches on the device, prediction)."""
     x = img.float() / 255 if img.dtype == torch.uint8 else img.float()
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(-1, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(-1, 1, 1)
     return (x - mean) / std
 
 
-class VOCSegDataset(torch.utils.data.Dataset):
-    """The book's dataset, read lazily: only file names are kept, each item is decoded when a worker asks for it.
+class SegDataset(torch.utils.data.Dataset):
+    """The one dataset mechanism (VOC, Cityscapes, a user's folders): Files and a class table in, the book's items
+    out, read lazily: only file names are kept, a DataLoader worker decodes an item when it is asked for.
 
-    crop_size=None gives whole images (evaluation at the original size); normalize=False gives uint8 images and
-    labels for the training loop, which normalises and widens them on the device. Items may be asked for as
-    (index, seed): the crop then comes from that seed, so a run is reproducible whatever the number of workers (see
-    SeededSampler).
+    crop_size=None gives whole images (evaluation at the original size). With a crop, images smaller than it are
+    dropped, as the book does, unless `augment` (the tutorial's transform) pads them. normalize=False gives uint8
+    images and labels for the training loop, which normalises and widens them on the device. Items may be asked for
+    as (index, seed): the crop then comes from that seed, so a run is reproducible whatever the number of workers
+    (see SeededSampler).
     """
-    num_classes = len(VOC_CLASSES)
 
-    def __init__(self, is_train, crop_size, voc_dir, void_as_background=False, normalize=True):
+    def __init__(self, files, classes, crop_size=None, normalize=True, void_as_background=False, augment=False):
+        self.classes, self.num_classes, self.fix = classes, len(classes.names), files.fix
         self.crop_size = None if crop_size is None else tuple(int(s) for s in crop_size)
-        self.void_as_background, self.normalize = void_as_background, normalize
-        self.colormap2label = voc_colormap2label()
-        self.split = Path(voc_dir) / 'ImageSets' / 'Segmentation' / ('train.txt' if is_train else 'val.txt')
-        self.items, largest = [], (0, 0)
-        for name in read_split(voc_dir, is_train):
-            img_path, label_path = voc_paths(voc_dir, name)
-            for path in (img_path, label_path):
-                if not path.exists():
-                    raise UserError(f'{path} is missing (id {name} of {self.split}): restore it or remove the id')
+        self.normalize, self.void_as_background, self.augment = normalize, void_as_background, augment
+        self.label_lut, self.colormap2label = files.label_lut, voc_colormap2label(classes.colors)
+        self.items = files.items
+        if self.crop_size is not None and not augment:
+            self.items = self.large_enough(files)
+        log(f'read {len(self.items)} examples')
+
+    def large_enough(self, files):
+        """The items at least as large as the crop, judged from the image headers (nothing is decoded)."""
+        kept, largest = [], (0, 0)
+        for img_path, label_path in files.items:
             try:
-                with Image.open(img_path) as img:     # the header only: no decoding to filter by size
+                with Image.open(img_path) as img:
                     w, h = img.size
             except Exception as err:
-                raise UserError(f'{img_path} cannot be read ({error_line(err)}): replace the file or remove its '
-                                f'id from {self.split}') from None
+                raise UserError(f'{img_path} cannot be read ({error_line(err)}): replace it or {files.fix}') from None
             largest = max(largest, (h, w))
-            if self.crop_size is None or (h >= self.crop_size[0] and w >= self.crop_size[1]):
-                self.items.append((img_path, label_path))
-        if not self.items:
-            raise UserError(f'every image listed in {self.split} is smaller than the crop {self.crop_size[0]}x'
+            if h >= self.crop_size[0] and w >= self.crop_size[1]:
+                kept.append((img_path, label_path))
+        if not kept:
+            raise UserError(f'every image listed in {files.source} is smaller than the crop {self.crop_size[0]}x'
                             f'{self.crop_size[1]} (largest {largest[0]}x{largest[1]}): pass a smaller --crop-size')
-        log(f'read {len(self.items)} examples')
+        return kept
 
     def __len__(self):
         return len(self.items)
@@ -255,8 +342,10 @@ class VOCSegDataset(torch.utils.data.Dataset):
     def read(self, idx):
         """(uint8 3xHxW image, int64 HxW label) at full size, checked."""
         img_path, label_path = self.items[idx]
-        image = image_to_tensor(open_image(img_path))
-        label = read_label(label_path, self.colormap2label)
+        image = read_image(img_path, 'RGB', self.fix)
+        label = read_label(label_path, self.colormap2label, self.fix)
+        if self.label_lut is not None:
+            label = self.label_lut[label.clamp(0, 255)]
         check_pair(image, label, img_path, label_path, self.num_classes)
         if self.void_as_background:
             label[label == IGNORE_INDEX] = 0
@@ -267,16 +356,37 @@ class VOCSegDataset(torch.utils.data.Dataset):
         image, label = self.read(idx)
         if self.crop_size is not None:
             gen = None if seed is None else torch.Generator().manual_seed(int(seed))
-            image, label = voc_rand_crop(image, label, *self.crop_size, generator=gen)
-        return self.output(image, label)
-
-    def output(self, image, label):
-        """The book's pair (float32 image, int64 label), or for the fast path both as uint8: normalised and widened
-        on the device by to_device, with 8x fewer label bytes through shared memory, pinned memory and the bus
-        (every class index and 255 fit in a byte)."""
-        if self.normalize:
+            if self.augment:
+                gen = gen or torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))
+                image, label = tutorial_augment(image, label, self.crop_size, gen)
+            else:
+                image, label = voc_rand_crop(image, label, *self.crop_size, generator=gen)
+        if self.normalize:      # the book's pair: float32 image, int64 label
             return normalize_image(image), label
-        return image, label.to(torch.uint8)
+        return image, label.to(torch.uint8)     # 8x fewer label bytes to move: every class and 255 fit in a byte
+
+
+class VOCSegDataset(SegDataset):
+    """The book's dataset: a VOC split (ImageSets/Segmentation/{train,val}.txt), read lazily. `classes`: another
+    class table for data in the VOC layout."""
+
+    def __init__(self, is_train, crop_size, voc_dir, void_as_background=False, normalize=True, classes=VOC):
+        super().__init__(voc_files(voc_dir, is_train), classes, crop_size, normalize, void_as_background)
+
+
+class CityscapesSegDataset(SegDataset):
+    """Cityscapes or MiniCity (cityscapes_files); training items get the tutorial's transform unless augment=False."""
+
+    def __init__(self, is_train, crop_size, root, normalize=True, augment=None):
+        augment = is_train if augment is None else augment
+        super().__init__(cityscapes_files(root, is_train), CITYSCAPES, crop_size, normalize, augment=augment)
+
+
+def open_dataset(data, is_train, crop_size=None, normalize=True):
+    """The training or validation split of a Data."""
+    if data.kind == 'cityscapes':
+        return CityscapesSegDataset(is_train, crop_size, data.root, normalize)
+    return VOCSegDataset(is_train, crop_size, data.root, data.void_as_background, normalize, data.classes)
 
 
 class SeededSampler(torch.utils.data.distributed.DistributedSampler):
@@ -314,11 +424,12 @@ def default_workers():
     return min(4, os.cpu_count() or 1)
 
 
-def make_loader(dataset, batch_size, is_train, seed=0, num_workers=None, drop_last=True):
-    """Shuffled for training; both drop the last partial batch, as the book does."""
+def make_loader(dataset, batch_size, is_train, seed=0, num_workers=None):
+    """Shuffled for training; both drop the last partial batch, as the book does. `batch_size` is global: each of
+    torchrun's processes loads its share."""
     workers = default_workers() if num_workers is None else num_workers
     sampler = SeededSampler(dataset, shuffle=is_train, seed=seed, drop_last=True)
-    if not is_train and drop_last and len(dataset) >= batch_size:
+    if not is_train and len(dataset) >= batch_size:
         sampler.eval_limit = len(dataset) // batch_size * batch_size
     per_rank = max(1, batch_size // sampler.num_replicas) if is_train else batch_size
     if is_train and len(dataset) // sampler.num_replicas < per_rank:
@@ -329,206 +440,66 @@ def make_loader(dataset, batch_size, is_train, seed=0, num_workers=None, drop_la
         persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
 
-def load_data_voc(batch_size, crop_size, voc_dir, void_as_background=False, num_workers=None, seed=0,
-                  normalize=True):
-    """The book's two loaders: (train_iter, test_iter) of random crops."""
-    train = VOCSegDataset(True, crop_size, voc_dir, void_as_background, normalize)
-    test = VOCSegDataset(False, crop_size, voc_dir, void_as_background, normalize)
-    return (make_loader(train, batch_size, True, seed, num_workers),
-            make_loader(test, batch_size, False, seed, num_workers))
+def to_device(X, y, device, channels_last=False):
+    """A batch on the device: uint8 images normalised there (4x less to copy than float32), labels widened."""
+    X = normalize_image(X.to(device, non_blocking=True)) if X.dtype == torch.uint8 else X.to(device)
+    if channels_last:
+        X = X.contiguous(memory_format=torch.channels_last)
+    return X, y.to(device, non_blocking=True).long()
 
 
+class DeviceLoader:
+    """A DataLoader of uint8 batches, delivered on the device by to_device; len, dataset and sampler as the
+    DataLoader's."""
 
-# Cityscapes / MiniCity (the tutorial's data): torchvision's class table maps the raw labelIds to the 19 train ids.
-CITYSCAPES_TRAIN_CLASSES = sorted((c for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 19),
-                                  key=lambda c: c.train_id)
-CITYSCAPES_CLASSES = [c.name for c in CITYSCAPES_TRAIN_CLASSES]
-CITYSCAPES_COLORMAP = [list(c.color) for c in CITYSCAPES_TRAIN_CLASSES]
+    def __init__(self, loader, device, channels_last=False):
+        self.loader, self.device, self.channels_last = loader, device, channels_last
+        self.dataset, self.sampler = loader.dataset, loader.sampler
 
+    def __len__(self):
+        return len(self.loader)
 
-def cityscapes_id_to_trainid():
-    """A 256-entry lookup: raw labelId -> train id, every other id (and 'ignore in eval') -> 255."""
-    lut = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
-    for c in torchvision.datasets.Cityscapes.classes:
-        if c.id >= 0 and 0 <= c.train_id < 19:
-            lut[c.id] = c.train_id
-    return lut
-
-
-class CityscapesSegDataset(VOCSegDataset):
-    """Cityscapes as VOCSegDataset: leftImg8bit/<split>/[city/]<name>_leftImg8bit.png and gtFine/<same>, so both the
-    official layout (city folders) and MiniCity's flat one work. Labels: *_gtFine_labelIds.png mapped to train ids,
-    else *_gtFine_labelTrainIds.png as the official scripts write them. Training items get the tutorial's transform
-    (random scale 0.75-2.0, crop with void padding, horizontal flip, colour jitter)."""
-    num_classes = len(CITYSCAPES_CLASSES)
-
-    def __init__(self, is_train, crop_size, root, normalize=True, augment=None):
-        self.crop_size = None if crop_size is None else tuple(int(s) for s in crop_size)
-        self.normalize, self.void_as_background = normalize, False
-        self.augment = is_train if augment is None else augment
-        split = 'train' if is_train else 'val'
-        image_dir = Path(root) / 'leftImg8bit' / split
-        if not image_dir.is_dir():
-            raise UserError(f'no Cityscapes {split} images at {image_dir}: pass --data-dir to the folder that holds '
-                            'leftImg8bit/ and gtFine/')
-        self.split, self.lut, self.items = image_dir, cityscapes_id_to_trainid(), []
-        for img_path in sorted(image_dir.rglob('*_leftImg8bit.png')):
-            stem = img_path.name[:-len('_leftImg8bit.png')]
-            label_dir = Path(root) / 'gtFine' / split / img_path.parent.relative_to(image_dir)
-            ids, train_ids = label_dir / f'{stem}_gtFine_labelIds.png', label_dir / f'{stem}_gtFine_labelTrainIds.png'
-            if not ids.exists() and not train_ids.exists():
-                raise UserError(f'{ids} is missing (nor is there a labelTrainIds file): restore gtFine/')
-            self.items.append((img_path, ids if ids.exists() else train_ids))
-        if not self.items:
-            raise UserError(f'no *_leftImg8bit.png under {image_dir}: is --data-dir the Cityscapes folder?')
-        log(f'read {len(self.items)} examples')
-        fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
-        self.transform = None if self.crop_size is None else v2.Compose(
-            [v2.RandomCrop(self.crop_size, pad_if_needed=True, fill=fill)]
-            + ([v2.RandomHorizontalFlip(), v2.ColorJitter(0.3, 0.3, 0.3)] if self.augment else []))
-
-    def read(self, idx):
-        img_path, label_path = self.items[idx]
-        image = image_to_tensor(open_image(img_path))
-        label = torch.from_numpy(np.array(open_image(label_path), dtype=np.int64))
-        if label_path.name.endswith('_labelIds.png'):
-            label = self.lut[label.clamp(0, 255)]
-        check_pair(image, label, img_path, label_path, self.num_classes)
-        return image, label
-
-    def __getitem__(self, item):
-        idx, seed = item if isinstance(item, tuple) else (item, None)
-        image, label = self.read(idx)
-        if self.transform is not None:
-            with torch.random.fork_rng(devices=[]):
-                if seed is not None:
-                    torch.manual_seed(int(seed))
-                image, label = tv_tensors.Image(image), tv_tensors.Mask(label)
-                if self.augment:    # the tutorial's random scale, image bilinear, labels nearest
-                    s = float(torch.empty(1).uniform_(0.75, 2.0))
-                    size = [round(image.shape[-2] * s), round(image.shape[-1] * s)]
-                    image = v2.functional.resize(image, size, antialias=True)
-                    label = v2.functional.resize(label, size)
-                image, label = self.transform(image, label)
-                image, label = image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)
-        return self.output(image, label)
+    def __iter__(self):
+        for X, y in self.loader:
+            yield to_device(X, y, self.device, self.channels_last)
 
 
-# The demo dataset: five VOC classes drawn as simple shapes with their own colours and textures, so that a
-# small net learns them from scratch in minutes on a CPU.
-DEMO_CLASSES = (1, 3, 7, 8, 15)  # aeroplane, bird, car, cat, person
+def load_data_voc(batch_size, crop_size, voc_dir, seed=0, num_workers=None, device=None, channels_last=False):
+    """The book's two loaders of random crops: (train_iter, test_iter). `voc_dir` is a VOC2012 folder, or a Data
+    (find_data: VOC, Cityscapes). Without `device`, the book's float32 images and int64 labels; with it, batches
+    arrive on the device (DeviceLoader)."""
+    data = voc_dir if isinstance(voc_dir, Data) else Data('voc', Path(voc_dir), VOC, False, 'VOC2012')
+    train = open_dataset(data, True, crop_size, normalize=device is None)
+    test = open_dataset(data, False, crop_size, normalize=device is None)
+    train_iter = make_loader(train, batch_size, True, seed, num_workers)
+    test_iter = make_loader(test, batch_size, False, seed, num_workers)
+    if device is None:
+        return train_iter, test_iter
+    return DeviceLoader(train_iter, device, channels_last), DeviceLoader(test_iter, device, channels_last)
 
 
-def voc_palette():
-    """768-int palette: the 21 VOC colours, index 255 = void (224,224,192), rest black."""
-    pal = [0] * 768
-    for i, c in enumerate(VOC_COLORMAP):
-        pal[3 * i:3 * i + 3] = c
-    pal[765:768] = VOID_COLOR
-    return pal
-
-
-def _draw_object(cls, cx, cy, s, size, rng):
-    """Return (part mask: 0 outside, 1 main part, 2 secondary part, main colour, secondary colour)."""
-    m = Image.new("L", size, 0)
-    d = ImageDraw.Draw(m)
-    jit = lambda c: np.clip(np.array(c) + rng.integers(-20, 21, 3), 0, 255)
-    if cls == 1:  # aeroplane: fuselage + swept wings + tail fin, light grey/white
-        d.ellipse([cx - s / 2, cy - s / 12, cx + s / 2, cy + s / 12], fill=1)
-        d.polygon([(cx + s / 10, cy), (cx - s / 8, cy - s / 2), (cx - s / 4, cy - s / 2), (cx - s / 10, cy),
-                   (cx - s / 4, cy + s / 2), (cx - s / 8, cy + s / 2)], fill=1)
-        d.polygon([(cx - s / 2.2, cy), (cx - s / 2.2, cy - s / 4), (cx - s / 2.8, cy)], fill=2)
-        return m, jit([215, 215, 220]), jit([170, 170, 180])
-    if cls == 3:  # bird: small orange ellipse + dark-yellow triangular beak
-        d.ellipse([cx - s / 3, cy - s / 5, cx + s / 3, cy + s / 5], fill=1)
-        d.polygon([(cx + s / 3.4, cy - s / 12), (cx + s / 2, cy), (cx + s / 3.4, cy + s / 12)], fill=2)
-        return m, jit([235, 130, 30]), jit([200, 170, 0])
-    if cls == 7:  # car: red or blue body + cabin, two dark wheels
-        d.rectangle([cx - s / 2, cy - s / 6, cx + s / 2, cy + s / 8], fill=1)
-        d.rectangle([cx - s / 4, cy - s / 3, cx + s / 4, cy - s / 6], fill=1)
-        for wx in (cx - s / 3, cx + s / 3):
-            d.ellipse([wx - s / 8, cy + s / 8 - s / 8, wx + s / 8, cy + s / 8 + s / 8], fill=2)
-        return m, jit([200, 25, 25] if rng.random() < 0.5 else [30, 50, 200]), jit([25, 25, 25])
-    if cls == 8:  # cat: brown or grey ellipse body + two triangle ears (striped texture below)
-        d.ellipse([cx - s / 2, cy - s / 4, cx + s / 2, cy + s / 3], fill=1)
-        for ex in (cx - s / 3, cx - s / 8):
-            d.polygon([(ex - s / 9, cy - s / 6), (ex, cy - s / 2), (ex + s / 9, cy - s / 6)], fill=1)
-        return m, jit([140, 90, 50] if rng.random() < 0.5 else [120, 120, 125]), jit([60, 40, 30])
-    # person: skin-toned circle head on a dark rectangle torso
-    d.rectangle([cx - s / 6, cy - s / 6, cx + s / 6, cy + s / 2], fill=1)
-    d.ellipse([cx - s / 7, cy - s / 2, cx + s / 7, cy - s / 2 + 2 * s / 7], fill=2)
-    return m, rng.integers(20, 90, 3), jit([230, 185, 150])
-
-
-def _make_pair(h, w, rng):
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    # background: smooth muted gradient between two random colours along a random direction
-    a = rng.uniform(0, 2 * np.pi)
-    t = (np.cos(a) * xx / w + np.sin(a) * yy / h)
-    t = (t - t.min()) / (np.ptp(t) + 1e-6)
-    c0, c1 = rng.uniform(40, 180, 3), rng.uniform(40, 180, 3)
-    img = c0 + (c1 - c0) * t[..., None]
-    lab = np.zeros((h, w), np.uint8)
-    for _ in range(rng.integers(1, 4)):
-        cls = int(rng.choice(DEMO_CLASSES))
-        s = rng.uniform(0.3, 0.7) * min(h, w)
-        cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h  # centre inside -> mostly visible
-        m, col1, col2 = _draw_object(cls, cx, cy, s, (w, h), rng)
-        m = np.asarray(m)
-        # per-object shading; cats get stripes so texture is a cue besides colour
-        shade = 1 + 0.15 * ((xx - cx) / s)
-        if cls == 8:
-            shade = shade * (1 - 0.25 * (np.sin(xx / max(s / 20, 1.0)) > 0.3))
-        img[m == 1] = (col1 * shade[..., None])[m == 1]
-        img[m == 2] = (col2 * shade[..., None])[m == 2]
-        lab[m > 0] = cls  # later objects win
-    # void contour: both pixels on each side of a label change -> 2 px band, like VOC
-    edge = np.zeros_like(lab, bool)
-    dh, dv = lab[:, 1:] != lab[:, :-1], lab[1:, :] != lab[:-1, :]
-    edge[:, 1:] |= dh; edge[:, :-1] |= dh; edge[1:, :] |= dv; edge[:-1, :] |= dv
-    lab[edge] = 255
-    img = np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
-    return img, lab
-
-
-def make_demo_voc(root=DEMO_DIR, num_train=120, num_val=40, seed=0, min_size=(80, 112), max_size=(128, 160),
-                  num_small=4):
-    """Write (once, deterministically) a synthetic dataset in the exact VOC2012 layout under root; return root.
-
-    JPEG images, palette PNG labels with VOC's palette and 255 borders, split files, a few images smaller than the
-    demo crop: every code path of the real dataset runs on it, on a machine that has none.
-    """
-    root = str(root)
-    marker = os.path.join(root, ".demo_complete")
-    split_dir = os.path.join(root, "ImageSets", "Segmentation")
-    if os.path.exists(marker) and os.path.exists(os.path.join(split_dir, "val.txt")):
-        return root
-    for sub in ("JPEGImages", "SegmentationClass"):
-        os.makedirs(os.path.join(root, sub), exist_ok=True)
-    os.makedirs(split_dir, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    palette, k = voc_palette(), 0
-    for split, n in (("train", num_train), ("val", num_val)):
-        small = set(rng.choice(n, min(num_small, n), replace=False).tolist())
-        ids = []
-        for i in range(n):
-            k += 1
-            h = int(rng.integers(min_size[0], max_size[0] + 1))
-            w = int(rng.integers(min_size[1], max_size[1] + 1))
-            if i in small:  # below a 64x96 crop in one dimension, so crop filters have work to do
-                h, w = (48, w) if sorted(small).index(i) % 2 == 0 else (h, 80)
-            img, lab = _make_pair(h, w, rng)
-            name = "demo_%06d" % k
-            Image.fromarray(img).save(os.path.join(root, "JPEGImages", name + ".jpg"), quality=95)
-            p = Image.frombytes("P", (w, h), lab.tobytes())  # raw indices, no colour conversion
-            p.putpalette(palette)
-            p.save(os.path.join(root, "SegmentationClass", name + ".png"))
-            ids.append(name)
-        with open(os.path.join(split_dir, split + ".txt"), "w") as f:
-            f.write("\n".join(ids) + "\n")
-    with open(marker, "w") as f:  # written last: an interrupted run has no marker and is redone
-        f.write("ok\n")
-    return root
+def class_pixel_counts(dataset, cache_dir):
+    """Labelled pixels per class over a whole split at full size (void excluded): counted once, then read from a
+    JSON file in cache_dir (or checkpoints/, where cache_dir is read-only) named after what it depends on."""
+    key = json.dumps([dataset.classes, [str(p) for p in dataset.items[0]], len(dataset), dataset.void_as_background,
+                      dataset.label_lut is not None])
+    name = f'class_pixels_{hashlib.sha1(key.encode()).hexdigest()[:10]}.json'
+    candidates = (Path(cache_dir) / name, Path('checkpoints') / name)
+    for path in candidates:
+        if path.exists():
+            return torch.tensor(json.loads(path.read_text()), dtype=torch.float64)
+    counts = torch.zeros(dataset.num_classes, dtype=torch.float64)
+    for i in range(len(dataset)):
+        label = dataset.read(i)[1]
+        counts += torch.bincount(label[label != IGNORE_INDEX].reshape(-1), minlength=dataset.num_classes).double()
+    for path in candidates:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(counts.tolist()))
+            break
+        except OSError:
+            continue
+    return counts
 
 
 # -------------------------------------------------------------------------------------------------------- models
@@ -544,29 +515,30 @@ def bilinear_kernel(in_channels, out_channels, kernel_size):
 
 
 def backbone_state_dict(arch, weights_path=None):
-    """ImageNet weights: --backbone-weights, the file next to the scripts or here, torchvision's cache, download."""
-    url = BACKBONE_FILES[arch]
-    filename = url.rsplit('/', 1)[1]
-    if weights_path is not None:
-        if not Path(weights_path).exists():
-            raise UserError(f'--backbone-weights {weights_path} does not exist')
-        candidates = [Path(weights_path)]
-    else:
-        hub = Path(torch.hub.get_dir()) / 'checkpoints' / filename
-        candidates = [p for p in (HERE / filename, Path.cwd() / filename, hub) if p.exists()]
-    if candidates:
-        state = load_torch_file(candidates[0], what=f'{arch} weights')
+    """ImageNet weights: --backbone-weights, else the file next to the scripts or in the working folder, else
+    torchvision's weights API (its cache, or a download)."""
+    weights = BACKBONE_WEIGHTS[arch]
+    filename = weights.url.rsplit('/', 1)[1]
+    if weights_path is not None and not Path(weights_path).exists():
+        raise UserError(f'--backbone-weights {weights_path} does not exist')
+    local = [Path(weights_path)] if weights_path else [p for p in (HERE / filename, Path.cwd() / filename)
+                                                        if p.exists()]
+    source = local[0] if local else weights.url
+    if local:
+        state = load_torch_file(local[0], what=f'{arch} weights')
     else:
         try:
-            state = torch.hub.load_state_dict_from_url(url, progress=is_main_process())
+            state = weights.get_state_dict(progress=is_main_process())
         except Exception as err:
             raise UserError(f'no ImageNet {arch} weights here and the download failed ({error_line(err)}): put '
-                            f'{url} next to the scripts, or pass --backbone-weights FILE, or train from scratch '
-                            'with --no-pretrained') from None
-    expected = getattr(torchvision.models, arch)(weights=None).state_dict()
-    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
-        raise UserError(f'{candidates[0] if candidates else url} is not a torchvision {arch} state_dict: pass the '
-                        f'file {filename} or --no-pretrained')
+                            f'{weights.url} next to the scripts, or pass --backbone-weights FILE, or train from '
+                            'scratch with --no-pretrained') from None
+    with torch.device('meta'):      # the expected names and shapes, without allocating or drawing random numbers
+        expected = getattr(torchvision.models, arch)(weights=None).state_dict()
+    if not isinstance(state, dict) or set(state) != set(expected) or any(
+            getattr(state[k], 'shape', None) != expected[k].shape for k in expected):
+        raise UserError(f'{source} is not a torchvision {arch} state_dict: pass the file {filename} or '
+                        '--no-pretrained')
     return state
 
 
@@ -584,8 +556,7 @@ def fcn_resnet18(num_classes=21, pretrained=False, weights_path=None):
     net.add_module('final_conv', nn.Conv2d(512, num_classes, kernel_size=1))
     net.add_module('transpose_conv', nn.ConvTranspose2d(num_classes, num_classes, kernel_size=64, padding=16,
                                                         stride=32))
-    # The book's text Xavier-initialises the 1x1 conv, its code forgets; the seed does it: so do we.
-    nn.init.xavier_uniform_(net.final_conv.weight)
+    nn.init.xavier_uniform_(net.final_conv.weight)     # the book's text asks for it; its code leaves it out
     net.transpose_conv.weight.data.copy_(bilinear_kernel(num_classes, num_classes, 64))
     return net
 
@@ -602,7 +573,8 @@ def pad_to_multiple(x, multiple=32):
 
 
 class ResNetUNet(nn.Module):
-    """The seed's resnet18 U-Net. Pads any input to a multiple of 32 inside and crops back, same weights."""
+    """The widely used resnet18 U-Net (the improvement's model). Pads any input to a multiple of 32 inside and
+    crops back, so any size works with the same weights."""
 
     def __init__(self, n_class=21, pretrained=False, weights_path=None):
         super().__init__()
@@ -657,7 +629,6 @@ def deeplabv3(name, num_classes=21, pretrained=False, weights_path=None, aux_los
     return net
 
 # Normalisation swaps (the tutorial's BatchNorm / InstanceNorm / GroupNorm / EvoNorm comparison)
-NORMS = ('batch', 'instance', 'group', 'evo', 'evo_s0', 'evo_b0')
 
 
 def num_groups(channels, max_groups=32):
@@ -764,11 +735,8 @@ def replace_norm(model, norm):
     return model
 
 
-MODELS = ('fcn', 'resnet_unet', 'deeplabv3_resnet50', 'deeplabv3_resnet101')
-
-
 def build_model(name, num_classes=21, pretrained=False, weights_path=None, norm='batch', aux_loss=False):
-    """Every model by name; the checkpoint stores these arguments (model_args) to rebuild it with no flags."""
+    """Every model by name; a checkpoint stores these arguments (its model_args) to rebuild it with no flags."""
     if name == 'fcn':
         net = fcn_resnet18(num_classes, pretrained, weights_path)
     elif name == 'resnet_unet':
@@ -779,22 +747,22 @@ def build_model(name, num_classes=21, pretrained=False, weights_path=None, norm=
         raise UserError(f'unknown model {name!r}: choose one of {", ".join(MODELS)}')
     if norm not in NORMS:
         raise UserError(f'unknown norm {norm!r}: choose one of {", ".join(NORMS)}')
-    if norm != 'batch':
-        replace_norm(net, norm)
-    return net
+    return replace_norm(net, norm)
 
 
 def model_output(out):
-    """(main logits, aux logits or None): torchvision's segmentation models return a dict."""
+    """(main scores, auxiliary scores or None): torchvision's segmentation models return a dict."""
     if isinstance(out, dict):
         return out['out'], out.get('aux')
     return out, None
 
 
 # -------------------------------------------------------------------------------------------------------- losses
-def loss(inputs, targets):
-    """The book's loss: per-pixel cross entropy averaged over height and width, one value per example."""
-    return F.cross_entropy(inputs, targets, reduction='none', ignore_index=IGNORE_INDEX).mean(1).mean(1)
+def cross_entropy_loss(inputs, targets, weight=None):
+    """The book's loss: per-pixel cross entropy averaged over height and width, one value per example; ignored
+    pixels count as 0. `weight`: per-class weights (the tutorial's weighted cross entropy)."""
+    weight = None if weight is None else weight.to(inputs.device)
+    return F.cross_entropy(inputs, targets, weight=weight, reduction='none', ignore_index=IGNORE_INDEX).mean(1).mean(1)
 
 
 class FocalLoss(nn.Module):
@@ -850,18 +818,28 @@ def class_pixel_weights(counts, mode="inverse_log"):
 
 
 def make_loss(name='ce', weight=None, gamma=2.0):
-    """Per-example losses (mean over H, W) like the book's; the training step sums them over the batch."""
+    """A per-example loss by name (ce, weighted_ce, focal), each averaged over H and W like the book's."""
     if name == 'ce':
-        return loss
+        return cross_entropy_loss
     if name == 'weighted_ce':
         if weight is None:
             raise UserError('--loss weighted_ce needs class weights')
-        return lambda inputs, targets: F.cross_entropy(inputs, targets, weight=weight.to(inputs.device),
-                                                       reduction='none', ignore_index=IGNORE_INDEX).mean((1, 2))
+        return lambda inputs, targets: cross_entropy_loss(inputs, targets, weight)
     if name == 'focal':
         focal = FocalLoss(gamma=gamma, weight=weight)
-        return lambda inputs, targets: focal(inputs, targets).mean((1, 2))
-    raise UserError(f'unknown loss {name!r}: choose one of ce, weighted_ce, focal')
+        return lambda inputs, targets: focal(inputs, targets).mean(1).mean(1)
+    raise UserError(f'unknown loss {name!r}: choose one of {", ".join(LOSSES)}')
+
+
+def read_class_weights(path, num_classes):
+    """--class-weights FILE: one number per class."""
+    try:
+        weights = [float(v) for v in Path(path).read_text().split()]
+    except (OSError, ValueError) as err:
+        raise UserError(f'--class-weights {path}: cannot read numbers from it ({err})') from None
+    if len(weights) != num_classes:
+        raise UserError(f'--class-weights {path} has {len(weights)} numbers, the dataset {num_classes} classes')
+    return torch.tensor(weights)
 
 
 # -------------------------------------------------------------------------------------------------- augmentation
@@ -936,44 +914,177 @@ def copyblob(images, labels, pairs, prob=0.5, generator=None):
     return images, labels
 
 
-# ------------------------------------------------------------------------------------------------------ training
-def pick_device(name=None):
-    """--device, else the GPU of this rank, else the CPU."""
-    if name is None:
-        if torch.cuda.is_available():
-            return torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
-        return torch.device('cpu')
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f'--device {name!r} is not a device name: use cpu, cuda or cuda:N') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f'--device {name} asked for a GPU but PyTorch sees none: use --device cpu')
-    return device
+def parse_pairs(pairs, class_names, dataset='voc'):
+    """--copyblob-pairs SRC:HOST ... by class name or index -> [(src, host)]; None gives the dataset's defaults."""
+    names = [n.replace(' ', '').replace('/', '') for n in class_names]
+    out = []
+    for pair in COPYBLOB_PAIRS.get(dataset, []) if pairs is None else pairs:
+        try:
+            src, host = pair.split(':')
+            out.append(tuple(int(x) if x.isdigit() else names.index(x.replace(' ', '')) for x in (src, host)))
+        except ValueError:
+            raise UserError(f'--copyblob-pairs {pair!r}: expected SRC:HOST with class names or indices of '
+                            f'{", ".join(names)}') from None
+    return out
 
 
-def amp_dtype(device, amp=None):
-    """Mixed precision on CUDA by default: bf16 where the GPU has it (no scaler needed), else fp16."""
-    if amp is None:
-        amp = device.type == 'cuda'
-    if not amp:
+def batch_augment(cutmix=0.0, copyblob_prob=0.0, pairs=()):
+    """CutMix and CopyBlob on a batch on the device (the images are already normalised there: any dtype works), or
+    None when both are off."""
+    if not cutmix and not copyblob_prob:
         return None
-    if device.type != 'cuda':
-        return torch.bfloat16      # CPU autocast is bf16 only
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def augment(X, y):
+        if copyblob_prob:
+            X, y = copyblob(X, y, pairs, copyblob_prob)
+        if cutmix:
+            X, y = cutmix_segmentation(X, y, cutmix)
+        return X, y
+    return augment
 
 
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+# ------------------------------------------------------------------------------------------------------ training
+def setup_run(device=None, amp=None, channels_last=None, cudnn_benchmark=True, detect_anomaly=False):
+    """torchrun's process group (when it started this process), then (device, mixed-precision dtype or None,
+    channels_last) with each default decided by the device."""
+    setup_distributed()
+    device = pick_device(device)
+    torch.backends.cudnn.benchmark = cudnn_benchmark    # fixed crop shapes: timed once, reused
+    if detect_anomaly:
+        torch.autograd.set_detect_anomaly(True)
+    pyplot()    # imported now: a Ctrl-C in the middle of matplotlib's first import cannot be handled cleanly
+    return device, amp_dtype(device, amp), device.type == 'cuda' if channels_last is None else channels_last
 
 
-def to_device(X, y, device, channels_last=False):
-    X = normalize_image(X.to(device, non_blocking=True)) if X.dtype == torch.uint8 else X.to(device)
+def place_model(model, device, channels_last=False, sync_bn=False, compile=False):
+    """Moves the model to the device (in place) and returns what the loop runs: the model, wrapped in
+    DistributedDataParallel under torchrun, compiled with compile=True. Checkpoints keep saving the model."""
+    if sync_bn and world_size() > 1 and device.type == 'cuda':
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
     if channels_last:
-        X = X.contiguous(memory_format=torch.channels_last)
-    return X, y.to(device, non_blocking=True).long()
+        model.to(memory_format=torch.channels_last)
+    net = model
+    if world_size() > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    return torch.compile(net) if compile else net
 
 
+def train_batch_ch13(net, X, y, loss, amp=None, scaler=None, scale=1):
+    """Forward and backward of one (micro-)batch. Like the book, back-propagates the SUM of the per-example losses;
+    `scale` multiplies it (DDP averages gradients over its processes: scale=world size makes the update the sum over
+    the global batch). Returns (loss sum, correct pixels, labelled pixels) as tensors on the device."""
+    with autocast(X.device, amp):
+        out, aux = model_output(net(X))
+        l = loss(out, y)
+        if aux is not None:     # torchvision's DeepLabV3 auxiliary head, weighted as torchvision's references do
+            l = l + 0.4 * loss(aux, y)
+    l_sum = l.float().sum()
+    scaled = l_sum * scale
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    with torch.no_grad():
+        valid = y != IGNORE_INDEX
+        return l_sum.detach(), ((out.argmax(1) == y) & valid).sum(), valid.sum()
+
+
+def train_epoch_ch13(net, batches, loss, trainer, amp=None, scaler=None, accum_steps=1, augment=None):
+    """One epoch of updates, each from accum_steps micro-batches (an incomplete last group is dropped, as the book
+    drops a partial batch). Returns [loss sum, examples, correct pixels, labelled pixels] over all processes."""
+    world, totals = world_size(), 0
+    steps = len(batches) // accum_steps
+    trainer.zero_grad(set_to_none=True)
+    for i, (X, y) in enumerate(batches):
+        if i >= steps * accum_steps:
+            break
+        if augment is not None:
+            X, y = augment(X, y)
+        last = (i + 1) % accum_steps == 0
+        sync = net.no_sync() if (not last and hasattr(net, 'no_sync')) else contextlib.nullcontext()
+        with sync:
+            l_sum, correct, labelled = train_batch_ch13(net, X, y, loss, amp, scaler, world)
+        count = torch.tensor(float(y.shape[0]), dtype=torch.float64, device=X.device)
+        totals = totals + torch.stack([l_sum.double(), count, correct.double(), labelled.double()])
+        if last:
+            if not math.isfinite(float(l_sum)):
+                raise NonFiniteLoss((i + 1) // accum_steps, float(l_sum))
+            if scaler is not None:
+                scaler.step(trainer)
+                scaler.update()
+            else:
+                trainer.step()
+            trainer.zero_grad(set_to_none=True)
+    if not all(v.isfinite().all() for v in net.state_dict().values() if v.is_floating_point()):
+        raise NonFiniteLoss(steps, float('nan'))    # a finite loss but broken weights: the last checkpoint stays
+    return all_reduce_sum(totals.tolist())
+
+
+def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint, amp=None, accum_steps=1,
+               augment=None):
+    """The book's train_ch13 (loss per example, train acc, test acc each epoch; examples/sec at the end), plus what
+    hours of GPU time need: a Checkpoint after every epoch, mixed precision, accumulation, several processes, a stop
+    on a non-finite loss, a clean Ctrl-C. `net` may be compiled or wrapped in DDP; the checkpoint saves its model."""
+    from tqdm import tqdm
+    ckpt, scaler = checkpoint, torch.amp.GradScaler('cuda') if amp == torch.float16 else None
+    ckpt.restore(trainer, scaler)
+    if len(train_iter) // accum_steps == 0:
+        raise UserError(f'--accum-steps {accum_steps} is more than the {len(train_iter)} batches of an epoch')
+    ckpt.report_start(num_epochs, len(train_iter.dataset), amp)
+    seen, train_time = 0, 0.0
+    try:
+        for epoch in range(ckpt.epoch, num_epochs):
+            train_iter.sampler.set_epoch(epoch)
+            torch.manual_seed(train_iter.sampler.seed * 1000 + epoch)   # augmentation: same draws after --resume
+            net.train()
+            start = time.time()
+            batches = tqdm(train_iter, desc=f'epoch {epoch + 1}/{num_epochs}', leave=False,
+                           disable=not is_main_process() or None)
+            l_total, n, correct, pixels = train_epoch_ch13(net, batches, loss, trainer, amp, scaler, accum_steps,
+                                                           augment)
+            train_time += time.time() - start
+            seen += n
+            test = evaluate_crops(net, test_iter, amp)
+            ckpt.end_epoch(trainer, scaler, {
+                'epoch': epoch + 1, 'loss': l_total / n, 'train_acc': correct / max(pixels, 1),
+                'test_acc': test['pixel_acc'], 'test_miou': test['miou'], 'lr': trainer.param_groups[0]['lr'],
+                'seconds': time.time() - start})
+            h = ckpt.history[-1]
+            log(f'epoch {epoch + 1}/{num_epochs}: loss {h["loss"]:.3f}, train acc {h["train_acc"]:.3f}, '
+                f'test acc {h["test_acc"]:.3f}, test mIoU {h["test_miou"]:.3f} ({h["seconds"]:.0f} s)')
+    except KeyboardInterrupt:
+        log(f'\ninterrupted: {ckpt.path} holds {ckpt.epoch} finished epoch(s); run the same command with --resume '
+            'to continue')
+        raise SystemExit(130) from None
+    except NonFiniteLoss as err:
+        kept = f'{ckpt.path} (epoch {ckpt.epoch}) is kept' if ckpt.epoch else 'no checkpoint was written'
+        raise UserError(f'the loss became {err.value} at epoch {ckpt.epoch + 1}, step {err.step}; {kept}: lower '
+                        '--lr, or find the operation with --detect-anomaly') from None
+    if ckpt.history:
+        h = ckpt.history[-1]
+        log(f'loss {h["loss"]:.3f}, train acc {h["train_acc"]:.3f}, test acc {h["test_acc"]:.3f}, '
+            f'test mIoU {h["test_miou"]:.3f}')
+    if train_time > 0:
+        log(f'{seen / train_time:.1f} examples/sec on {[str(net_device(net))] * world_size()}')
+    return ckpt.history
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step, value):
+        super().__init__(f'step {step}: {value}')
+        self.step, self.value = step, value
+
+
+def evaluate_crops(net, data_iter, amp=None):
+    """The per-epoch test figures on random crops (the book's test acc), plus mIoU from the same pixels."""
+    net.eval()
+    cm = ConfusionMatrix(data_iter.dataset.num_classes)
+    with torch.inference_mode(), autocast(net_device(net), amp):
+        for X, y in data_iter:
+            cm.update(model_output(net(X))[0].argmax(1), y)
+    cm.all_reduce()
+    return cm.compute()
+
+
+# ------------------------------------------------------------------------------------------ evaluation/inference
 class ConfusionMatrix:
     """Rows: ground truth, columns: prediction. Pixels labelled ignore_index (or outside the classes) do not count."""
 
@@ -1013,305 +1124,219 @@ class ConfusionMatrix:
         }
 
 
-def dist_device():
-    return torch.device('cuda', torch.cuda.current_device()) if torch.distributed.get_backend() == 'nccl' \
-        else torch.device('cpu')
-
-
-def all_reduce_sum(values, device):
-    """Sums a list of numbers over all ranks (no-op in a single process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=dist_device())
-    torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
-def evaluate_crops(net, data_iter, device, num_classes, dtype=None, channels_last=False):
-    """The per-epoch test figures on random crops (the book's test acc), plus mIoU from the same pixels."""
-    net.eval()
-    cm = ConfusionMatrix(num_classes)
-    with torch.inference_mode(), autocast(device, dtype):
-        for X, y in data_iter:
-            X, y = to_device(X, y, device, channels_last)
-            cm.update(model_output(net(X))[0].argmax(1), y)
-    cm.all_reduce()
-    return cm.compute()
-
-
-def save_checkpoint(obj, path):
-    """Temporary file, flush to disk, then rename: a kill at any moment leaves the previous checkpoint whole."""
-    path = Path(path)
-    tmp = path.with_name(path.name + '.tmp')
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        raise UserError(f'cannot write checkpoint {path} ({err.strerror or err}): free some disk space or pass '
-                        '--save with a writable path') from None
-
-
-def load_torch_file(path, what='checkpoint'):
-    """torch.load with weights_only=True: plain tensors and numbers only, a pickle that runs code is refused."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f'{what} {path} does not exist: train first, or pass the right path')
-    try:
-        with warnings.catch_warnings():     # torch warns about old pickle protocols before refusing: one line only
-            warnings.simplefilter('ignore')
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:
-        text = str(err)
-        if 'Weights only load failed' in text or 'Unsupported global' in text:
-            raise UserError(f'{path} holds Python objects, not only tensors and numbers: refused for safety '
-                            '(weights_only=True); use a checkpoint written by these scripts') from None
-        raise UserError(f'{path} is not a readable {what} (truncated or corrupt: {error_line(err)}): '
-                        'use another file, or retrain') from None
-
-
-def check_writable(path):
-    """Fail before hours of training, not after: the checkpoint's or picture's folder must be writable."""
-    folder = Path(path).parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f'.write_test_{os.getpid()}'
-        probe.write_bytes(b'')
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f'cannot write to {folder} ({err.strerror or err}): pass a writable path') from None
-
-
-def plain(value):
-    """Config values as plain types, so that torch.load(weights_only=True) opens the checkpoint."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    return str(value)
-
-
-def make_optimizer(name, params, lr, weight_decay):
-    """The book's SGD has no momentum; the seed's improvement is plain Adam. Weight decay as an L2 term in both."""
-    if name == 'sgd':
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    if name == 'adam':
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    raise UserError(f'unknown optimizer {name!r}: choose sgd or adam')
-
-
-def world_size():
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, device, *, ckpt, save_path, num_classes,
-               model=None, amp=None, scaler=None, accum_steps=1, channels_last=False, augment=None,
-               curves_path=None, title='', earlier_history=()):
-    """The book's train_ch13, plus what hours of GPU time need: mixed precision, accumulation, several GPUs,
-    a checkpoint after every epoch, a stop on a non-finite loss, a clean Ctrl-C.
-
-    Like the book, each step back-propagates the SUM of per-example losses over the (whole) batch. `net` may be
-    compiled or wrapped in DDP; `model` is the plain module whose state_dict is saved. `ckpt` is the checkpoint
-    dict of this stage (it carries history and epoch on resume).
-    """
-    from tqdm import tqdm
-    model = net if model is None else model
-    world, history = world_size(), ckpt['history']
-    steps = len(train_iter) // accum_steps
-    if steps == 0:
-        raise UserError(f'--accum-steps {accum_steps} is more than the {len(train_iter)} batches of an epoch')
-    seen, train_time = 0, 0.0
-    try:
-        for epoch in range(ckpt['epoch'], num_epochs):
-            train_iter.sampler.set_epoch(epoch)
-            torch.manual_seed(train_iter.sampler.seed * 1000 + epoch)   # augmentation: same draws after --resume
-            net.train()
-            totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, examples, correct, pixels
-            bar = tqdm(total=steps, desc=f'epoch {epoch + 1}/{num_epochs}', leave=False,
-                       disable=not is_main_process() or None)
-            start = time.time()
-            trainer.zero_grad(set_to_none=True)
-            for i, (X, y) in enumerate(train_iter):
-                if i >= steps * accum_steps:
-                    break           # an incomplete last group: dropped, as the book drops a partial batch
-                X, y = to_device(X, y, device, channels_last)
-                if augment is not None:
-                    X, y = augment(X, y)
-                last = (i + 1) % accum_steps == 0
-                sync = net.no_sync() if (not last and hasattr(net, 'no_sync')) else contextlib.nullcontext()
-                with sync:
-                    with autocast(device, amp):
-                        out, aux = model_output(net(X))
-                        l = loss(out, y)
-                        if aux is not None:     # torchvision's DeepLabV3 auxiliary head, weighted as theirs
-                            l = l + 0.4 * loss(aux, y)
-                    l_sum = l.float().sum()
-                    # DDP averages gradients over ranks: scale up so the update is the sum over the global batch
-                    scaled = l_sum * world
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                with torch.no_grad():
-                    valid = y != IGNORE_INDEX
-                    totals += torch.stack([l_sum.detach().double(), torch.tensor(y.shape[0], device=device),
-                                           ((out.argmax(1) == y) & valid).sum().double(), valid.sum().double()])
-                if last:
-                    if not math.isfinite(float(l_sum.detach())):
-                        raise NonFiniteLoss(epoch + 1, (i + 1) // accum_steps, float(l_sum.detach()))
-                    if scaler is not None:
-                        scaler.step(trainer)
-                        scaler.update()
-                    else:
-                        trainer.step()
-                    trainer.zero_grad(set_to_none=True)
-                    bar.update(1)
-            bar.close()
-            l_total, n, correct, pixels = all_reduce_sum(totals.tolist(), device)
-            train_time += time.time() - start
-            seen += n
-            test = evaluate_crops(net, test_iter, device, num_classes, amp, channels_last)
-            history.append({'epoch': epoch + 1, 'loss': l_total / n, 'train_acc': correct / max(pixels, 1),
-                            'test_acc': test['pixel_acc'], 'test_miou': test['miou'],
-                            'lr': trainer.param_groups[0]['lr'], 'seconds': time.time() - start})
-            if not all(v.isfinite().all() for v in model.state_dict().values() if v.is_floating_point()):
-                raise NonFiniteLoss(epoch + 1, steps, float('nan'))     # finite loss, broken weights: keep the last
-            ckpt.update(epoch=epoch + 1, model=model.state_dict(), optimizer=trainer.state_dict(),
-                        scaler=scaler.state_dict() if scaler is not None else None)
-            if is_main_process():
-                save_checkpoint(ckpt, save_path)
-                if curves_path:
-                    plot_history(list(earlier_history) + history, curves_path, title)
-            h = history[-1]
-            log(f'epoch {epoch + 1}/{num_epochs}: loss {h["loss"]:.3f}, train acc {h["train_acc"]:.3f}, '
-                f'test acc {h["test_acc"]:.3f}, test mIoU {h["test_miou"]:.3f} ({h["seconds"]:.0f} s)')
-    except KeyboardInterrupt:
-        done = ckpt['epoch']
-        log(f'\ninterrupted: {save_path} holds {done} finished epoch(s); run the same command with --resume '
-            'to continue')
-        raise SystemExit(130) from None
-    except NonFiniteLoss as err:
-        kept = f'{save_path} (epoch {ckpt["epoch"]}) is kept' if ckpt['epoch'] else 'no checkpoint was written'
-        raise UserError(f'the loss became {err.value} at epoch {err.epoch}, step {err.step}; {kept}: lower --lr, '
-                        'or find the operation with --detect-anomaly') from None
-    if history:
-        h = history[-1]
-        log(f'loss {h["loss"]:.3f}, train acc {h["train_acc"]:.3f}, test acc {h["test_acc"]:.3f}, '
-            f'test mIoU {h["test_miou"]:.3f}')
-    if train_time > 0:
-        log(f'{seen / train_time:.1f} examples/sec on {[str(device)] * world}')
-    return history
-
-
-class NonFiniteLoss(Exception):
-    def __init__(self, epoch, step, value):
-        super().__init__(f'epoch {epoch} step {step}: {value}')
-        self.epoch, self.step, self.value = epoch, step, value
-
-
-# ------------------------------------------------------------------------------------------ evaluation/inference
-def multiscale_predict(net, image, num_classes, scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.2), flip=True,
-                       stride=32):
-    """Multi-scale (+ horizontal flip) test-time augmentation: average of softmax probabilities at the input size.
-
-    image: normalised float tensor N,3,H,W (N=1 usual). Each scaled input is zero-padded at the bottom/right to
-    a multiple of `stride` (a stride-32 net needs it; zero is the mean colour after normalisation) and the
-    padding is cropped off the logits before they are resized back to H,W. The caller sets net.eval().
-    Returns N,num_classes,H,W probabilities.
-    """
-    n, _, h, w = image.shape
-    total = torch.zeros(n, num_classes, h, w, device=image.device, dtype=torch.float32)
-    passes = 0
-    with torch.inference_mode():
-        for s in scales:
-            sh, sw = max(1, round(h * s)), max(1, round(w * s))
-            x = image if (sh, sw) == (h, w) else F.interpolate(image, size=(sh, sw), mode="bilinear",
-                                                               align_corners=False)
-            ph, pw = (-sh) % stride, (-sw) % stride
-            for flipped in ((False, True) if flip else (False,)):
-                xi = F.pad(x.flip(-1) if flipped else x, (0, pw, 0, ph))
-                out = net(xi)
-                if isinstance(out, dict):
-                    out = out["out"]
-                # the net may output at a lower resolution: crop the same fraction the padding took
-                oh, ow = out.shape[-2:]
-                out = out[..., :math.ceil(sh * oh / (sh + ph)), :math.ceil(sw * ow / (sw + pw))]
-                out = F.interpolate(out.float(), size=(h, w), mode="bilinear", align_corners=False)
-                prob = out.softmax(dim=1)
-                total += prob.flip(-1) if flipped else prob
-                passes += 1
-    return total / passes
-
-
-def predict_logits(net, X):
-    """Logits at the input's size for any input size: stride-32 nets get padding that is cropped away."""
+def forward_padded(net, X):
+    """The net's main scores for any input size: the input zero-padded (the mean colour, after normalisation) at the
+    bottom and right to a multiple of 32, the padding cropped off the output by the same fraction (a net may output
+    at a lower resolution than its input)."""
     h, w = X.shape[-2:]
-    return model_output(net(pad_to_multiple(X, 32)))[0][..., :h, :w]
+    padded = pad_to_multiple(X, 32)
+    out = model_output(net(padded))[0]
+    (ph, pw), (oh, ow) = padded.shape[-2:], out.shape[-2:]
+    return out[..., :math.ceil(h * oh / ph), :math.ceil(w * ow / pw)]
 
 
-def infer(net, X, num_classes, scales=None, test_size=None):
-    """Scores at X's size: one pass, or multi-scale + flip averaged softmax. test_size resizes the input first
-    (the tutorial evaluates Cityscapes at a smaller size) and the scores back."""
+@torch.inference_mode()
+def predict_scores(net, X, scales=None, test_size=None, flip=True):
+    """Class scores (N,C,H,W) at the size of normalised images X (N,3,H,W): the logits of one pass, or with `scales`
+    the softmax probabilities of every scale (and its horizontal flip) resized to H,W and averaged. test_size: the
+    net sees X resized to it first, the scores come back to H,W (the tutorial's Cityscapes evaluation). The caller
+    sets net.eval()."""
     h, w = X.shape[-2:]
     if test_size:
         X = F.interpolate(X, size=tuple(test_size), mode='bilinear', align_corners=False)
-    out = multiscale_predict(net, X, num_classes, scales) if scales else predict_logits(net, X)
+    if not scales:
+        out = forward_padded(net, X)
+    else:
+        sh, sw = X.shape[-2:]
+        out, passes = 0, 0
+        for s in scales:
+            size = (max(1, round(sh * s)), max(1, round(sw * s)))
+            x = X if size == (sh, sw) else F.interpolate(X, size=size, mode='bilinear', align_corners=False)
+            for flipped in ((False, True) if flip else (False,)):
+                scores = forward_padded(net, x.flip(-1) if flipped else x)
+                prob = F.interpolate(scores.float(), size=(sh, sw), mode='bilinear', align_corners=False).softmax(1)
+                out = out + (prob.flip(-1) if flipped else prob)
+                passes += 1
+        out = out / passes
     if test_size:
         out = F.interpolate(out.float(), size=(h, w), mode='bilinear', align_corners=False)
     return out
 
 
-def predict(net, img, device=None):
-    """The book's predict: a uint8 3xHxW image -> HxW class indices (any size here, not only multiples of 32)."""
-    device = device or next(net.parameters()).device
-    X = normalize_image(img.to(device)).unsqueeze(0)
-    with torch.inference_mode():
-        return predict_logits(net, X).argmax(dim=1)[0].cpu()
+def predict(net, img, scales=None, test_size=None):
+    """The book's predict: a uint8 image 3xHxW (or a batch Nx3xHxW) -> class indices HxW (NxHxW), at any size;
+    `scales` for multi-scale + flip (predict_scores)."""
+    X = normalize_image(img.to(net_device(net)))
+    batch = X if X.ndim == 4 else X.unsqueeze(0)
+    pred = predict_scores(net, batch, scales, test_size).argmax(dim=1).cpu()
+    return pred if X.ndim == 4 else pred[0]
 
 
-def evaluate_full(net, dataset, device, num_classes, scales=None, amp=None, batch_size=8, num_workers=None,
-                  test_size=None):
+def evaluate_full(net, dataset, scales=None, amp=None, test_size=None, num_workers=None, batch_size=8):
     """Confusion matrix over a whole split at each image's original size (labels are never resized).
 
     `dataset` gives whole uint8 images (crop_size=None, normalize=False). Workers decode; images of the same size
-    (most of VOC is 500x375 or 375x500) go through the net together. scales: None for one forward pass, else
-    multi-scale (+ flip) averaged softmax, one image at a time.
+    (most of VOC is 500x375 or 375x500) go through the net together; multi-scale runs one image at a time.
     """
     from tqdm import tqdm
     net.eval()
-    cm = ConfusionMatrix(num_classes)
+    cm = ConfusionMatrix(dataset.num_classes)
     workers = default_workers() if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=1 if scales else batch_size, collate_fn=list,
                                          sampler=SeededSampler(dataset, shuffle=False), num_workers=workers)
-    with torch.inference_mode(), autocast(device, amp):
+    with torch.inference_mode(), autocast(net_device(net), amp):
         for batch in tqdm(loader, desc='evaluating', leave=False, disable=not is_main_process() or None):
             by_size = {}
             for image, label in batch:
                 by_size.setdefault(tuple(image.shape), []).append((image, label))
             for items in by_size.values():
-                X = normalize_image(torch.stack([image for image, _ in items]).to(device))
-                probs = infer(net, X, num_classes, scales, test_size)
-                for pred, (_, label) in zip(probs.argmax(1).cpu(), items):
+                preds = predict(net, torch.stack([image for image, _ in items]), scales, test_size)
+                for pred, (_, label) in zip(preds, items):
                     cm.update(pred, label)
     cm.all_reduce()
     return cm
 
 
+def results_path(ckpt_path, suffix, mst=False):
+    p = Path(ckpt_path)
+    return p.with_name(f'{p.stem}_results{"_mst" if mst else ""}{suffix}')
+
+
+def metrics_table(results, class_names):
+    """The per-class table; a second column set appears when a multi-scale result is there too."""
+    runs = [(name, r) for name, r in results if r is not None]
+    head = f'{"class":<16}' + ''.join(f'{"IoU " + name:>16}{"acc " + name:>16}' for name, _ in runs)
+    lines = [head]
+    for c, cls in enumerate(class_names):
+        lines.append(f'{cls:<16}' + ''.join(f'{r["iou"][c]:>16.4f}{r["acc"][c]:>16.4f}' for _, r in runs))
+    for key, label in (('pixel_acc', 'pixel acc'), ('mean_acc', 'mean acc'), ('miou', 'mIoU'), ('fwiou', 'fwIoU')):
+        lines.append(f'{label:<16}' + ''.join(f'{r[key]:>16.4f}{"":>16}' for _, r in runs))
+    lines.append('nan: the class is absent from both prediction and ground truth; such classes are left out of '
+                 'mIoU (and of mean acc when absent from the ground truth)')
+    return '\n'.join(lines)
+
+
+def evaluate_checkpoint(net, ckpt_path, dataset, title, scales=None, amp=None, test_size=None, num_workers=None):
+    """--eval: a whole split at original size (evaluate_full); the table to stdout, beside the single-scale (or
+    multi-scale) one when that exists, and *_results.txt/.json and *_confusion.png beside the checkpoint."""
+    cm = evaluate_full(net, dataset, scales, amp, test_size, num_workers)
+    names = dataset.classes.names
+    result = dict(cm.compute(), checkpoint=str(ckpt_path), mst=bool(scales), scales=scales, data=title,
+                  images=len(dataset), class_names=names)
+    if not is_main_process():
+        return result
+    other_path = results_path(ckpt_path, '.json', not scales)
+    other = json.loads(other_path.read_text()) if other_path.exists() else None
+    table = metrics_table([('single', other), ('mst', result)] if scales else [('mst', other), ('single', result)],
+                          names)
+    print(f'\n{ckpt_path} on {len(dataset)} val images of {title} at original size\n{table}')
+    try:
+        results_path(ckpt_path, '.json', bool(scales)).write_text(json.dumps(result, indent=1))
+        results_path(ckpt_path, '.txt', bool(scales)).write_text(table + '\n')
+    except OSError as err:
+        raise UserError(f'cannot write results beside {ckpt_path} ({err.strerror or err})') from None
+    save_confusion_matrix(cm, names, Path(ckpt_path).with_name(Path(ckpt_path).stem + '_confusion.png'),
+                          f'{Path(ckpt_path).name}: mIoU {result["miou"]:.3f} - {title}')
+    return result
+
+
+def known_metrics(ckpt_path, ckpt):
+    """A picture title's figures: full-resolution results if --eval wrote them, else the last epoch's crops."""
+    path = results_path(ckpt_path, '.json')
+    if path.exists():
+        r = json.loads(path.read_text())
+        return f'val acc {r["pixel_acc"]:.3f}, mIoU {r["miou"]:.3f}'
+    if ckpt['history']:
+        h = ckpt['history'][-1]
+        return f'val crops: acc {h["test_acc"]:.3f}, mIoU {h["test_miou"]:.3f}'
+    return 'untrained'
+
+
+def image_files(inputs):
+    """The image files among `inputs` (files, and the images directly inside folders)."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            yield from sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists():
+            yield path
+        else:
+            raise UserError(f'{path} does not exist: pass image files or folders')
+
+
+def segment_files(net, files, out_dir, colors, scales=None, amp=None, test_size=None):
+    """Each image -> <stem>_color.png, <stem>_overlay.png and <stem>_labels.png (class ids, a palette PNG) in
+    out_dir, one image in memory at a time. An unreadable file is skipped with a warning and counted; no output may
+    replace any of the inputs; a failed write stops the run (the next would fail too)."""
+    files, out_dir, done, skipped = list(files), Path(out_dir), 0, 0
+    inputs = {Path(p).resolve() for p in files}
+    for path in files:
+        try:
+            image = read_image(path)
+        except UserError as err:
+            print(f'warning: skipped {error_line(err)}', file=sys.stderr)
+            skipped += 1
+            continue
+        with autocast(net_device(net), amp):
+            pred = predict(net, image, scales, test_size)
+        outs = {f'{Path(path).stem}_{kind}.png': picture for kind, picture in segmentation_pictures(image, pred, colors)}
+        for name in outs:
+            if (out_dir / name).resolve() in inputs:
+                raise UserError(f'{out_dir / name} is an input image: pass another --out-dir')
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for name, picture in outs.items():
+                picture.save(out_dir / name)
+        except OSError as err:
+            raise UserError(f'cannot write to {out_dir} ({err.strerror or err}): pass a writable --out-dir') from None
+        done += 1
+    log(f'segmented {done} image(s) into {out_dir}' + (f', skipped {skipped} unreadable' if skipped else ''))
+
+
 # ------------------------------------------------------------------------------------------------------ pictures
-def full_palette(colormap=None):
-    """256x3 uint8: class colours, then black, with the void colour at 255."""
-    palette = torch.zeros((256, 3), dtype=torch.uint8)
-    colormap = VOC_COLORMAP if colormap is None else colormap
-    palette[:len(colormap)] = torch.tensor(colormap, dtype=torch.uint8)
-    palette[IGNORE_INDEX] = torch.tensor(VOID_COLOR, dtype=torch.uint8)
-    return palette
+def palette(colors=VOC_COLORMAP):
+    """256x3 uint8: the class colours, then black, with VOC's void colour at 255 (label2image, PIL palettes)."""
+    table = torch.zeros((256, 3), dtype=torch.uint8)
+    table[:len(colors)] = torch.tensor(colors, dtype=torch.uint8)
+    table[IGNORE_INDEX] = torch.tensor(VOID_COLOR, dtype=torch.uint8)
+    return table
 
 
-def label2image(pred, colormap=None):
+def label2image(pred, colormap=VOC_COLORMAP):
     """The book's label2image: HxW class indices -> HxWx3 uint8 colours (void drawn in VOC's void colour)."""
-    return full_palette(colormap)[pred.long().clamp(0, 255).cpu()]
+    return palette(colormap)[pred.long().clamp(0, 255).cpu()]
+
+
+def segmentation_pictures(image, pred, colors):
+    """(kind, PIL image) for a uint8 image and its prediction: the colours, the colours over the image (torchvision's
+    draw_segmentation_masks, half and half) and the class ids as a palette PNG."""
+    classes = torch.arange(len(colors))
+    overlay = torchvision.utils.draw_segmentation_masks(image, pred[None] == classes[:, None, None], alpha=0.5,
+                                                        colors=[tuple(c) for c in colors])
+    ids = Image.frombytes('P', (pred.shape[1], pred.shape[0]), pred.to(torch.uint8).numpy().tobytes())
+    ids.putpalette(palette(colors).reshape(-1).tolist())
+    return [('color', Image.fromarray(label2image(pred, colors).numpy())),
+            ('overlay', Image.fromarray(overlay.permute(1, 2, 0).numpy())), ('labels', ids)]
+
+
+def val_picture_rows(net, dataset, n, crop, colors, min_share=0.02):
+    """The book's picture: n val images cropped at (0, 0, h, w), in three rows: image, prediction, ground truth.
+    Images smaller than the crop are passed over, and so are crops where objects (classes after the first, the
+    background) cover less than min_share, while enough others are left: a picture of background shows nothing."""
+    chosen, fallback = [], []
+    for i in range(len(dataset)):
+        image, label = dataset.read(i)
+        if image.shape[1] >= crop[0] and image.shape[2] >= crop[1]:
+            X, y = (torchvision.transforms.functional.crop(t, 0, 0, *crop) for t in (image, label))
+            share = float(((y > 0) & (y != IGNORE_INDEX)).float().mean())
+            (chosen if share >= min_share else fallback).append((X, y))
+            if len(chosen) == n:
+                break
+    pairs = (chosen + fallback)[:n]
+    if not pairs:
+        raise UserError(f'no val image is at least {crop[0]}x{crop[1]}: nothing to draw')
+    return [[X.permute(1, 2, 0) for X, _ in pairs], [label2image(predict(net, X), colors) for X, _ in pairs],
+            [label2image(y, colors) for _, y in pairs]]
 
 
 def pyplot():
@@ -1391,26 +1416,59 @@ def save_confusion_matrix(cm, class_names, path, title):
     save_figure(fig, path)
 
 
-# ------------------------------------------------------------------------------------ what the four scripts share
-# The two recipes (DESIGN.md) and the demo preset that makes each run in minutes on a CPU with no dataset.
-RECIPES = {
-    'origin': dict(title='FCN (d2l)', model='fcn', optimizer='sgd', lr=1e-3, weight_decay=1e-3, batch_size=32,
-                   crop_size=[320, 480], epochs=30, finetune_epochs=0, finetune_lr=1e-5,
-                   save='checkpoints/origin.pt', curves='pictures/origin_curves.png'),
-    'my': dict(title='ResNetUNet', model='resnet_unet', optimizer='adam', lr=1e-4, weight_decay=1e-3,
-               batch_size=32, crop_size=[320, 480], epochs=30, finetune_epochs=10, finetune_lr=1e-5,
-               save='checkpoints/my.pt', curves='pictures/my_curves.png'),
-}
-DEMO_PICTURE_CROP = [80, 112]  # make_demo_voc's smallest image (after the size filter)
-# No pretrained backbone on the demo, so the improved recipe's Adam runs 10x hotter (1e-3, then 1e-4); the book's
-# SGD keeps its lr (its loss is summed over the batch, which already makes the step large).
-DEMO_PRESETS = {
-    'origin': dict(batch_size=8, crop_size=[64, 96], epochs=8),
-    'my': dict(batch_size=8, crop_size=[64, 96], epochs=8, finetune_epochs=2, lr=1e-3, finetune_lr=1e-4),
-}
+def plot_class_frequencies(counts, class_names, path, title):
+    """The share of labelled pixels per class, on a log scale (class imbalance at a glance)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    ax.bar(range(len(class_names)), (counts / counts.sum().clamp(min=1)).tolist())
+    ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
+    ax.set_ylabel('share of labelled pixels')
+    ax.set_yscale('log')
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
 
 
-def add_data_args(parser):
+def recipe_title(config):
+    """A picture title: what was trained, how. From a checkpoint's config."""
+    c = config
+    text = f'{c["model"]} {c["optimizer"]} lr {c["lr"]:g}, {c["epochs"]} ep'
+    if c.get('stage') == 'finetune':
+        text += f' + {c["finetune_epochs"]} ep at {c["finetune_lr"]:g}'
+    extras = [f'{k} {c[k]}' for k in ('loss', 'norm') if c.get(k) not in (None, 'ce', 'batch')]
+    extras += [f'{k} {c[k]:g}' for k in ('cutmix', 'copyblob') if c.get(k)]
+    return text + (f' ({", ".join(extras)})' if extras else '')
+
+
+# ----------------------------------------------------------------------------------------------------- utilities
+class UserError(Exception):
+    """A mistake the user can fix. The scripts print its single line and exit with status 2."""
+
+
+def error_line(err):
+    """The one line worth showing: DataLoader workers re-raise our error wrapped in their traceback text."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    line = lines[-1].strip() if lines else type(err).__name__
+    for prefix in ('some_define.UserError: ', 'UserError: '):
+        if line.startswith(prefix):
+            line = line[len(prefix):]
+    return line
+
+
+def run_main(main):
+    """Every script ends with run_main(main): a user mistake becomes one line on stderr, not a traceback; torchrun's
+    process group is closed at the end."""
+    try:
+        main()
+    except UserError as err:
+        print(f'error: {error_line(err)}', file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def add_data_args(parser, dataset_default='voc'):
+    """The data and machine flags of all four scripts."""
     g = parser.add_argument_group('data and machine')
     g.add_argument('--data-dir', help='the VOC2012 folder (default: VOC2012, VOCdevkit/VOC2012 or '
                    'data/VOCdevkit/VOC2012 next to the scripts); with --dataset cityscapes, the folder holding '
@@ -1418,9 +1476,9 @@ def add_data_args(parser):
     g.add_argument('--download', action='store_true', help='fetch VOC2012 (2 GB) through torchvision into data/ '
                    '(or --data-dir) first (default: off)')
     g.add_argument('--demo', action='store_true', help='a small synthetic dataset in the exact VOC format '
-                   '(data/demo) and a CPU-sized preset: for a machine with no dataset and no GPU (default: off)')
-    g.add_argument('--dataset', choices=['voc', 'cityscapes'], help='default: voc (predict scripts: the '
-                   "checkpoint's)")
+                   '(data/demo) and a CPU-sized recipe: for a machine with no dataset and no GPU (default: off)')
+    g.add_argument('--dataset', choices=['voc', 'cityscapes'], default=dataset_default,
+                   help=f'default: {dataset_default or "the checkpoint" + chr(39) + "s"}')
     g.add_argument('--device', help='cpu, cuda or cuda:N (default: the GPU if there is one, else the CPU)')
     g.add_argument('--workers', type=int, help=f'DataLoader worker processes (default: min(4, CPUs), here '
                    f'{default_workers()})')
@@ -1431,127 +1489,94 @@ def add_data_args(parser):
                    'CUDA, bf16 where the GPU has it else fp16 with a GradScaler; off on the CPU)')
 
 
-def train_parser(recipe, description, techniques=False):
-    """The flags of origin_train.py (techniques=False) and my_train.py; every default is stated in its help."""
-    r, d = RECIPES[recipe], DEMO_PRESETS[recipe]
-    p = argparse.ArgumentParser(description=description)
-    add_data_args(p)
-    g = p.add_argument_group('recipe')
-    g.add_argument('--epochs', type=int, help=f'default: {r["epochs"]} (--demo: {d["epochs"]})')
-    g.add_argument('--batch-size', type=int, help=f'examples per update, over all GPUs (default: {r["batch_size"]};'
-                   f' --demo: {d["batch_size"]})')
-    g.add_argument('--lr', type=float, help=f'learning rate (default: {r["lr"]:g}'
-                   + (f'; --demo: {d["lr"]:g})' if 'lr' in d else ')'))
-    g.add_argument('--weight-decay', type=float, help=f'default: {r["weight_decay"]:g}')
-    g.add_argument('--crop-size', '--train-size', type=int, nargs=2, metavar=('H', 'W'), help=f'random training '
-                   f'crop (default: '
-                   f'{r["crop_size"][0]} {r["crop_size"][1]}; --demo: {d["crop_size"][0]} {d["crop_size"][1]})')
-    g.add_argument('--no-pretrained', dest='pretrained', action='store_false', default=None,
-                   help='random backbone weights (default: ImageNet weights; --demo: random)')
+def add_recipe_args(parser, epochs, lr, weight_decay, batch_size, crop_size, save, demo):
+    """The recipe's flags, defaulting to the script's constants; `demo` is the script's --demo override."""
+    def default(key, value):
+        return f'default: {value:g}' if isinstance(value, float) else f'default: {value}' + (
+            f'; --demo: {demo[key]}' if key in demo else '')
+    g = parser.add_argument_group('recipe (the constants at the top of the script)')
+    g.add_argument('--epochs', type=int, default=epochs, help=default('epochs', epochs))
+    g.add_argument('--lr', type=float, default=lr, help='learning rate (' + default('lr', lr) + (
+        f'; --demo: {demo["lr"]:g})' if 'lr' in demo else ')'))
+    g.add_argument('--weight-decay', type=float, default=weight_decay, help=default('weight_decay', weight_decay))
+    g.add_argument('--batch-size', type=int, default=batch_size, help='examples per update, over all processes ('
+                   + default('batch_size', batch_size) + ')')
+    g.add_argument('--crop-size', '--train-size', type=int, nargs=2, default=crop_size, metavar=('H', 'W'),
+                   help='random training crop (' + default('crop_size', ' '.join(map(str, crop_size))) + ')')
+    g.add_argument('--no-pretrained', dest='pretrained', action='store_false', help='random backbone weights '
+                   '(default: ImageNet weights; --demo: random)')
     g.add_argument('--backbone-weights', help='the ImageNet backbone file, e.g. resnet18-f37072fd.pth (default: '
                    "that file next to the scripts, else torchvision's cache or download)")
-    g.add_argument('--save', help=f'checkpoint path (default: {r["save"]})')
+    g.add_argument('--save', default=save, help=f'checkpoint path (default: {save})')
     g.add_argument('--resume', action='store_true', help='continue the checkpoint(s) at --save to the planned '
                    'epochs (default: start anew; an existing checkpoint is kept as *.prev.pt)')
-    if techniques:
-        g.add_argument('--model', choices=MODELS, help=f'default: {r["model"]}')
-        g.add_argument('--optimizer', choices=['sgd', 'adam'], help=f'default: {r["optimizer"]}')
-        g.add_argument('--finetune-epochs', type=int, help=f'a second stage from the first stage\'s weights at '
-                       f'--finetune-lr, saved as *_finetune.pt; 0 skips it (default: {r["finetune_epochs"]}; '
-                       f'--demo: {d["finetune_epochs"]})')
-        g.add_argument('--finetune-lr', type=float, help=f'default: {r["finetune_lr"]:g}; --demo: '
-                       f'{d["finetune_lr"]:g}')
-        t = p.add_argument_group('the tutorial\'s techniques')
-        t.add_argument('--loss', default='ce', choices=['ce', 'weighted_ce', 'focal'], help='default: ce')
-        t.add_argument('--class-weights', help='for weighted_ce/focal: "counts" (from the training labels\' pixel '
-                       'counts), "tutorial" (its 19 Cityscapes weights) or a file of one weight per class (default: '
-                       'counts for weighted_ce, none for focal)')
-        t.add_argument('--focal-gamma', type=float, default=2.0, help='default: 2.0 (0 is cross entropy)')
-        t.add_argument('--norm', default='batch', choices=NORMS, help='replace every BatchNorm2d (default: batch;'
-                       ' evo = EvoNorm-S0)')
-        t.add_argument('--aux-loss', action='store_true', help='DeepLabV3 auxiliary head, weight 0.4 (default: off)')
-        t.add_argument('--cutmix', type=float, default=0.0, metavar='P', help='CutMix probability per batch '
-                       '(default: 0)')
-        t.add_argument('--copyblob', type=float, default=0.0, metavar='P', help='CopyBlob probability per image '
-                       'and pair (default: 0)')
-        t.add_argument('--copyblob-pairs', nargs='+', metavar='SRC:HOST', help='class pairs by name or index '
-                       '(default: Cityscapes wall:sidewalk fence:sidewalk bus:road train:road; VOC '
-                       f'{" ".join(VOC_COPYBLOB_PAIRS)})')
-    s = p.add_argument_group('speed and scale')
+    return g
+
+
+def add_speed_args(parser):
+    s = parser.add_argument_group('speed and scale')
     s.add_argument('--accum-steps', type=int, default=1, help='gradient accumulation: --batch-size 32 '
                    '--accum-steps 4 runs micro-batches of 8 with the update of 32 (default: 1)')
     s.add_argument('--channels-last', action=argparse.BooleanOptionalAction, help='default: on with CUDA')
     s.add_argument('--cudnn-benchmark', action=argparse.BooleanOptionalAction, default=True,
                    help='let cuDNN time its algorithms for the training shape (default: on; the first step then '
-                   'takes seconds, about 30 s for the FCN\'s 64x64 transposed conv on an H200, for a gain we could '
-                   'not tell from noise there: --no-cudnn-benchmark for short runs)')
-    s.add_argument('--compile', action='store_true', help='torch.compile the model (default: off; measured on an '
-                   'H200: +19%% images/s for the FCN, -29%% for the ResNetUNet)')
+                   'takes seconds: the README has the figures)')
+    s.add_argument('--compile', action='store_true', help='torch.compile the model (default: off)')
     s.add_argument('--sync-bn', action='store_true', help='with torchrun on GPUs: SyncBatchNorm (default: off)')
     s.add_argument('--detect-anomaly', action='store_true', help='autograd anomaly detection, to find the '
                    'operation behind a NaN (slow; default: off)')
-    if not techniques:
-        p.set_defaults(model=r['model'], optimizer=r['optimizer'], finetune_epochs=0, finetune_lr=r['finetune_lr'],
-                       loss='ce', class_weights=None, focal_gamma=2.0, norm='batch', aux_loss=False, cutmix=0.0,
-                       copyblob=0.0, copyblob_pairs=None)
-    p.set_defaults(recipe=recipe)
-    return p
 
 
-VOC_COPYBLOB_PAIRS = ['bottle:diningtable', 'pottedplant:background', 'chair:background', 'boat:background']
+def add_predict_args(parser, checkpoint, picture):
+    """The flags of both predict scripts; `checkpoint` and `picture` are the script's defaults (as help text)."""
+    add_data_args(parser, dataset_default=None)
+    parser.add_argument('inputs', nargs='*', help='image files or folders to segment: colour, overlay and label-id '
+                        'PNGs go to --out-dir, one image at a time (default: none; the val pictures are drawn)')
+    parser.add_argument('--checkpoint', help=f'default: {checkpoint}')
+    parser.add_argument('--eval', action='store_true', help='metrics over the whole val split at original size: '
+                        'table on stdout, *_results.txt/.json and *_confusion.png beside the checkpoint (default: off)')
+    parser.add_argument('--mst', action='store_true', help='multi-scale + flip inference (default: off)')
+    parser.add_argument('--scales', type=float, nargs='+', default=list(MST_SCALES),
+                        help=f'scales for --mst (default: {" ".join(map(str, MST_SCALES))})')
+    parser.add_argument('--test-size', type=int, nargs=2, metavar=('H', 'W'), help='run the net on images resized '
+                        "to H W, scores resized back to the label size (the tutorial's Cityscapes evaluation; "
+                        'default: original size)')
+    parser.add_argument('--write-split', action='store_true', help='also segment every val image into --out-dir '
+                        '(default: off)')
+    parser.add_argument('--out-dir', default='predictions', help='where segmented images go (default: predictions)')
+    parser.add_argument('--picture', default=picture, help=f'the val picture (default: {picture})')
+    parser.add_argument('--num-images', type=int, default=4, help='val images in the pictures (default: 4, the book)')
 
 
-def fill_defaults(args):
-    """Flags left unset take the demo preset (with --demo) or the recipe's value."""
-    r, d = RECIPES[args.recipe], DEMO_PRESETS[args.recipe]
-    for key, value in r.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, d.get(key, value) if args.demo else value)
-    if args.pretrained is None:
-        args.pretrained = not args.demo
-    if args.model == 'fcn' and any(side % 32 for side in args.crop_size):
-        raise UserError(f'--crop-size {args.crop_size[0]} {args.crop_size[1]}: the FCN needs multiples of 32 (its '
-                        'transposed conv upsamples exactly 32x; the book uses 320 480)')
-    if args.dataset is None:
-        args.dataset = 'voc'
-    if args.demo and args.dataset != 'voc':
-        raise UserError('--demo makes VOC-format data: drop --dataset cityscapes')
-    for flag in ('epochs', 'batch_size', 'accum_steps'):
-        if getattr(args, flag) < (0 if flag == 'epochs' else 1):
-            raise UserError(f'--{flag.replace("_", "-")} must be positive')
-    if args.batch_size % (args.accum_steps * world_size()):
-        raise UserError(f'--batch-size {args.batch_size} must be a multiple of --accum-steps times the number of '
-                        f'processes ({args.accum_steps} x {world_size()})')
-    return args
+def check_training_flags(model, crop_size, batch_size, accum_steps, epochs):
+    if model == 'fcn' and any(side % 32 for side in crop_size):
+        raise UserError(f'--crop-size {crop_size[0]} {crop_size[1]}: the FCN needs multiples of 32 (its transposed '
+                        'conv upsamples exactly 32x; the book uses 320 480)')
+    for flag, value, least in (('--epochs', epochs, 0), ('--batch-size', batch_size, 1),
+                               ('--accum-steps', accum_steps, 1)):
+        if value < least:
+            raise UserError(f'{flag} must be positive')
+    if batch_size % (accum_steps * world_size()):
+        raise UserError(f'--batch-size {batch_size} must be a multiple of --accum-steps times the number of '
+                        f'processes ({accum_steps} x {world_size()})')
 
 
-def open_data(args, crop_size, normalize=True):
-    """(train dataset, val dataset, class names, colormap) for --dataset/--data-dir/--demo/--download."""
-    if args.dataset == 'cityscapes':
-        if args.data_dir is None:
-            raise UserError('--dataset cityscapes needs --data-dir, the folder holding leftImg8bit/ and gtFine/')
-        return (CityscapesSegDataset(True, crop_size, args.data_dir, normalize),
-                CityscapesSegDataset(False, crop_size, args.data_dir, normalize),
-                CITYSCAPES_CLASSES, CITYSCAPES_COLORMAP)
-    if args.demo:
-        if is_main_process():
-            make_demo_voc(DEMO_DIR)
-        barrier()
-        voc_dir = DEMO_DIR
-    else:
-        if args.download:
-            if is_main_process():   # one download; the other ranks wait for it
-                download_voc(DOWNLOAD_DIR if args.data_dir is None else Path(args.data_dir))
-            barrier()
-        voc_dir = find_voc_dir(args.data_dir)
-    args.data_dir = str(voc_dir)
-    return (VOCSegDataset(True, crop_size, voc_dir, args.void_as_background, normalize),
-            VOCSegDataset(False, crop_size, voc_dir, args.void_as_background, normalize),
-            VOC_CLASSES, VOC_COLORMAP)
+def is_main_process():
+    return int(os.environ.get('RANK', '0')) == 0
+
+
+def log(*args, **kwargs):
+    """print, from rank 0 only: with torchrun every rank runs the same script."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def setup_distributed():
-    """torchrun sets WORLD_SIZE: one process per GPU (nccl), or per CPU slot (gloo) for testing."""
+    """torchrun sets WORLD_SIZE: one process per GPU (nccl), or per CPU slot (gloo)."""
     if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torch.distributed.is_initialized():
         backend = 'nccl' if torch.cuda.is_available() else 'gloo'
         if backend == 'nccl':
@@ -1567,228 +1592,164 @@ def barrier():
         torch.distributed.barrier()
 
 
-def class_weights_for(args, train_ds, class_names):
-    """weighted_ce/focal weights: a file, the tutorial's Cityscapes table, or the training labels' frequencies
-    (counted once at full size, cached beside the data, shown as a table and a bar chart)."""
-    if args.class_weights == 'tutorial':
-        if args.dataset != 'cityscapes':
-            raise UserError('--class-weights tutorial holds the 19 Cityscapes weights: use it with --dataset '
-                            'cityscapes')
-        return torch.tensor(TUTORIAL_CITYSCAPES_WEIGHTS)
-    if args.class_weights not in (None, 'counts'):
-        try:
-            weights = [float(v) for v in Path(args.class_weights).read_text().split()]
-        except (OSError, ValueError) as err:
-            raise UserError(f'--class-weights {args.class_weights}: cannot read numbers from it ({err})') from None
-        if len(weights) != len(class_names):
-            raise UserError(f'--class-weights {args.class_weights} has {len(weights)} numbers, the dataset '
-                            f'{len(class_names)} classes')
-        return torch.tensor(weights)
-    counts = class_pixel_counts(train_ds, args)
-    weights = class_pixel_weights(counts)
-    log('class           pixels      share   weight')
-    for name, c, w in zip(class_names, counts.tolist(), weights.tolist()):
-        log(f'{name:<14}{int(c):>10}   {c / max(counts.sum().item(), 1):7.2%}   {w:6.3f}')
-    if is_main_process():
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(10, 3.5))
-        ax.bar(range(len(class_names)), (counts / counts.sum().clamp(min=1)).tolist())
-        ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
-        ax.set_ylabel('share of labelled pixels')
-        ax.set_yscale('log')
-        ax.set_title(f'class imbalance in the training labels ({data_title(args)})', fontsize=9)
-        save_figure(fig, 'pictures/class_frequencies.png')
-    return weights
+def dist_device():
+    return torch.device('cuda', torch.cuda.current_device()) if torch.distributed.get_backend() == 'nccl' \
+        else torch.device('cpu')
 
 
-TUTORIAL_CITYSCAPES_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023, 0.9539,
-                               0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507]
+def all_reduce_sum(values):
+    """Sums a list of numbers over all processes (no-op in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=dist_device())
+    torch.distributed.all_reduce(t)
+    return t.tolist()
 
 
-def class_pixel_counts(dataset, args):
-    cache = Path(args.data_dir) / f'class_pixels_{args.dataset}_{"void0" if args.void_as_background else "void"}.json'
-    fallback = Path('checkpoints') / cache.name
-    for path in (cache, fallback):
-        if path.exists():
-            return torch.tensor(json.loads(path.read_text()), dtype=torch.float64)
-    counts = torch.zeros(dataset.num_classes, dtype=torch.float64)
-    for i in range(len(dataset)):
-        label = dataset.read(i)[1]
-        counts += torch.bincount(label[label != IGNORE_INDEX].reshape(-1), minlength=dataset.num_classes).double()
-    for path in (cache, fallback):    # the dataset folder may be read-only
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(counts.tolist()))
-            break
-        except OSError:
-            continue
-    return counts
+def pick_device(name=None):
+    """--device, else the GPU of this process, else the CPU."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+        return torch.device('cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f'--device {name!r} is not a device name: use cpu, cuda or cuda:N') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f'--device {name} asked for a GPU but PyTorch sees none: use --device cpu')
+    return device
 
 
-def parse_pairs(pairs, class_names, dataset):
-    names = [n.replace(' ', '').replace('/', '') for n in class_names]
-    if pairs is None:
-        pairs = ['wall:sidewalk', 'fence:sidewalk', 'bus:road', 'train:road'] if dataset == 'cityscapes' \
-            else VOC_COPYBLOB_PAIRS
-    out = []
-    for pair in pairs:
-        try:
-            src, host = pair.split(':')
-            out.append(tuple(int(x) if x.isdigit() else names.index(x.replace(' ', '')) for x in (src, host)))
-        except ValueError:
-            raise UserError(f'--copyblob-pairs {pair!r}: expected SRC:HOST with class names or indices of '
-                            f'{", ".join(names)}') from None
-    return out
-
-
-def data_title(args):
-    return 'DEMO data (synthetic)' if args.demo else ('Cityscapes' if args.dataset == 'cityscapes' else 'VOC2012')
-
-
-def recipe_title(config):
-    """A column title: what was trained, how. From a checkpoint's config."""
-    c = config
-    text = f'{c["model"]} {c["optimizer"]} lr {c["lr"]:g}, {c["epochs"]} ep'
-    if c.get('stage') == 'finetune':
-        text += f' + {c["finetune_epochs"]} ep at {c["finetune_lr"]:g}'
-    extras = [f'{k} {c[k]}' for k in ('loss', 'norm') if c.get(k) not in (None, 'ce', 'batch')]
-    extras += [f'{k} {c[k]:g}' for k in ('cutmix', 'copyblob') if c.get(k)]
-    return text + (f' ({", ".join(extras)})' if extras else '')
-
-
-def finetune_path(save):
-    save = Path(save)
-    return save.with_name(save.stem + '_finetune' + save.suffix)
-
-
-def run_training(args):
-    """The whole of origin_train.py / my_train.py after parsing: data, model, one or two stages."""
-    setup_distributed()
-    fill_defaults(args)
-    device = pick_device(args.device)
-    amp = amp_dtype(device, args.amp)
-    channels_last = device.type == 'cuda' if args.channels_last is None else args.channels_last
-    if args.detect_anomaly:
-        torch.autograd.set_detect_anomaly(True)
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark    # fixed crop shapes: timed once, reused
-    for path in (args.save, args.curves):
-        check_writable(path)
-    pyplot()    # imported now: a Ctrl-C in the middle of matplotlib's first import cannot be handled cleanly
-    torch.manual_seed(args.seed)
-    train_ds, test_ds, class_names, _ = open_data(args, args.crop_size, normalize=False)
-    num_classes = len(class_names)
-    train_iter = make_loader(train_ds, args.batch_size // args.accum_steps, True, args.seed, args.workers)
-    test_iter = make_loader(test_ds, args.batch_size // args.accum_steps, False, args.seed, args.workers)
-    stages = [('train', args.epochs, args.lr, Path(args.save))]
-    if args.finetune_epochs:
-        stages.append(('finetune', args.finetune_epochs, args.finetune_lr, finetune_path(args.save)))
-    resuming = args.resume and Path(args.save).exists()
-    model_args = dict(name=args.model, num_classes=num_classes, norm=args.norm, aux_loss=args.aux_loss)
-    model = build_model(pretrained=args.pretrained and not resuming, weights_path=args.backbone_weights,
-                        **model_args)
-    if args.sync_bn and world_size() > 1 and device.type == 'cuda':
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    net = model
-    if world_size() > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    if args.compile:
-        net = torch.compile(net)
-    weights = None
-    if args.loss != 'ce' and (args.loss == 'weighted_ce' or args.class_weights):
-        weights = class_weights_for(args, train_ds, class_names)
-    loss_fn = make_loss(args.loss, weights, args.focal_gamma)
-    augment = make_augment(args, class_names)
-    earlier = []
-    for stage, epochs, lr, path in stages:
-        config = plain(dict(vars(args), stage=stage, data_title=data_title(args), class_names=class_names))
-        ckpt = None
-        if path.exists() and args.resume:
-            ckpt = load_torch_file(path)
-            if ckpt.get('model_args') != model_args:
-                raise UserError(f'{path} was written for {ckpt.get("model_args")}, this run builds {model_args}: '
-                                'pass the same flags, or another --save')
-            model.load_state_dict(ckpt['model'])
-            log(f'resuming {path} at epoch {ckpt["epoch"]} of {epochs}')
-        elif path.exists() and is_main_process():
-            os.replace(path, path.with_name(path.stem + '.prev' + path.suffix))
-            log(f'{path} existed: kept as {path.with_name(path.stem + ".prev" + path.suffix)} (use --resume to '
-                'continue it instead)')
-        if ckpt is None:
-            ckpt = dict(epoch=0, history=[], model_args=model_args, num_classes=num_classes)
-        ckpt.update(config=config, epochs=epochs)
-        trainer = make_optimizer(args.optimizer, model.parameters(), lr, args.weight_decay)
-        scaler = torch.amp.GradScaler('cuda') if amp == torch.float16 else None
-        if ckpt.get('optimizer'):
-            trainer.load_state_dict(ckpt['optimizer'])
-        if scaler is not None and ckpt.get('scaler'):
-            scaler.load_state_dict(ckpt['scaler'])
-        log(f'{stage}: {recipe_title(config)} on {data_title(args)}, {len(train_ds)} training examples, '
-            f'device {device}{" x" + str(world_size()) if world_size() > 1 else ""}, '
-            f'amp {amp if amp is None else str(amp).replace("torch.", "")}')
-        if ckpt['epoch'] >= epochs:
-            log(f'{path} has finished its {epochs} epochs')
-        title = f'{recipe_title(config)} - {data_title(args)}'
-        train_ch13(net, train_iter, test_iter, loss_fn, trainer, epochs, device, ckpt=ckpt, save_path=path,
-                   num_classes=num_classes, model=model, amp=amp, scaler=scaler, accum_steps=args.accum_steps,
-                   channels_last=channels_last, augment=augment, curves_path=args.curves, title=title,
-                   earlier_history=earlier)
-        earlier = earlier + ckpt['history']
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def make_augment(args, class_names):
-    """CutMix and CopyBlob on the device batch (uint8 images are already normalised there: any dtype works)."""
-    if not args.cutmix and not args.copyblob:
+def amp_dtype(device, amp=None):
+    """Mixed precision on CUDA by default: bf16 where the GPU has it (no scaler needed), else fp16."""
+    if amp is None:
+        amp = device.type == 'cuda'
+    if not amp:
         return None
-    pairs = parse_pairs(args.copyblob_pairs, class_names, args.dataset) if args.copyblob else []
-
-    def augment(X, y):
-        if args.copyblob:
-            X, y = copyblob(X, y, pairs, args.copyblob)
-        if args.cutmix:
-            X, y = cutmix_segmentation(X, y, args.cutmix)
-        return X, y
-    return augment
+    if device.type != 'cuda':
+        return torch.bfloat16      # CPU autocast is bf16 only
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def predict_parser(recipe, description, compare=False):
-    """The flags of origin_predict.py and my_predict.py."""
-    p = argparse.ArgumentParser(description=description)
-    add_data_args(p)
-    default = RECIPES[recipe]['save']
-    if recipe == 'my':
-        default = f'{finetune_path(default)} if it exists, else {default}'
-    p.add_argument('inputs', nargs='*', help='image files or folders to segment: colour, overlay and label-id PNGs '
-                   'go to --out-dir, one image at a time (default: none; the val pictures are drawn instead)')
-    p.add_argument('--checkpoint', help=f'default: {default}')
-    if compare:
-        p.add_argument('--compare', nargs='+', metavar='CKPT', help='checkpoints side by side in '
-                       'pictures/compare.png (default: checkpoints/origin.pt, checkpoints/my.pt and '
-                       'checkpoints/my_finetune.pt, those that exist)')
-    p.add_argument('--eval', action='store_true', help='metrics over the whole val split at original size: table '
-                   'on stdout, *_results.txt/.json and *_confusion.png beside the checkpoint (default: off)')
-    p.add_argument('--mst', action='store_true', help='multi-scale + flip inference (default: off)')
-    p.add_argument('--scales', type=float, nargs='+', default=list(MST_SCALES),
-                   help=f'scales for --mst (default: {" ".join(map(str, MST_SCALES))})')
-    p.add_argument('--test-size', type=int, nargs=2, metavar=('H', 'W'), help='run the net on images resized to '
-                   'H W, scores resized back to the label size (the tutorial\'s Cityscapes evaluation; default: '
-                   'original size)')
-    p.add_argument('--write-split', action='store_true', help='also segment every val image into --out-dir '
-                   '(default: off)')
-    p.add_argument('--out-dir', default='predictions', help='where segmented images go (default: predictions)')
-    p.add_argument('--picture', default=f'pictures/{recipe}_out.png', help=f'the val picture (default: '
-                   f'pictures/{recipe}_out.png)')
-    p.add_argument('--num-images', type=int, default=4, help='val images in the pictures (default: 4, the book)')
-    p.set_defaults(recipe=recipe)
-    return p
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-MST_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.2)
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+def net_device(net):
+    return next(net.parameters()).device
+
+
+def save_checkpoint(obj, path):
+    """Temporary file, flush to disk, then rename: a kill at any moment leaves the previous checkpoint whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(f'cannot write checkpoint {path} ({err.strerror or err}): free some disk space or pass '
+                        '--save with a writable path') from None
+
+
+def load_torch_file(path, what='checkpoint'):
+    """torch.load with weights_only=True: plain tensors and numbers only, a pickle that runs code is refused."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f'{what} {path} does not exist: train first, or pass the right path')
+    try:
+        with warnings.catch_warnings():     # torch warns about old pickle protocols before refusing: one line only
+            warnings.simplefilter('ignore')
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:
+        text = str(err)
+        if 'Weights only load failed' in text or 'Unsupported global' in text:
+            raise UserError(f'{path} holds Python objects, not only tensors and numbers: refused for safety '
+                            '(weights_only=True); use a checkpoint written by these scripts') from None
+        raise UserError(f'{path} is not a readable {what} (truncated or corrupt: {error_line(err)}): '
+                        'use another file, or retrain') from None
+
+
+def check_writable(*paths):
+    """Fail before hours of training, not after: the folders of the checkpoint and the pictures must be writable."""
+    for folder in {Path(path).parent for path in paths}:
+        check_folder(folder)
+
+
+def check_folder(folder):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f'.write_test_{os.getpid()}'
+        probe.write_bytes(b'')
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f'cannot write to {folder} ({err.strerror or err}): pass a writable path') from None
+
+
+class Checkpoint:
+    """One training stage's file: the model's state_dict, the optimizer's (and GradScaler's), epoch, the per-epoch
+    history, the config, model_args to rebuild the model, the class table. Plain types only, so that
+    torch.load(weights_only=True) opens it; written atomically after every epoch, with the training curves.
+
+    resume=True continues an existing file (its weights are loaded into `model` now, the optimizer's state when
+    train_ch13 starts); otherwise an existing file is kept as *.prev.pt. `earlier`: the history of the stage before
+    (the fine-tune's curves continue the first stage's).
+    """
+
+    def __init__(self, path, model, model_args, config, classes, resume=False, curves=None, earlier=()):
+        self.path, self.model, self.curves, self.earlier = Path(path), model, curves, list(earlier)
+        self.title = f'{recipe_title(config)} - {config["data_title"]}'
+        self.state = dict(epoch=0, history=[], model_args=model_args, num_classes=model_args['num_classes'])
+        if resume and self.path.exists():
+            self.state = load_torch_file(self.path)
+            if self.state.get('model_args') != model_args:
+                raise UserError(f'{path} was written for {self.state.get("model_args")}, this run builds '
+                                f'{model_args}: pass the same flags, or another --save')
+            model.load_state_dict(self.state['model'])
+        elif self.path.exists() and is_main_process():
+            prev = self.path.with_name(self.path.stem + '.prev' + self.path.suffix)
+            os.replace(self.path, prev)
+            log(f'{path} existed: kept as {prev} (use --resume to continue it instead)')
+        self.state.update(config=config, classes=classes._asdict())
+
+    @property
+    def epoch(self):
+        return self.state['epoch']
+
+    @property
+    def history(self):
+        return self.state['history']
+
+    def restore(self, trainer, scaler=None):
+        if self.state.get('optimizer'):
+            trainer.load_state_dict(self.state['optimizer'])
+        if scaler is not None and self.state.get('scaler'):
+            scaler.load_state_dict(self.state['scaler'])
+
+    def report_start(self, num_epochs, examples, amp):
+        device, world = net_device(self.model), world_size()
+        if self.epoch:
+            log(f'resuming {self.path} at epoch {self.epoch} of {num_epochs}')
+        log(f'{self.state["config"]["stage"]}: {self.title.replace(" - ", " on ", 1)}, {examples} training '
+            f'examples, device {device}{" x" + str(world) if world > 1 else ""}, '
+            f'amp {amp if amp is None else str(amp).replace("torch.", "")}')
+        if self.epoch >= num_epochs:
+            log(f'{self.path} has finished its {num_epochs} epochs')
+        self.state['epochs'] = num_epochs
+
+    def end_epoch(self, trainer, scaler, record):
+        """Adds the epoch's figures and writes the file (rank 0) and the curves."""
+        self.history.append(record)
+        self.state.update(epoch=record['epoch'], model=self.model.state_dict(), optimizer=trainer.state_dict(),
+                          scaler=scaler.state_dict() if scaler is not None else None)
+        if is_main_process():
+            save_checkpoint(self.state, self.path)
+            if self.curves:
+                plot_history(self.earlier + self.history, self.curves, self.title)
 
 
 def load_model(path, device):
@@ -1807,192 +1768,130 @@ def load_model(path, device):
     return net.to(device).eval(), ckpt
 
 
-def predict_data_args(args, ckpt):
-    """Unset data flags take the checkpoint's, so `python my_predict.py` after `my_train.py --demo` just works."""
+def checkpoint_data(path, ckpt, kind=None, data_dir=None, demo=False, void_as_background=False):
+    """The Data a checkpoint was trained on, unless flags say otherwise (so `python my_predict.py` after
+    `my_train.py --demo` needs none), checked against the classes the checkpoint predicts."""
     cfg = ckpt['config']
-    if args.dataset is None:
-        args.dataset = cfg.get('dataset', 'voc')
-    if not args.demo and args.data_dir is None:
-        args.demo = bool(cfg.get('demo'))
-        args.data_dir = cfg.get('data_dir')
-    if not args.void_as_background:
-        args.void_as_background = bool(cfg.get('void_as_background'))
-    args.crop_size = cfg.get('crop_size', [320, 480])
-    return args
+    if not demo and data_dir is None:
+        demo, data_dir = bool(cfg.get('demo')), cfg.get('data_dir')
+    data = find_data(kind or cfg.get('dataset', 'voc'), data_dir, demo, False,
+                     void_as_background or bool(cfg.get('void_as_background')))
+    if ckpt['num_classes'] != len(data.classes.names):
+        raise UserError(f'{path} predicts {ckpt["num_classes"]} classes, {data.kind} has {len(data.classes.names)}: '
+                        'pass the matching --dataset or checkpoint')
+    return data
 
 
-def results_path(ckpt_path, suffix, mst=False):
-    p = Path(ckpt_path)
-    return p.with_name(f'{p.stem}_results{"_mst" if mst else ""}{suffix}')
+def finetune_path(save):
+    """The fine-tune stage's checkpoint beside the first stage's: my.pt -> my_finetune.pt."""
+    save = Path(save)
+    return save.with_name(save.stem + '_finetune' + save.suffix)
 
 
-def metrics_table(results, class_names):
-    """The per-class table; a second column set appears when a multi-scale result is there too."""
-    runs = [(name, r) for name, r in results if r is not None]
-    head = f'{"class":<16}' + ''.join(f'{"IoU " + name:>16}{"acc " + name:>16}' for name, _ in runs)
-    lines = [head]
-    for c, cls in enumerate(class_names):
-        lines.append(f'{cls:<16}' + ''.join(f'{r["iou"][c]:>16.4f}{r["acc"][c]:>16.4f}' for _, r in runs))
-    for key, label in (('pixel_acc', 'pixel acc'), ('mean_acc', 'mean acc'), ('miou', 'mIoU'), ('fwiou', 'fwIoU')):
-        lines.append(f'{label:<16}' + ''.join(f'{r[key]:>16.4f}{"":>16}' for _, r in runs))
-    lines.append('nan: the class is absent from both prediction and ground truth; such classes are left out of '
-                 'mIoU (and of mean acc when absent from the ground truth)')
-    return '\n'.join(lines)
+# -------------------------------------------------------------------------------------- the demo-data generator
+# Five VOC classes drawn as simple shapes with their own colours and textures, so that a small net learns them from
+# scratch in minutes on a CPU.
+DEMO_CLASSES = (1, 3, 7, 8, 15)  # aeroplane, bird, car, cat, person
 
 
-def evaluate_checkpoint(net, ckpt_path, args, val_full, class_names, device, amp):
-    """--eval: the full val split at original size, table to stdout and files beside the checkpoint."""
-    scales = args.scales if args.mst else None
-    cm = evaluate_full(net, val_full, device, len(class_names), scales, amp, num_workers=args.workers,
-                       test_size=args.test_size)
-    result = dict(cm.compute(), checkpoint=str(ckpt_path), mst=bool(scales), scales=scales,
-                  data=data_title(args), images=len(val_full), class_names=class_names)
-    if is_main_process():
-        other_path = results_path(ckpt_path, '.json', not args.mst)
-        other = json.loads(other_path.read_text()) if other_path.exists() else None
-        pair = [('mst', other), ('single', result)] if not args.mst else [('single', other), ('mst', result)]
-        table = metrics_table(pair, class_names)
-        print(f'\n{ckpt_path} on {len(val_full)} val images of {data_title(args)} at original size\n{table}')
-        try:
-            results_path(ckpt_path, '.json', args.mst).write_text(json.dumps(result, indent=1))
-            results_path(ckpt_path, '.txt', args.mst).write_text(table + '\n')
-        except OSError as err:
-            raise UserError(f'cannot write results beside {ckpt_path} ({err.strerror or err})') from None
-        save_confusion_matrix(cm, class_names, Path(ckpt_path).with_name(Path(ckpt_path).stem + '_confusion.png'),
-                              f'{Path(ckpt_path).name}: mIoU {result["miou"]:.3f} - {data_title(args)}')
-    return result
+def _draw_object(cls, cx, cy, s, size, rng):
+    """Return (part mask: 0 outside, 1 main part, 2 secondary part, main colour, secondary colour)."""
+    m = Image.new("L", size, 0)
+    d = ImageDraw.Draw(m)
+    jit = lambda c: np.clip(np.array(c) + rng.integers(-20, 21, 3), 0, 255)
+    if cls == 1:  # aeroplane: fuselage + swept wings + tail fin, light grey/white
+        d.ellipse([cx - s / 2, cy - s / 12, cx + s / 2, cy + s / 12], fill=1)
+        d.polygon([(cx + s / 10, cy), (cx - s / 8, cy - s / 2), (cx - s / 4, cy - s / 2), (cx - s / 10, cy),
+                   (cx - s / 4, cy + s / 2), (cx - s / 8, cy + s / 2)], fill=1)
+        d.polygon([(cx - s / 2.2, cy), (cx - s / 2.2, cy - s / 4), (cx - s / 2.8, cy)], fill=2)
+        return m, jit([215, 215, 220]), jit([170, 170, 180])
+    if cls == 3:  # bird: small orange ellipse + dark-yellow triangular beak
+        d.ellipse([cx - s / 3, cy - s / 5, cx + s / 3, cy + s / 5], fill=1)
+        d.polygon([(cx + s / 3.4, cy - s / 12), (cx + s / 2, cy), (cx + s / 3.4, cy + s / 12)], fill=2)
+        return m, jit([235, 130, 30]), jit([200, 170, 0])
+    if cls == 7:  # car: red or blue body + cabin, two dark wheels
+        d.rectangle([cx - s / 2, cy - s / 6, cx + s / 2, cy + s / 8], fill=1)
+        d.rectangle([cx - s / 4, cy - s / 3, cx + s / 4, cy - s / 6], fill=1)
+        for wx in (cx - s / 3, cx + s / 3):
+            d.ellipse([wx - s / 8, cy + s / 8 - s / 8, wx + s / 8, cy + s / 8 + s / 8], fill=2)
+        return m, jit([200, 25, 25] if rng.random() < 0.5 else [30, 50, 200]), jit([25, 25, 25])
+    if cls == 8:  # cat: brown or grey ellipse body + two triangle ears (striped texture below)
+        d.ellipse([cx - s / 2, cy - s / 4, cx + s / 2, cy + s / 3], fill=1)
+        for ex in (cx - s / 3, cx - s / 8):
+            d.polygon([(ex - s / 9, cy - s / 6), (ex, cy - s / 2), (ex + s / 9, cy - s / 6)], fill=1)
+        return m, jit([140, 90, 50] if rng.random() < 0.5 else [120, 120, 125]), jit([60, 40, 30])
+    # person: skin-toned circle head on a dark rectangle torso
+    d.rectangle([cx - s / 6, cy - s / 6, cx + s / 6, cy + s / 2], fill=1)
+    d.ellipse([cx - s / 7, cy - s / 2, cx + s / 7, cy - s / 2 + 2 * s / 7], fill=2)
+    return m, rng.integers(20, 90, 3), jit([230, 185, 150])
 
 
-def known_metrics(ckpt_path, ckpt):
-    """A column title's figures: full-resolution results if --eval wrote them, else the last epoch's crops."""
-    path = results_path(ckpt_path, '.json')
-    if path.exists():
-        r = json.loads(path.read_text())
-        return f'val acc {r["pixel_acc"]:.3f}, mIoU {r["miou"]:.3f}'
-    if ckpt['history']:
-        h = ckpt['history'][-1]
-        return f'val crops: acc {h["test_acc"]:.3f}, mIoU {h["test_miou"]:.3f}'
-    return 'untrained'
+def _make_pair(h, w, rng):
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    # background: smooth muted gradient between two random colours along a random direction
+    a = rng.uniform(0, 2 * np.pi)
+    t = (np.cos(a) * xx / w + np.sin(a) * yy / h)
+    t = (t - t.min()) / (np.ptp(t) + 1e-6)
+    c0, c1 = rng.uniform(40, 180, 3), rng.uniform(40, 180, 3)
+    img = c0 + (c1 - c0) * t[..., None]
+    lab = np.zeros((h, w), np.uint8)
+    for _ in range(rng.integers(1, 4)):
+        cls = int(rng.choice(DEMO_CLASSES))
+        s = rng.uniform(0.3, 0.7) * min(h, w)
+        cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h  # centre inside -> mostly visible
+        m, col1, col2 = _draw_object(cls, cx, cy, s, (w, h), rng)
+        m = np.asarray(m)
+        # per-object shading; cats get stripes so texture is a cue besides colour
+        shade = 1 + 0.15 * ((xx - cx) / s)
+        if cls == 8:
+            shade = shade * (1 - 0.25 * (np.sin(xx / max(s / 20, 1.0)) > 0.3))
+        img[m == 1] = (col1 * shade[..., None])[m == 1]
+        img[m == 2] = (col2 * shade[..., None])[m == 2]
+        lab[m > 0] = cls  # later objects win
+    # void contour: both pixels on each side of a label change -> 2 px band, like VOC
+    edge = np.zeros_like(lab, bool)
+    dh, dv = lab[:, 1:] != lab[:, :-1], lab[1:, :] != lab[:-1, :]
+    edge[:, 1:] |= dh; edge[:, :-1] |= dh; edge[1:, :] |= dv; edge[:-1, :] |= dv
+    lab[edge] = 255
+    img = np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
+    return img, lab
 
 
-def segment_file(net, image, path, out_dir, colormap, device, scales, amp, test_size=None, inputs=()):
-    """One uint8 image read from `path` -> <stem>_color.png, <stem>_overlay.png, <stem>_labels.png (class ids as a
-    palette PNG) in out_dir; no output may be one of `inputs`."""
-    X = normalize_image(image.to(device)).unsqueeze(0)
-    with torch.inference_mode(), autocast(device, amp):
-        pred = infer(net, X, len(colormap), scales, test_size).argmax(1)[0].cpu()
-    color = label2image(pred, colormap).numpy()
-    overlay = (0.5 * image.permute(1, 2, 0).numpy() + 0.5 * color).astype(np.uint8)
-    ids = Image.frombytes('P', (pred.shape[1], pred.shape[0]), pred.to(torch.uint8).numpy().tobytes())
-    ids.putpalette(full_palette(colormap).reshape(-1).tolist())
-    stem = Path(path).stem
-    outs = [(out_dir / f'{stem}_{kind}.png', img) for kind, img in
-            (('color', Image.fromarray(color)), ('overlay', Image.fromarray(overlay)), ('labels', ids))]
-    for out, img in outs:
-        if out.resolve() in inputs:
-            raise UserError(f'{out} is an input image: pass another --out-dir')
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for out, img in outs:
-            img.save(out)
-    except OSError as err:
-        raise UserError(f'cannot write to {out_dir} ({err.strerror or err}): pass a writable --out-dir') from None
+def make_demo_voc(root=DEMO_DIR, num_train=120, num_val=40, seed=0, min_size=DEMO_MIN_SIZE, max_size=(128, 160),
+                  num_small=4):
+    """Write (once, deterministically) a synthetic dataset in the exact VOC2012 layout under root; return root.
 
-
-def image_files(inputs):
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            yield from sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.exists():
-            yield path
-        else:
-            raise UserError(f'{path} does not exist: pass image files or folders')
-
-
-def segment_files(net, files, out_dir, colormap, device, scales, amp, test_size=None):
-    """Streams: one image in memory at a time. Unreadable files are skipped with a warning, counted at the end."""
-    done, skipped = 0, 0
-    files = list(files)
-    inputs = {Path(p).resolve() for p in files}     # no output may land on any input, not only its own
-    for path in files:
-        try:    # an unreadable input is skipped; a failed write stops the run (the next would fail too)
-            image = image_to_tensor(open_image(path))
-        except UserError as err:
-            print(f'warning: skipped {path}: {error_line(err)}', file=sys.stderr)
-            skipped += 1
-            continue
-        segment_file(net, image, path, Path(out_dir), colormap, device, scales, amp, test_size, inputs)
-        done += 1
-    log(f'segmented {done} image(s) into {out_dir}' + (f', skipped {skipped} unreadable' if skipped else ''))
-
-
-def val_picture_rows(net, val, n, crop, colormap, device):
-    """The book's picture: n val images cropped at (0, 0, h, w): image, prediction, ground truth."""
-    rows = [[], [], []]
-    for i in range(min(n, len(val))):
-        image, label = val.read(i)
-        X = torchvision.transforms.functional.crop(image, 0, 0, *crop)
-        y = torchvision.transforms.functional.crop(label, 0, 0, *crop)
-        rows[0].append(X.permute(1, 2, 0))
-        rows[1].append(label2image(predict(net, X, device), colormap))
-        rows[2].append(label2image(y, colormap))
-    return rows
-
-
-def run_predict(args):
-    """The whole of origin_predict.py / my_predict.py after parsing."""
-    device = pick_device(args.device)
-    amp = amp_dtype(device, args.amp)
-    path = args.checkpoint
-    if path is None:
-        path = RECIPES[args.recipe]['save']
-        if args.recipe == 'my' and finetune_path(path).exists():
-            path = finetune_path(path)
-    net, ckpt = load_model(path, device)
-    predict_data_args(args, ckpt)
-    colormap = CITYSCAPES_COLORMAP if args.dataset == 'cityscapes' else VOC_COLORMAP
-    if ckpt['num_classes'] != len(colormap):
-        raise UserError(f'{path} predicts {ckpt["num_classes"]} classes, {args.dataset} has {len(colormap)}: pass '
-                        'the matching --dataset or checkpoint')
-    scales = args.scales if args.mst else None
-    if args.inputs:
-        segment_files(net, image_files(args.inputs), args.out_dir, colormap, device, scales, amp, args.test_size)
-        if not (args.eval or args.write_split):
-            return
-    _, val, class_names, _ = open_data(args, args.crop_size)
-    val_full = type(val)(False, None, args.data_dir, normalize=False,
-                         **({} if args.dataset == 'cityscapes' else {'void_as_background': args.void_as_background}))
-    # the book's picture crops (0, 0, 320, 480), its training crop; the demo's crop would cut its objects in half
-    crop = DEMO_PICTURE_CROP if args.demo else args.crop_size
-    checkpoints = [(Path(path), net, ckpt)]
-    if getattr(args, 'compare', None) is not None or args.recipe == 'my':
-        names = args.compare or [RECIPES['origin']['save'], RECIPES['my']['save'], finetune_path(RECIPES['my']['save'])]
-        # the main checkpoint is usually one of them: loaded once, its predictions drawn once
-        checkpoints = [checkpoints[0] if Path(p).resolve() == Path(path).resolve()
-                       else (Path(p),) + load_model(p, device)
-                       for p in names if args.compare or Path(p).exists()] or checkpoints
-    if args.eval:
-        for p, n, _ in checkpoints:
-            evaluate_checkpoint(n, p, args, val_full, class_names, device, amp)
-    if args.write_split:
-        segment_files(net, (p for p, _ in val_full.items), args.out_dir, colormap, device, scales, amp,
-                      args.test_size)
-    if not is_main_process():
-        return
-    rows = val_picture_rows(net, val, args.num_images, crop, colormap, device)
-    title = f'{recipe_title(ckpt["config"])}\n{known_metrics(path, ckpt)} - {data_title(args)}'
-    save_image_grid(args.picture, rows, title, row_titles=['image', 'prediction', 'ground truth'])
-    log(f'wrote {args.picture}')
-    if args.recipe == 'my':
-        columns, titles = [], ['image', 'ground truth']
-        for p, n, c in checkpoints:
-            columns.append(rows[1] if n is net else val_picture_rows(n, val, args.num_images, crop, colormap,
-                                                                      device)[1])
-            recipe = textwrap.fill(recipe_title(c['config']), 30)    # columns are narrow: wrap, do not overlap
-            titles.append(f'{Path(p).name}\n{recipe}\n{known_metrics(p, c)}')
-        images, truths = rows[0], rows[2]     # the same val crops as my_out.png, whatever the net
-        rows = [[images[i], truths[i]] + [col[i] for col in columns] for i in range(len(images))]
-        compare_path = Path(args.picture).with_name('compare.png')
-        save_image_grid(compare_path, rows, f'side by side on {data_title(args)}', col_titles=titles)
-        log(f'wrote {compare_path}')
+    JPEG images, palette PNG labels with VOC's palette and 255 borders, split files, a few images smaller than the
+    demo crop: every code path of the real dataset runs on it, on a machine that has none.
+    """
+    root = str(root)
+    marker = os.path.join(root, ".demo_complete")
+    split_dir = os.path.join(root, "ImageSets", "Segmentation")
+    if os.path.exists(marker) and os.path.exists(os.path.join(split_dir, "val.txt")):
+        return root
+    for sub in ("JPEGImages", "SegmentationClass"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    os.makedirs(split_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    pil_palette, k = palette(VOC_COLORMAP).reshape(-1).tolist(), 0
+    for split, n in (("train", num_train), ("val", num_val)):
+        small = set(rng.choice(n, min(num_small, n), replace=False).tolist())
+        ids = []
+        for i in range(n):
+            k += 1
+            h = int(rng.integers(min_size[0], max_size[0] + 1))
+            w = int(rng.integers(min_size[1], max_size[1] + 1))
+            if i in small:  # below a 64x96 crop in one dimension, so crop filters have work to do
+                h, w = (48, w) if sorted(small).index(i) % 2 == 0 else (h, 80)
+            img, lab = _make_pair(h, w, rng)
+            name = "demo_%06d" % k
+            Image.fromarray(img).save(os.path.join(root, "JPEGImages", name + ".jpg"), quality=95)
+            p = Image.frombytes("P", (w, h), lab.tobytes())  # raw indices, no colour conversion
+            p.putpalette(pil_palette)
+            p.save(os.path.join(root, "SegmentationClass", name + ".png"))
+            ids.append(name)
+        with open(os.path.join(split_dir, split + ".txt"), "w") as f:
+            f.write("\n".join(ids) + "\n")
+    with open(marker, "w") as f:  # written last: an interrupted run has no marker and is redone
+        f.write("ok\n")
+    return root

@@ -44,6 +44,8 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import my_train  # noqa: E402  (the recipes, as the scripts write them)
+import origin_train  # noqa: E402
 import some_define as sd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,14 +252,16 @@ def sync(device):
 
 def measure_train(model_name, fast, device, batch, crop, steps, warmup, use_compile):
     torch.manual_seed(0)
-    recipe = sd.RECIPES['origin' if model_name == 'fcn' else 'my']
     model = sd.build_model(model_name, num_classes=21).to(device)
     amp = sd.amp_dtype(device) if fast else None
     channels_last = fast
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if (fast and use_compile) else model
-    trainer = sd.make_optimizer(recipe['optimizer'], model.parameters(), recipe['lr'], recipe['weight_decay'])
+    if model_name == 'fcn':     # each model with its script's optimizer
+        trainer = torch.optim.SGD(model.parameters(), lr=origin_train.LR, weight_decay=origin_train.WD)
+    else:
+        trainer = torch.optim.Adam(model.parameters(), lr=my_train.LR, weight_decay=my_train.WD)
     scaler = torch.amp.GradScaler('cuda') if amp == torch.float16 else None
     torch.backends.cudnn.benchmark = fast
     images = torch.randint(0, 256, (batch, 3) + tuple(crop), dtype=torch.uint8)
@@ -277,11 +281,8 @@ def measure_train(model_name, fast, device, batch, crop, steps, warmup, use_comp
             X, y = sd.to_device(host_x, host_y, device, channels_last)
         else:
             X, y = host_x.to(device), host_y.to(device)
-        with sd.autocast(device, amp):
-            l = sd.loss(sd.model_output(net(X))[0], y)
         trainer.zero_grad(set_to_none=True)
-        l_sum = l.float().sum()
-        (scaler.scale(l_sum) if scaler is not None else l_sum).backward()
+        sd.train_batch_ch13(net, X, y, sd.cross_entropy_loss, amp, scaler)
         if scaler is not None:
             scaler.step(trainer)
             scaler.update()
@@ -346,9 +347,9 @@ def measure_infer(model_name, device, hw, reps, scales, warmup=True):
         def once():
             with torch.inference_mode(), sd.autocast(device, amp):
                 if mode == 'single':
-                    pred = sd.predict_logits(net, X).argmax(1)
+                    pred = sd.predict_scores(net, X).argmax(1)
                 else:
-                    pred = sd.multiscale_predict(net, X, 21, scales, flip=True).argmax(1)
+                    pred = sd.predict_scores(net, X, scales).argmax(1)
             return pred.cpu()
         if warmup or mode == 'single':
             assert once().shape[-2:] == tuple(hw)        # warm-up
@@ -411,7 +412,7 @@ def run_accuracy_part(args, cfg, device):
             for (recipe, fast, seed), future in futures.items():
                 path, seconds = future.result()
                 net, _ = sd.load_model(path, device)
-                m = sd.evaluate_full(net, val, device, len(sd.VOC_CLASSES), num_workers=0).compute()
+                m = sd.evaluate_full(net, val, num_workers=0).compute()
                 rows.append(dict(recipe=recipe, fast=fast, seed=seed, acc=m['pixel_acc'], miou=m['miou'],
                                  seconds=seconds))
                 print(f'  accuracy {recipe:6} {"fast" if fast else "plain":5} seed {seed}: pixel acc '

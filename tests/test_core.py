@@ -274,7 +274,7 @@ def test_loss_is_the_books_formula():
     logits = torch.randn(3, 21, 5, 7, generator=g)
     y = torch.randint(0, 21, (3, 5, 7), generator=g)
     expected = F.cross_entropy(logits, y, reduction='none').mean(1).mean(1)
-    out = sd.loss(logits, y)
+    out = sd.cross_entropy_loss(logits, y)
     assert out.shape == (3,)
     torch.testing.assert_close(out, expected)
 
@@ -294,7 +294,7 @@ def test_loss_void_pixels_contribute_nothing():
                 if y[n, i, j] != 255:
                     total -= float(logp[n, y[n, i, j], i, j])
         expected[n] = total / (6 * 8)
-    torch.testing.assert_close(sd.loss(logits, y), expected)
+    torch.testing.assert_close(sd.cross_entropy_loss(logits, y), expected)
 
 
 # ---------------------------------------------------------------------------------------------- confusion matrix
@@ -338,9 +338,9 @@ def test_confusion_matrix_matches_brute_force():
 def make_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = sd.build_model('fcn', num_classes=21)
-    opt = sd.make_optimizer('adam', model.parameters(), 1e-3, 1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-3)
     out = model(torch.randn(2, 3, 32, 32))
-    sd.loss(out, torch.randint(0, 21, (2, 32, 32))).sum().backward()
+    sd.cross_entropy_loss(out, torch.randint(0, 21, (2, 32, 32))).sum().backward()
     opt.step()
     config = dict(dataset='voc', demo=False, data_dir=str(tmp_path), crop_size=[32, 64], model='fcn',
                   optimizer='adam', lr=1e-3, epochs=1, weight_decay=1e-3, finetune_epochs=0, finetune_lr=1e-5,
@@ -422,14 +422,16 @@ def run_script(script, args, cwd, monkeypatch):
 
 
 def test_accum_steps_gives_the_same_update_as_the_whole_batch(demo_voc, tmp_path, monkeypatch):
-    """Batch 4 in micro-batches of 2 = batch 4, for a model without batch statistics (GroupNorm)."""
+    """Batch 12 in micro-batches of 6 = batch 12, for a model without batch statistics (GroupNorm). One update: this
+    random-initialised net amplifies float32 rounding from update to update (after three updates of batch 4 the two
+    runs differed by up to 4% on an Intel Xeon, 1e-6 after one; in float64 they agree to 1e-15 after three)."""
     common = ['--data-dir', demo_voc, '--model', 'fcn', '--norm', 'group', '--optimizer', 'sgd', '--epochs', 1,
-              '--finetune-epochs', 0, '--batch-size', 4, '--crop-size', 32, 64, '--no-pretrained', '--workers', 0]
+              '--finetune-epochs', 0, '--batch-size', 12, '--crop-size', 32, 64, '--no-pretrained', '--workers', 0]
     run_script('my_train.py', common + ['--save', 'whole.pt'], tmp_path, monkeypatch)
     run_script('my_train.py', common + ['--accum-steps', 2, '--save', 'accum.pt'], tmp_path, monkeypatch)
     whole = sd.load_torch_file(tmp_path / 'whole.pt')
     accum = sd.load_torch_file(tmp_path / 'accum.pt')
-    torch.manual_seed(0)    # what run_training does before building the model
+    torch.manual_seed(0)    # what my_train.py does before building the model
     initial = sd.build_model('fcn', norm='group').state_dict()
     moved = 0
     for key, value in whole['model'].items():

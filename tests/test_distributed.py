@@ -60,7 +60,7 @@ HELPER = textwrap.dedent('''
     matrices = []
     compute = sd.ConfusionMatrix.compute
     sd.ConfusionMatrix.compute = lambda self: (matrices.append(self.mat.clone()), compute(self))[1]
-    result = sd.evaluate_crops(net, loader, torch.device('cpu'), 21)
+    result = sd.evaluate_crops(net, sd.DeviceLoader(loader, torch.device('cpu')))
     gathered = [None] * sd.world_size()
     torch.distributed.all_gather_object(gathered, [i for i, _ in loader.sampler])
     if sd.is_main_process():
@@ -100,7 +100,7 @@ def single_process_eval(state, demo):
     compute = sd.ConfusionMatrix.compute
     try:
         sd.ConfusionMatrix.compute = lambda self: (matrices.append(self.mat.clone()), compute(self))[1]
-        result = sd.evaluate_crops(net, loader, torch.device('cpu'), 21)
+        result = sd.evaluate_crops(net, sd.DeviceLoader(loader, torch.device('cpu')))
     finally:
         sd.ConfusionMatrix.compute = compute
     return result, matrices[0], [i for i, _ in loader.sampler]

@@ -2,6 +2,7 @@
 CutMix, CopyBlob, multi-scale + flip inference, and the models and losses the training scripts build from flags.
 CPU only, a few seconds."""
 import itertools
+import runpy
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import some_define  # noqa: E402
 from some_define import (IGNORE_INDEX, EvoNorm2dB0, EvoNorm2dS0, FocalLoss, class_pixel_weights, copyblob,  # noqa: E402
-                         cutmix_segmentation, multiscale_predict, num_groups, replace_norm)
+                         cutmix_segmentation, num_groups, predict_scores, replace_norm)
 
 
 def _seg_batch(n=2, c=5, h=6, w=7, seed=0, void_frac=0.2):
@@ -335,7 +336,7 @@ def test_multiscale_single_scale_equals_net():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 5, 3, padding=1)).eval()
     image = torch.randn(1, 3, 64, 64)
-    probs = multiscale_predict(net, image, 5, scales=(1.0,), flip=False)
+    probs = predict_scores(net, image, scales=(1.0,), flip=False)
     assert torch.allclose(probs, net(image).softmax(1), atol=1e-6)
 
 
@@ -345,12 +346,12 @@ def test_multiscale_flip_and_padding():
     image = torch.randn(1, 3, 50, 70)
     with pytest.raises(AssertionError):
         net(image)
-    single = multiscale_predict(net, image, 4, scales=(1.0,), flip=False)
+    single = predict_scores(net, image, scales=(1.0,), flip=False)
     assert single.shape == (1, 4, 50, 70)
     assert torch.allclose(single, net.conv(image).softmax(1), atol=1e-6)  # padding cropped exactly
     scales = (0.5, 0.75, 1.0, 1.25, 2.2)
-    no_flip = multiscale_predict(net, image, 4, scales=scales, flip=False)
-    with_flip = multiscale_predict(net, image, 4, scales=scales, flip=True)
+    no_flip = predict_scores(net, image, scales=scales, flip=False)
+    with_flip = predict_scores(net, image, scales=scales, flip=True)
     assert torch.allclose(no_flip, with_flip, atol=1e-6)  # a 1x1 conv commutes with flipping
     assert torch.allclose(with_flip.sum(1), torch.ones(1, 50, 70), atol=1e-5)
 
@@ -359,7 +360,7 @@ def test_multiscale_flip_averages_flipped_pass():
     torch.manual_seed(0)
     net = nn.Conv2d(3, 3, (1, 3), padding=(0, 1)).eval()  # not flip-equivariant
     image = torch.randn(1, 3, 32, 32)
-    probs = multiscale_predict(net, image, 3, scales=(1.0,), flip=True)
+    probs = predict_scores(net, image, scales=(1.0,), flip=True)
     with torch.no_grad():
         ref = (net(image).softmax(1) + net(image.flip(-1)).softmax(1).flip(-1)) / 2
     assert torch.allclose(probs, ref, atol=1e-6)
@@ -369,7 +370,7 @@ def test_multiscale_low_resolution_output():
     # an output stride-8 net that does not upsample: the crop must scale with the output resolution
     net = nn.Sequential(nn.AvgPool2d(8), nn.Conv2d(3, 2, 1)).eval()
     image = torch.randn(1, 3, 40, 72)
-    probs = multiscale_predict(net, image, 2, scales=(1.0, 0.75), flip=True)
+    probs = predict_scores(net, image, scales=(1.0, 0.75), flip=True)
     assert probs.shape == (1, 2, 40, 72)
     assert torch.allclose(probs.sum(1), torch.ones(1, 40, 72), atol=1e-5)
 
@@ -391,7 +392,7 @@ def test_build_resnet_unet_with_norm_trains(norm):
     assert out.shape == (2, 21, 64, 64) and torch.isfinite(out).all()
     target = torch.randint(21, (2, 64, 64))
     target[:, :4] = IGNORE_INDEX
-    some_define.loss(out, target).sum().backward()
+    some_define.cross_entropy_loss(out, target).sum().backward()
     grads = [p.grad for p in net.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert net.conv_last.weight.grad.abs().sum() > 0
@@ -448,11 +449,12 @@ def test_fcn_training_crop_not_a_multiple_of_32(tmp_path, monkeypatch):
     (padded inside) or end in one clear line naming --crop-size, never a size-mismatch traceback from the loss."""
     voc = some_define.make_demo_voc(tmp_path / 'VOC2012', num_train=8, num_val=4, num_small=0)
     monkeypatch.chdir(tmp_path)
-    args = some_define.train_parser('origin', 'test').parse_args(
-        ['--data-dir', str(voc), '--epochs', '1', '--batch-size', '4', '--crop-size', '48', '80', '--no-pretrained',
-         '--workers', '0', '--save', 'ckpt.pt'])
+    script = Path(some_define.__file__).parent / 'origin_train.py'
+    monkeypatch.setattr(sys, 'argv', [str(script), '--data-dir', str(voc), '--epochs', '1', '--batch-size', '4',
+                                      '--crop-size', '48', '80', '--no-pretrained', '--workers', '0', '--save',
+                                      'ckpt.pt'])
     try:
-        some_define.run_training(args)
+        runpy.run_path(str(script))['main']()     # the script's main, without run_main's one-line exit
     except some_define.UserError as err:
         assert '--crop-size' in str(err)
     else:
@@ -476,7 +478,7 @@ def test_infer_test_size_runs_the_net_resized_and_returns_scores_at_the_input_si
 
     net, x = Probe().eval(), torch.randn(1, 3, 40, 70)
     with torch.inference_mode():
-        out = some_define.infer(net, x, 4, test_size=(64, 96))
+        out = some_define.predict_scores(net, x, test_size=(64, 96))
         small = net.conv(F.interpolate(x, size=(64, 96), mode='bilinear', align_corners=False))
     assert seen == [(64, 96)]
     assert out.shape == (1, 4, 40, 70)
