@@ -32,14 +32,14 @@ def main():
     _, net, ckpt = models[path.resolve()]
     columns = [models[Path(p).resolve()] for p in args.compare or COMPARE if Path(p).resolve() in models] \
         or [models[path.resolve()]]
-    data = sd.checkpoint_data(path, ckpt, args.dataset, args.data_dir, args.demo, args.void_as_background)
-    colors, scales = data.classes.colors, args.scales if args.mst else None
-    if args.inputs:         # your own images; the val split only when asked for too
-        sd.segment_files(net, sd.image_files(args.inputs), args.out_dir, colors, scales, amp, args.test_size)
-        if not (args.eval or args.write_split):
-            return
+    scales = args.scales if args.mst else None
+    if args.inputs:
+        sd.segment_inputs(net, ckpt, args.inputs, args.out_dir, scales, amp, args.test_size)
+    if args.inputs and not (args.eval or args.write_split):
+        return              # your own images only: no dataset needed
 
-    val = sd.open_dataset(data, is_train=False, normalize=False)    # whole images: metrics at the original size
+    data = sd.checkpoint_data(path, ckpt, args.dataset, args.data_dir, args.demo, args.void_as_background)
+    val, colors = sd.open_dataset(data, is_train=False, normalize=False), data.classes.colors
     for p, n, _ in columns if args.eval else []:
         sd.evaluate_checkpoint(n, p, val, data.title, scales, amp, args.test_size, args.workers)
     if args.write_split:

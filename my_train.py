@@ -51,11 +51,7 @@ def get_args():
     t.add_argument('--copyblob-pairs', nargs='+', metavar='SRC:HOST', help='class pairs by name or index (default: '
                    f'Cityscapes {" ".join(sd.COPYBLOB_PAIRS["cityscapes"])}; VOC {" ".join(sd.COPYBLOB_PAIRS["voc"])})')
     sd.add_speed_args(parser)
-    args = parser.parse_args()
-    if args.demo:               # the demo's recipe, where the command line does not say otherwise
-        parser.set_defaults(**DEMO)
-        args = parser.parse_args()
-    return args
+    return sd.parse_with_demo(parser, DEMO)     # --demo: the DEMO recipe, where no flag says otherwise
 
 
 def class_weights(args, train_ds, data):

@@ -19,14 +19,15 @@ def main():
     device = sd.pick_device(args.device)
     amp = sd.amp_dtype(device, args.amp)
     net, ckpt = sd.load_model(path, device)
-    data = sd.checkpoint_data(path, ckpt, args.dataset, args.data_dir, args.demo, args.void_as_background)
-    colors, scales = data.classes.colors, args.scales if args.mst else None
-    if args.inputs:         # your own images; the val split only when asked for too
-        sd.segment_files(net, sd.image_files(args.inputs), args.out_dir, colors, scales, amp, args.test_size)
+    scales = args.scales if args.mst else None
+    if args.inputs:
+        sd.segment_inputs(net, ckpt, args.inputs, args.out_dir, scales, amp, args.test_size)
         if not (args.eval or args.write_split):
-            return
+            return          # your own images only: no dataset needed
 
+    data = sd.checkpoint_data(path, ckpt, args.dataset, args.data_dir, args.demo, args.void_as_background)
     val = sd.open_dataset(data, is_train=False, normalize=False)    # whole images: metrics at the original size
+    colors = data.classes.colors
     if args.eval:
         sd.evaluate_checkpoint(net, path, val, data.title, scales, amp, args.test_size, args.workers)
     if args.write_split:

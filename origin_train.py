@@ -25,11 +25,7 @@ def get_args():
     sd.add_data_args(parser)
     sd.add_recipe_args(parser, NUM_EPOCHS, LR, WD, BATCH_SIZE, CROP_SIZE, SAVE, DEMO)
     sd.add_speed_args(parser)
-    args = parser.parse_args()
-    if args.demo:               # the demo's recipe, where the command line does not say otherwise
-        parser.set_defaults(**DEMO)
-        args = parser.parse_args()
-    return args
+    return sd.parse_with_demo(parser, DEMO)     # --demo: the DEMO recipe, where no flag says otherwise
 
 
 def main():

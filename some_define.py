@@ -1467,6 +1467,16 @@ def run_main(main):
             torch.distributed.destroy_process_group()
 
 
+def parse_with_demo(parser, demo):
+    """parser.parse_args(); with --demo, parsed again with the script's `demo` recipe as defaults (flags given on
+    the command line still win)."""
+    args = parser.parse_args()
+    if args.demo:
+        parser.set_defaults(**demo)
+        args = parser.parse_args()
+    return args
+
+
 def add_data_args(parser, dataset_default='voc'):
     """The data and machine flags of all four scripts."""
     g = parser.add_argument_group('data and machine')
@@ -1780,6 +1790,19 @@ def checkpoint_data(path, ckpt, kind=None, data_dir=None, demo=False, void_as_ba
         raise UserError(f'{path} predicts {ckpt["num_classes"]} classes, {data.kind} has {len(data.classes.names)}: '
                         'pass the matching --dataset or checkpoint')
     return data
+
+
+def checkpoint_classes(ckpt):
+    """The class table a checkpoint predicts: its own, or for a checkpoint without one, its dataset's."""
+    if 'classes' in ckpt:
+        return Classes(**ckpt['classes'])
+    return CITYSCAPES if ckpt['config'].get('dataset') == 'cityscapes' else VOC
+
+
+def segment_inputs(net, ckpt, inputs, out_dir, scales=None, amp=None, test_size=None):
+    """Your own images (files, or the images in folders) -> colour, overlay and label-id PNGs in out_dir, in the
+    checkpoint's class colours. Needs no dataset."""
+    segment_files(net, image_files(inputs), out_dir, checkpoint_classes(ckpt).colors, scales, amp, test_size)
 
 
 def finetune_path(save):

@@ -637,3 +637,18 @@ def test_16_ctrl_c_stops_cleanly_and_says_resume(jobs, request):
     assert '--resume' in res.out + res.err, report
     ckpt = sd.load_torch_file(save)
     assert ckpt['epoch'] >= 1 and len(ckpt['history']) == ckpt['epoch']
+
+
+def test_19c_predict_own_images_needs_no_dataset(tmp_path, voc_master):
+    """A checkpoint and some photos are enough: segmenting them must not look for the training data (here deleted)."""
+    voc = tmp_path / 'VOC2012'
+    shutil.copytree(voc_master, voc)
+    res = run_inprocess(ORIGIN_TRAIN, train_args(voc, '--save', tmp_path / 'ck.pt'), tmp_path)
+    assert res.code == 0, res.err
+    photo = tmp_path / 'photo.jpg'
+    shutil.copy(image_path(voc, split_ids(voc, 'val')[0]), photo)
+    shutil.rmtree(voc)
+    res = run_inprocess(ORIGIN_PREDICT, [photo, '--checkpoint', tmp_path / 'ck.pt', '--out-dir', tmp_path / 'out'],
+                        tmp_path)
+    assert res.code == 0, res.err + res.out
+    assert (tmp_path / 'out' / 'photo_labels.png').exists()
