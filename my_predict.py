@@ -30,7 +30,11 @@ def main():
     for p in args.compare or [p for p in COMPARE if Path(p).exists()]:
         models.setdefault(Path(p).resolve(), (Path(p),) + sd.load_model(p, device))
     _, net, ckpt = models[path.resolve()]
-    columns = [models[Path(p).resolve()] for p in args.compare or COMPARE if Path(p).resolve() in models] \
+    columns = [models[Path(p).resolve()] for p in args.compare or COMPARE if Path(p).resolve() in models]
+    for p, _, c in columns:     # a column must predict the same classes, on the same images
+        if sd.checkpoint_classes(c) != sd.checkpoint_classes(ckpt):
+            sd.log(f'{p} is left out of the comparison: it predicts other classes than {path}')
+    columns = [col for col in columns if sd.checkpoint_classes(col[2]) == sd.checkpoint_classes(ckpt)] \
         or [models[path.resolve()]]
     scales = args.scales if args.mst else None
     if args.inputs:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -56,6 +57,7 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 HERE = Path(__file__).resolve().parent
 DATA_DIR = HERE / 'data'                                    # --download and --demo write here
 DEMO_DIR = DATA_DIR / 'demo' / 'VOC2012'
+DEMO_FOLDER = DATA_DIR / 'demo' / 'folder'                  # the same demo data, laid out as a user's own
 DEMO_MIN_SIZE = (80, 112)       # the demo's smallest regular image: its pictures show this much of each
 # ImageNet backbones: the weights API's files, looked for next to the scripts first (the seed's instruction)
 BACKBONE_WEIGHTS = {'resnet18': torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
@@ -69,7 +71,7 @@ LOSSES = ('ce', 'weighted_ce', 'focal')
 Classes = collections.namedtuple('Classes', 'names colors')
 VOC = Classes(VOC_CLASSES, VOC_COLORMAP)
 CITYSCAPES = Classes(CITYSCAPES_CLASSES, CITYSCAPES_COLORMAP)
-# Where a run's data is: kind (voc, cityscapes), root folder, class table, VOC's void as background, picture title.
+# Where a run's data is: kind (voc, cityscapes, folder), root folder, class table, void as background, its title.
 Data = collections.namedtuple('Data', 'kind root classes void_as_background title')
 # What a dataset lister finds: (image, label) path pairs, where they were listed (for messages), what to tell a user
 # whose file is broken, and a 256-entry table from stored label values to classes (None: values are the classes).
@@ -106,25 +108,100 @@ def download_voc(root):
                         'VOCtrainval_11-May-2012.tar by hand, unpack it and pass --data-dir') from None
 
 
-def find_data(kind='voc', data_dir=None, demo=False, download=False, void_as_background=False):
-    """The Data of --dataset/--data-dir/--demo/--download: --demo writes the synthetic set once, --download fetches
-    VOC once (under torchrun, rank 0 does it while the others wait)."""
+def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_background=False, classes=None):
+    """The Data of --dataset/--data-dir/--demo/--download/--classes. --demo (voc or folder) writes the synthetic set
+    once, --download fetches VOC once (under torchrun, rank 0 does either while the others wait). `classes`: a class
+    file for the VOC layout; a folder dataset reads DIR/classes.txt unless it is given."""
     if kind == 'cityscapes':
-        if demo:
-            raise UserError('--demo makes VOC-format data: drop --dataset cityscapes')
+        if demo or classes:
+            raise UserError(f'--{"demo" if demo else "classes"} does not go with --dataset cityscapes: drop it')
         if data_dir is None:
             raise UserError('--dataset cityscapes needs --data-dir, the folder holding leftImg8bit/ and gtFine/')
         return Data('cityscapes', Path(data_dir), CITYSCAPES, False, 'Cityscapes')
     if demo:
+        folder = demo == 'folder' or kind == 'folder'
         if is_main_process():
-            make_demo_voc(DEMO_DIR)
+            make_demo_folder() if folder else make_demo_voc()
         barrier()
+        if folder:
+            return Data('folder', DEMO_FOLDER, read_classes(DEMO_FOLDER / 'classes.txt'), void_as_background,
+                        'DEMO data (synthetic, folder layout)')
         return Data('voc', DEMO_DIR, VOC, void_as_background, 'DEMO data (synthetic)')
+    if kind == 'folder':
+        if data_dir is None:
+            raise UserError('--dataset folder needs --data-dir, the folder holding images/, masks/ and classes.txt')
+        root = Path(data_dir)
+        return Data('folder', root, read_classes(classes or folder_classes_file(root)), void_as_background, root.name)
     if download:
         if is_main_process():
             download_voc(DATA_DIR if data_dir is None else Path(data_dir))
         barrier()
-    return Data('voc', find_voc_dir(data_dir), VOC, void_as_background, 'VOC2012')
+    return Data('voc', find_voc_dir(data_dir), read_classes(classes) if classes else VOC, void_as_background,
+                'VOC2012')
+
+
+def palette_colors(n):
+    """The first n colours of VOC's palette: its 21 class colours, then more in the same pattern (255 is VOC's void
+    colour). Classes given without a colour get these."""
+    colors = []
+    for i in range(n):
+        rgb, c = [0, 0, 0], i
+        for bit in range(7, -1, -1):
+            for channel in range(3):
+                rgb[channel] |= ((c >> channel) & 1) << bit
+            c >>= 3
+        colors.append(rgb)
+    return colors
+
+
+def read_classes(path):
+    """A class table from a file: one class a line, `name` or `name R G B` (blank lines and # comments skipped), or
+    a CSV with a name,r,g,b header (class_dict.csv). Classes without a colour get palette_colors not taken yet."""
+    path = Path(path)
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+    except OSError as err:
+        raise UserError(f'--classes {path} cannot be read ({err.strerror or err}): pass a class file') from None
+    csv = bool(lines) and lines[0].replace(' ', '').lower().startswith('name,r,g,b')
+    names, colors = [], []
+    for n, line in enumerate(lines[1:] if csv else lines, 2 if csv else 1):
+        if not line or line.startswith('#'):
+            continue
+        parts = [p.strip() for p in line.split(',')] if csv else line.split()
+        rgb = parts[1:4] if csv else parts[-3:] if len(parts) >= 4 and all(p.isdigit() for p in parts[-3:]) else []
+        if (csv and len(parts) < 4) or (not rgb and parts[-1].isdigit()) or any(int(v) > 255 for v in rgb if
+                                                                                 v.isdigit()):
+            raise UserError(f'{path} line {n}: {line!r} is not `name` or `name R G B` (0-255)')
+        try:
+            colors.append([int(v) for v in rgb] or None)
+        except ValueError:
+            raise UserError(f'{path} line {n}: {line!r} has a colour that is not three numbers 0-255') from None
+        names.append(parts[0] if csv else ' '.join(parts[:len(parts) - len(rgb)]))
+    return check_classes(Classes(names, colors), path)
+
+
+def check_classes(classes, path):
+    """Distinct names and colours, 2 to 255 classes (255 marks ignored pixels), VOC's void colour kept for those;
+    missing colours filled in from palette_colors."""
+    names, given = classes
+    free = iter(c for c in palette_colors(255) if c not in given and c != VOID_COLOR)
+    colors = [c if c is not None else next(free) for c in given]
+    duplicate = next((x for i, x in enumerate(names) if x in names[:i]), None) or next(
+        (x for i, x in enumerate(colors) if x in colors[:i]), None)
+    if not 2 <= len(names) <= 255 or duplicate or VOID_COLOR in colors:
+        why = (f'{len(names)} classes (2 to 255 work)' if not 2 <= len(names) <= 255 else
+               f'{duplicate} appears twice' if duplicate else
+               f'{VOID_COLOR} is the colour of ignored pixels (VOC\'s void)')
+        raise UserError(f'{path}: {why}: correct the class file')
+    return Classes(names, colors)
+
+
+def folder_classes_file(root):
+    for name in ('classes.txt', 'class_dict.csv'):
+        if (Path(root) / name).exists():
+            return Path(root) / name
+    raise UserError(f'{Path(root) / "classes.txt"} is missing: write one class a line (`name`, or `name R G B` for '
+                    'colour masks), background first, or pass --classes FILE')
 
 
 def read_split(voc_dir, is_train=True):
@@ -186,6 +263,30 @@ def cityscapes_id_to_trainid():
         if c.id >= 0 and 0 <= c.train_id < 19:
             lut[c.id] = c.train_id
     return lut
+
+
+def folder_files(root, is_train=True):
+    """A user's folder: images/<split>/<name>.jpg (or .png, ...) with masks/<split>/<name>.png, every image with its
+    mask and every mask with its image."""
+    split = 'train' if is_train else 'val'
+    image_dir, mask_dir = Path(root) / 'images' / split, Path(root) / 'masks' / split
+    for folder in (image_dir, mask_dir):
+        if not folder.is_dir():
+            raise UserError(f'{folder} is not a folder: --dataset folder reads DIR/images/{{train,val}}/ and the '
+                            'masks of the same names from DIR/masks/{train,val}/')
+    images, masks = {}, {p.stem: p for p in sorted(mask_dir.glob('*.png'))}
+    for path in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        if path.stem in images:
+            raise UserError(f'{path} and {images[path.stem]} share a name: keep one')
+        if path.stem not in masks:
+            raise UserError(f'{path} has no mask {mask_dir / path.stem}.png: add it, or move the image away')
+        images[path.stem] = path
+    for stem, mask in masks.items():
+        if stem not in images:
+            raise UserError(f'{mask} has no image {image_dir / stem}.jpg (or .png, ...): add it, or move the mask away')
+    if not images:
+        raise UserError(f'no images in {image_dir} (.jpg, .png, ...): put the {split} images there')
+    return Files([(images[stem], masks[stem]) for stem in sorted(images)], image_dir, 'move it and its pair away')
 
 
 def read_image(path, mode='RGB', fix='remove it'):
@@ -382,10 +483,19 @@ class CityscapesSegDataset(SegDataset):
         super().__init__(cityscapes_files(root, is_train), CITYSCAPES, crop_size, normalize, augment=augment)
 
 
+class FolderSegDataset(SegDataset):
+    """A user's own data in the folder layout (folder_files) with its class table."""
+
+    def __init__(self, is_train, crop_size, root, classes, void_as_background=False, normalize=True):
+        super().__init__(folder_files(root, is_train), classes, crop_size, normalize, void_as_background)
+
+
 def open_dataset(data, is_train, crop_size=None, normalize=True):
     """The training or validation split of a Data."""
     if data.kind == 'cityscapes':
         return CityscapesSegDataset(is_train, crop_size, data.root, normalize)
+    if data.kind == 'folder':
+        return FolderSegDataset(is_train, crop_size, data.root, data.classes, data.void_as_background, normalize)
     return VOCSegDataset(is_train, crop_size, data.root, data.void_as_background, normalize, data.classes)
 
 
@@ -397,10 +507,9 @@ class SeededSampler(torch.utils.data.distributed.DistributedSampler):
     ranks without padding, so that all ranks together see each item once, as a single process does.
     """
 
-    def __init__(self, dataset, shuffle, seed=0, drop_last=True, num_replicas=None, rank=None):
-        world = num_replicas if num_replicas is not None else int(os.environ.get('WORLD_SIZE', '1'))
-        rank = rank if rank is not None else int(os.environ.get('RANK', '0'))
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    def __init__(self, dataset, shuffle, seed=0):
+        super().__init__(dataset, num_replicas=int(os.environ.get('WORLD_SIZE', '1')),
+                         rank=int(os.environ.get('RANK', '0')), shuffle=shuffle, seed=seed, drop_last=True)
         self.eval_limit = None
 
     def __iter__(self):
@@ -428,7 +537,7 @@ def make_loader(dataset, batch_size, is_train, seed=0, num_workers=None):
     """Shuffled for training; both drop the last partial batch, as the book does. `batch_size` is global: each of
     torchrun's processes loads its share."""
     workers = default_workers() if num_workers is None else num_workers
-    sampler = SeededSampler(dataset, shuffle=is_train, seed=seed, drop_last=True)
+    sampler = SeededSampler(dataset, shuffle=is_train, seed=seed)
     if not is_train and len(dataset) >= batch_size:
         sampler.eval_limit = len(dataset) // batch_size * batch_size
     per_rank = max(1, batch_size // sampler.num_replicas) if is_train else batch_size
@@ -580,6 +689,7 @@ class ResNetUNet(nn.Module):
         super().__init__()
         self.base_model = resnet18_backbone(pretrained, weights_path)
         self.base_layers = list(self.base_model.children())
+        self.base_model.fc.requires_grad_(False)    # registered but unused: DDP must not wait for its gradients
         self.layer0 = nn.Sequential(*self.base_layers[:3])     # 1/2, 64
         self.layer0_1x1 = convrelu(64, 64, 1, 0)
         self.layer1 = nn.Sequential(*self.base_layers[3:5])    # 1/4, 64
@@ -917,8 +1027,11 @@ def copyblob(images, labels, pairs, prob=0.5, generator=None):
 def parse_pairs(pairs, class_names, dataset='voc'):
     """--copyblob-pairs SRC:HOST ... by class name or index -> [(src, host)]; None gives the dataset's defaults."""
     names = [n.replace(' ', '').replace('/', '') for n in class_names]
+    if pairs is None and dataset not in COPYBLOB_PAIRS:
+        raise UserError('--copyblob on your own classes needs --copyblob-pairs SRC:HOST (class names), e.g. the '
+                        f'rare class onto the class it sits on: {names[-1]}:{names[0]}')
     out = []
-    for pair in COPYBLOB_PAIRS.get(dataset, []) if pairs is None else pairs:
+    for pair in COPYBLOB_PAIRS[dataset] if pairs is None else pairs:
         try:
             src, host = pair.split(':')
             out.append(tuple(int(x) if x.isdigit() else names.index(x.replace(' ', '')) for x in (src, host)))
@@ -1485,10 +1598,15 @@ def add_data_args(parser, dataset_default='voc'):
                    'leftImg8bit/ and gtFine/')
     g.add_argument('--download', action='store_true', help='fetch VOC2012 (2 GB) through torchvision into data/ '
                    '(or --data-dir) first (default: off)')
-    g.add_argument('--demo', action='store_true', help='a small synthetic dataset in the exact VOC format '
-                   '(data/demo) and a CPU-sized recipe: for a machine with no dataset and no GPU (default: off)')
-    g.add_argument('--dataset', choices=['voc', 'cityscapes'], default=dataset_default,
-                   help=f'default: {dataset_default or "the checkpoint" + chr(39) + "s"}')
+    g.add_argument('--demo', nargs='?', const='voc', choices=['voc', 'folder'], help='a small synthetic dataset '
+                   'in the exact VOC layout (data/demo/VOC2012; --demo folder: in the folder layout, data/demo/folder) '
+                   'and a CPU-sized recipe: for a machine with no dataset and no GPU (default: off)')
+    g.add_argument('--dataset', choices=['voc', 'cityscapes', 'folder'], default=dataset_default,
+                   help='voc: the VOC layout; folder: DIR/images/{train,val}/, DIR/masks/{train,val}/ and '
+                   f'DIR/classes.txt (default: {dataset_default or "the checkpoint" + chr(39) + "s"})')
+    g.add_argument('--classes', metavar='FILE', help='your own classes, one a line: `name` or `name R G B` (the '
+                   'colour in pictures and in RGB masks), or a class_dict.csv (name,r,g,b) (default: VOC\'s 21; '
+                   '--dataset folder: DIR/classes.txt; predict scripts: the checkpoint\'s)')
     g.add_argument('--device', help='cpu, cuda or cuda:N (default: the GPU if there is one, else the CPU)')
     g.add_argument('--workers', type=int, help=f'DataLoader worker processes (default: min(4, CPUs), here '
                    f'{default_workers()})')
@@ -1687,17 +1805,13 @@ def load_torch_file(path, what='checkpoint'):
 def check_writable(*paths):
     """Fail before hours of training, not after: the folders of the checkpoint and the pictures must be writable."""
     for folder in {Path(path).parent for path in paths}:
-        check_folder(folder)
-
-
-def check_folder(folder):
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f'.write_test_{os.getpid()}'
-        probe.write_bytes(b'')
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f'cannot write to {folder} ({err.strerror or err}): pass a writable path') from None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f'.write_test_{os.getpid()}'
+            probe.write_bytes(b'')
+            probe.unlink()
+        except OSError as err:
+            raise UserError(f'cannot write to {folder} ({err.strerror or err}): pass a writable path') from None
 
 
 class Checkpoint:
@@ -1778,17 +1892,18 @@ def load_model(path, device):
     return net.to(device).eval(), ckpt
 
 
-def checkpoint_data(path, ckpt, kind=None, data_dir=None, demo=False, void_as_background=False):
-    """The Data a checkpoint was trained on, unless flags say otherwise (so `python my_predict.py` after
-    `my_train.py --demo` needs none), checked against the classes the checkpoint predicts."""
+def checkpoint_data(path, ckpt, kind=None, data_dir=None, demo=None, void_as_background=False, classes=None):
+    """The Data a checkpoint was trained on, with its class table, unless flags say otherwise (so `python
+    my_predict.py` after `my_train.py --demo` needs none), checked against the classes the checkpoint predicts."""
     cfg = ckpt['config']
     if not demo and data_dir is None:
-        demo, data_dir = bool(cfg.get('demo')), cfg.get('data_dir')
-    data = find_data(kind or cfg.get('dataset', 'voc'), data_dir, demo, False,
-                     void_as_background or bool(cfg.get('void_as_background')))
+        demo, data_dir = cfg.get('demo'), cfg.get('data_dir')
+    data = find_data(kind or cfg.get('dataset', 'voc'), data_dir, 'voc' if demo is True else demo, False,
+                     void_as_background or bool(cfg.get('void_as_background')), classes)
+    data = data if classes else data._replace(classes=checkpoint_classes(ckpt))
     if ckpt['num_classes'] != len(data.classes.names):
         raise UserError(f'{path} predicts {ckpt["num_classes"]} classes, {data.kind} has {len(data.classes.names)}: '
-                        'pass the matching --dataset or checkpoint')
+                        'pass the matching --dataset, --classes or checkpoint')
     return data
 
 
@@ -1917,4 +2032,30 @@ def make_demo_voc(root=DEMO_DIR, num_train=120, num_val=40, seed=0, min_size=DEM
             f.write("\n".join(ids) + "\n")
     with open(marker, "w") as f:  # written last: an interrupted run has no marker and is redone
         f.write("ok\n")
+    return root
+
+
+# The folder demo's own class table: the same five shapes under their own names and colours.
+DEMO_FOLDER_CLASSES = Classes(['background', 'plane', 'bird', 'car', 'cat', 'person'],
+                              [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48]])
+
+
+def make_demo_folder(root=DEMO_FOLDER):
+    """The demo data again (once), laid out as a user arranges their own: images/{train,val}/*.jpg, masks as RGB
+    PNGs in the colours of classes.txt (void borders in VOC's void colour, ignored), and classes.txt."""
+    root = Path(root)
+    if (root / '.demo_complete').exists():
+        return root
+    voc = make_demo_voc(DEMO_DIR)
+    to_folder = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
+    to_folder[[0, *DEMO_CLASSES]] = torch.arange(len(DEMO_CLASSES) + 1)
+    colors = palette(DEMO_FOLDER_CLASSES.colors)
+    for split, is_train in (('train', True), ('val', False)):
+        for folder in ('images', 'masks'):
+            (root / folder / split).mkdir(parents=True, exist_ok=True)
+        for image, label in voc_files(voc, is_train).items:
+            shutil.copy(image, root / 'images' / split / image.name)
+            Image.fromarray(colors[to_folder[read_label(label)]].numpy()).save(root / 'masks' / split / label.name)
+    (root / 'classes.txt').write_text(''.join(f'{name} {r} {g} {b}\n' for name, (r, g, b) in zip(*DEMO_FOLDER_CLASSES)))
+    (root / '.demo_complete').write_text('ok\n')     # written last: an interrupted run has no marker and is redone
     return root

@@ -6,6 +6,7 @@ a single process's evaluation of the same weights. A helper run through torchrun
 itself, and a fast in-process check shows how make_loader deals the test items to ranks."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -86,7 +87,25 @@ def runs(demo, tmp_path_factory):
                             '--crop-size', *CROP, '--no-pretrained', '--workers', 0, '--save', 'ckpt'], train_dir)
     evaluate = start_torchrun([eval_dir / 'helper.py', demo, eval_dir / 'weights.pt', eval_dir / 'cm.json', *CROP,
                                BATCH], eval_dir)
-    return {'train': (train_dir,) + finish(train), 'eval': (eval_dir,) + finish(evaluate), 'state': state}
+    unet_dir = tmp_path_factory.mktemp('ddp_unet')
+    unet = start_torchrun([MAIN / 'my_train.py', '--dataset', 'folder', '--data-dir', as_folder(demo, unet_dir),
+                           '--epochs', 1, '--finetune-epochs', 1, '--batch-size', BATCH, '--crop-size', *CROP,
+                           '--no-pretrained', '--workers', 0, '--save', 'ckpt'], unet_dir)
+    return {'train': (train_dir,) + finish(train), 'eval': (eval_dir,) + finish(evaluate),
+            'unet': (unet_dir,) + finish(unet), 'state': state}
+
+
+def as_folder(voc, dst):
+    """The VOC demo in the folder layout (a user's own data): images/, masks/ (index PNGs), classes.txt."""
+    root = dst / 'mydata'
+    for split, is_train in (('train', True), ('val', False)):
+        for folder in ('images', 'masks'):
+            (root / folder / split).mkdir(parents=True)
+        for image, label in sd.voc_files(voc, is_train).items:
+            shutil.copy(image, root / 'images' / split)
+            shutil.copy(label, root / 'masks' / split)
+    (root / 'classes.txt').write_text('\n'.join(sd.VOC_CLASSES) + '\n')
+    return root
 
 
 def single_process_eval(state, demo):
@@ -130,6 +149,18 @@ def test_two_process_training_runs(runs):
     ckpt = torch.load(cwd / 'ckpt', map_location='cpu', weights_only=True)
     assert ckpt['epoch'] == 1 and len(ckpt['history']) == 1
     assert not list(cwd.glob('*.tmp'))
+
+
+def test_two_process_resnet_unet_on_a_folder_dataset(runs):
+    """my_train.py's own model (whose registered resnet18 fc is unused: DDP must not wait for it), both stages, on
+    data in the folder layout."""
+    cwd, rc, out, err = runs['unet']
+    assert rc == 0, f'torchrun exited {rc}\n{out[-3000:]}\n{err[-4000:]}'
+    assert sum(line.startswith('epoch 1/1:') for line in out.splitlines()) == 2, out    # stage 1 and fine-tune
+    for name in ('ckpt', 'ckpt_finetune'):
+        ckpt = torch.load(cwd / name, map_location='cpu', weights_only=True)
+        assert ckpt['epoch'] == 1 and ckpt['config']['dataset'] == 'folder'
+        assert ckpt['classes']['names'] == sd.VOC_CLASSES
 
 
 def test_two_process_test_figures_equal_one_process_evaluation(runs, demo):

@@ -1,0 +1,223 @@
+"""A user's own data: class files (--classes, classes.txt, class_dict.csv), the folder layout (--dataset folder) with
+index and RGB masks, the VOC layout with other classes, every bad input as one line naming the file, and a round
+trip train -> checkpoint -> predict whose table, results and pictures carry the dataset's class names and colours.
+CPU only, tiny data made from the demo generator."""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import some_define as sd  # noqa: E402
+from test_reliability import MY_PREDICT, MY_TRAIN, ORIGIN_PREDICT, ORIGIN_TRAIN, one_error_line, run_inprocess  # noqa: E402
+
+FAST = ['--epochs', '1', '--batch-size', '4', '--crop-size', '32', '64', '--no-pretrained', '--workers', '0']
+# four classes: the demo's background, aeroplane, car and person; its birds and cats become 'ignore'
+NAMES = ['sky', 'plane', 'car', 'person']
+COLORS = [[10, 20, 30], [250, 0, 0], [0, 250, 0], [0, 0, 250]]
+FROM_VOC = {0: 0, 1: 1, 7: 2, 15: 3}
+
+
+def to_classes(label):
+    """A demo VOC label (indices) -> indices of the four classes above (others and void -> 255)."""
+    out = np.full(label.shape, 255, np.uint8)
+    for voc, ours in FROM_VOC.items():
+        out[label == voc] = ours
+    return out
+
+
+def write_folder(root, voc, rgb, classes_text=None):
+    """The demo data in the folder layout: index masks ('L' PNGs) or RGB masks in COLORS (void: VOC's void colour)."""
+    for split, is_train in (('train', True), ('val', False)):
+        (root / 'images' / split).mkdir(parents=True)
+        (root / 'masks' / split).mkdir(parents=True)
+        for image, label in sd.voc_files(voc, is_train).items:
+            shutil.copy(image, root / 'images' / split / image.name)
+            mask = to_classes(np.array(Image.open(label)))
+            if rgb:
+                table = sd.palette(COLORS).numpy()
+                Image.fromarray(table[mask]).save(root / 'masks' / split / label.name)
+            else:
+                Image.fromarray(mask, mode='L').save(root / 'masks' / split / label.name)
+    text = ''.join(f'{n} {r} {g} {b}\n' for n, (r, g, b) in zip(NAMES, COLORS))
+    (root / 'classes.txt').write_text(classes_text if classes_text is not None else text)
+    return root
+
+
+@pytest.fixture(scope='module')
+def voc(tmp_path_factory):
+    return Path(sd.make_demo_voc(tmp_path_factory.mktemp('voc') / 'VOC2012', num_train=12, num_val=6, seed=1))
+
+
+@pytest.fixture(scope='module')
+def folders(tmp_path_factory, voc):
+    base = tmp_path_factory.mktemp('folders')
+    return {'index': write_folder(base / 'index', voc, rgb=False), 'rgb': write_folder(base / 'rgb', voc, rgb=True)}
+
+
+@pytest.fixture
+def folder(tmp_path, folders):
+    """A private copy of the RGB-mask folder to break."""
+    return Path(shutil.copytree(folders['rgb'], tmp_path / 'mydata'))
+
+
+# ------------------------------------------------------------------------------------------------- class files
+def test_palette_colors_are_vocs():
+    assert sd.palette_colors(21) == sd.VOC_COLORMAP
+    assert sd.palette_colors(256)[255] == sd.VOID_COLOR
+
+
+def test_class_file_formats(tmp_path):
+    f = tmp_path / 'classes.txt'
+    f.write_text('# background first\nbackground\npotted plant 0 64 0\n\ncat\nperson 255 0 0\n')
+    classes = sd.read_classes(f)
+    assert classes.names == ['background', 'potted plant', 'cat', 'person']
+    # given colours kept; the others take VOC's palette in order, skipping colours already taken
+    assert classes.colors == [[0, 0, 0], [0, 64, 0], [128, 0, 0], [255, 0, 0]]
+    csv = tmp_path / 'class_dict.csv'
+    csv.write_text('name,r,g,b\nSky,128,128,128\nRoad,128,64,128\n')
+    assert sd.read_classes(csv) == sd.Classes(['Sky', 'Road'], [[128, 128, 128], [128, 64, 128]])
+
+
+@pytest.mark.parametrize('text, says', [('a\nb 1 2\n', 'line 2'), ('a\nb 1 2 300\n', 'line 2'),
+                                        ('a\na\n', 'twice'), ('a 1 2 3\nb 1 2 3\n', 'twice'),
+                                        ('only\n', '1 classes'), ('a\nb 224 224 192\n', 'ignored')])
+def test_bad_class_files(tmp_path, text, says):
+    f = tmp_path / 'classes.txt'
+    f.write_text(text)
+    with pytest.raises(sd.UserError, match=says) as info:
+        sd.read_classes(f)
+    assert str(f) in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------ the datasets
+@pytest.mark.parametrize('kind', ['index', 'rgb'])
+def test_folder_dataset_reads_both_mask_kinds_alike(folders, voc, kind):
+    data = sd.find_data('folder', folders[kind])
+    assert data.classes == sd.Classes(NAMES, COLORS) and data.title == kind
+    ds = sd.open_dataset(data, is_train=True)
+    files = sd.voc_files(voc, True).items
+    assert len(ds) == len(files) and ds.num_classes == 4
+    for i in range(len(ds)):
+        _, label = ds.read(i)
+        expected = torch.from_numpy(to_classes(np.array(Image.open(files[i][1])))).long()
+        assert torch.equal(label, expected)
+    assert any((ds.read(i)[1] == 3).any() for i in range(len(ds)))
+
+
+def test_voc_layout_with_own_classes(tmp_path, voc):
+    """--classes with the VOC layout: palette labels hold indices of the file's classes."""
+    root = Path(shutil.copytree(voc, tmp_path / 'VOC2012'))
+    for _, label in sd.voc_files(root, True).items + sd.voc_files(root, False).items:
+        img = Image.fromarray(to_classes(np.array(Image.open(label))), mode='P')
+        img.putpalette(sd.palette(COLORS).reshape(-1).tolist())
+        img.save(label)
+    (tmp_path / 'classes.txt').write_text('\n'.join(NAMES) + '\n')
+    data = sd.find_data('voc', root, classes=tmp_path / 'classes.txt')
+    assert data.classes.names == NAMES and data.classes.colors[:2] == sd.VOC_COLORMAP[:2]
+    train_iter, _ = sd.load_data_voc(4, (32, 64), data, num_workers=0, device=torch.device('cpu'))
+    assert train_iter.dataset.num_classes == 4
+    X, y = next(iter(train_iter))
+    assert X.shape == (4, 3, 32, 64) and set(y.unique().tolist()) <= {0, 1, 2, 3, 255}
+
+
+# ------------------------------------------------------------------------------------------------- bad inputs
+def break_folder(folder, case):
+    images, masks = folder / 'images' / 'train', folder / 'masks' / 'train'
+    first = sorted(masks.iterdir())[0]
+    if case == 'image_without_mask':
+        first.unlink()
+        return images / (first.stem + '.jpg')
+    if case == 'mask_without_image':
+        (images / (first.stem + '.jpg')).unlink()
+        return first
+    if case == 'size_mismatch':
+        Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(first)
+        return first
+    if case == 'value_outside_classes':
+        Image.fromarray(np.full((90, 120), 7, np.uint8), mode='L').resize(Image.open(first).size).save(first)
+        return first
+    if case == 'colour_not_a_class':
+        mask = np.array(Image.open(first))
+        mask[5, 9] = [1, 2, 3]
+        Image.fromarray(mask).save(first)
+        return first
+    if case == 'no_classes_file':
+        (folder / 'classes.txt').unlink()
+        return folder / 'classes.txt'
+    shutil.rmtree(folder / 'images' / 'val')
+    return folder / 'images' / 'val'
+
+
+@pytest.mark.parametrize('case', ['image_without_mask', 'mask_without_image', 'size_mismatch',
+                                  'value_outside_classes', 'colour_not_a_class', 'no_classes_file', 'no_val_folder'])
+def test_bad_folder_is_one_line_naming_the_file(tmp_path, folder, case):
+    named = break_folder(folder, case)
+    res = run_inprocess(ORIGIN_TRAIN, ['--dataset', 'folder', '--data-dir', folder] + FAST, tmp_path)
+    line = one_error_line(res, named)
+    if case == 'colour_not_a_class':
+        assert '(1, 2, 3)' in line and 'x=9, y=5' in line, line
+    if case == 'value_outside_classes':
+        assert '7' in line, line
+
+
+# ------------------------------------------------------------------------------------------------- round trip
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, folders):
+    """my_train.py on the RGB-mask folder with the tutorial's techniques (class weights from the masks, focal loss,
+    CopyBlob by class name, CutMix), then my_predict.py --eval and origin_predict.py on photos."""
+    work = tmp_path_factory.mktemp('own')
+    args = ['--dataset', 'folder', '--data-dir', folders['rgb'], '--finetune-epochs', '0', '--loss', 'focal',
+            '--class-weights', 'counts', '--copyblob', '1', '--copyblob-pairs', 'person:sky', '--cutmix', '0.5']
+    train = run_inprocess(MY_TRAIN, args + FAST, work)
+    predict = run_inprocess(MY_PREDICT, ['--eval', '--workers', '0'], work)
+    photos = work / 'photos'
+    photos.mkdir()
+    shutil.copy(sorted((folders['rgb'] / 'images' / 'val').iterdir())[0], photos / 'a.jpg')
+    segment = run_inprocess(ORIGIN_PREDICT, [photos, '--checkpoint', 'checkpoints/my.pt', '--out-dir', 'seg'], work)
+    return work, train, predict, segment
+
+
+def test_training_on_own_data_records_the_classes(trained):
+    work, train, _, _ = trained
+    assert train.code == 0, train.err + train.out
+    assert 'person' in train.out and 'share' in train.out     # the class-weight table names our classes
+    ckpt = sd.load_torch_file(work / 'checkpoints' / 'my.pt')
+    assert ckpt['classes'] == {'names': NAMES, 'colors': COLORS}
+    assert ckpt['model_args']['num_classes'] == 4 and ckpt['config']['dataset'] == 'folder'
+
+
+def test_predict_on_own_data_names_the_classes(trained):
+    work, _, predict, segment = trained
+    assert predict.code == 0, predict.err + predict.out
+    for name in NAMES:
+        assert name in predict.out
+    result = json.loads((work / 'checkpoints' / 'my_results.json').read_text())
+    assert result['class_names'] == NAMES and len(result['iou']) == 4
+    assert (work / 'checkpoints' / 'my_confusion.png').exists() and (work / 'pictures' / 'compare.png').exists()
+    assert segment.code == 0, segment.err + segment.out
+    with Image.open(work / 'seg' / 'a_labels.png') as labels:
+        assert labels.mode == 'P' and labels.getpalette()[:12] == sum(COLORS, [])
+        assert np.array(labels).max() < 4
+
+
+def test_copyblob_on_own_classes_needs_pairs(tmp_path, folders):
+    res = run_inprocess(MY_TRAIN, ['--dataset', 'folder', '--data-dir', folders['index'], '--copyblob', '1',
+                                   '--finetune-epochs', '0'] + FAST, tmp_path)
+    one_error_line(res, '--copyblob-pairs')
+
+
+def test_folder_demo_writes_a_layout_users_can_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr(sd, 'DEMO_DIR', tmp_path / 'demo' / 'VOC2012')
+    root = sd.make_demo_folder(tmp_path / 'demo' / 'folder')
+    data = sd.find_data('folder', root)
+    assert data.classes == sd.DEMO_FOLDER_CLASSES
+    val = sd.open_dataset(data, is_train=False)
+    with Image.open(val.items[0][1]) as mask:
+        assert mask.mode == 'RGB'
+    assert len(val) == 40 and set(val.read(0)[1].unique().tolist()) <= set(range(6)) | {255}
