@@ -86,7 +86,7 @@ def main():
 
     data = sd.find_data(args.dataset, args.data_dir, args.demo, args.download, args.void_as_background)
     train_iter, test_iter = sd.load_data_voc(args.batch_size // args.accum_steps, args.crop_size, data, args.seed,
-                                             args.workers, device, channels_last)
+                                             args.workers, device, channels_last, args.data_on_device)
     model_args = dict(name=args.model, num_classes=len(data.classes.names), norm=args.norm, aux_loss=args.aux_loss)
     resuming = args.resume and os.path.exists(args.save)     # its weights replace the ImageNet ones: skip them
     model = sd.build_model(**model_args, pretrained=args.pretrained and not resuming,

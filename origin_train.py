@@ -38,7 +38,7 @@ def main():
 
     data = sd.find_data(args.dataset, args.data_dir, args.demo, args.download, args.void_as_background)
     train_iter, test_iter = sd.load_data_voc(args.batch_size // args.accum_steps, args.crop_size, data, args.seed,
-                                             args.workers, device, channels_last)
+                                             args.workers, device, channels_last, args.data_on_device)
     num_classes = len(data.classes.names)
     resuming = args.resume and os.path.exists(args.save)     # its weights replace the ImageNet ones: skip them
     net = sd.fcn_resnet18(num_classes, args.pretrained and not resuming, args.backbone_weights)

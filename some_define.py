@@ -415,14 +415,15 @@ class SegDataset(torch.utils.data.Dataset):
         self.crop_size = None if crop_size is None else tuple(int(s) for s in crop_size)
         self.normalize, self.void_as_background, self.augment = normalize, void_as_background, augment
         self.label_lut, self.colormap2label = files.label_lut, voc_colormap2label(classes.colors)
-        self.items = files.items
+        self.items, self.sizes = files.items, None
         if self.crop_size is not None and not augment:
-            self.items = self.large_enough(files)
+            self.items, self.sizes = self.large_enough(files)
         log(f'read {len(self.items)} examples')
 
     def large_enough(self, files):
-        """The items at least as large as the crop, judged from the image headers (nothing is decoded)."""
-        kept, largest = [], (0, 0)
+        """The items at least as large as the crop, and their (height, width), judged from the image headers
+        (nothing is decoded)."""
+        kept, sizes, largest = [], [], (0, 0)
         for img_path, label_path in files.items:
             try:
                 with Image.open(img_path) as img:
@@ -432,10 +433,11 @@ class SegDataset(torch.utils.data.Dataset):
             largest = max(largest, (h, w))
             if h >= self.crop_size[0] and w >= self.crop_size[1]:
                 kept.append((img_path, label_path))
+                sizes.append((h, w))
         if not kept:
             raise UserError(f'every image listed in {files.source} is smaller than the crop {self.crop_size[0]}x'
                             f'{self.crop_size[1]} (largest {largest[0]}x{largest[1]}): pass a smaller --crop-size')
-        return kept
+        return kept, sizes
 
     def __len__(self):
         return len(self.items)
@@ -535,12 +537,13 @@ def default_workers():
 
 def make_loader(dataset, batch_size, is_train, seed=0, num_workers=None):
     """Shuffled for training; both drop the last partial batch, as the book does. `batch_size` is global: each of
-    torchrun's processes loads its share."""
+    torchrun's processes loads its share. Evaluation has no gradients to keep (and BatchNorm in eval mode makes each
+    image's scores independent of its batch): its batches are twice as large, over the same images."""
     workers = default_workers() if num_workers is None else num_workers
     sampler = SeededSampler(dataset, shuffle=is_train, seed=seed)
     if not is_train and len(dataset) >= batch_size:
         sampler.eval_limit = len(dataset) // batch_size * batch_size
-    per_rank = max(1, batch_size // sampler.num_replicas) if is_train else batch_size
+    per_rank = max(1, batch_size // sampler.num_replicas) if is_train else 2 * batch_size
     if is_train and len(dataset) // sampler.num_replicas < per_rank:
         raise UserError(f'only {len(dataset)} training examples for a batch of {batch_size}: '
                         'pass a smaller --batch-size or a smaller --crop-size')
@@ -573,10 +576,70 @@ class DeviceLoader:
             yield to_device(X, y, self.device, self.channels_last)
 
 
-def load_data_voc(batch_size, crop_size, voc_dir, seed=0, num_workers=None, device=None, channels_last=False):
+class DeviceData(DeviceLoader):
+    """A split decoded once (in the loader's workers, in parallel) and kept on the device as uint8 images and labels
+    at full size; each epoch cuts one random crop per image there (voc_rand_crop with the item's seed from the same
+    SeededSampler): the loader's own batches, without decoding a JPEG again."""
+
+    def __init__(self, loader, device, channels_last=False):
+        super().__init__(loader, device, channels_last)
+        whole = torch.utils.data.DataLoader(WholeItems(loader.dataset), batch_size=None, num_workers=loader.num_workers,
+                                            generator=torch.Generator())    # the global seed stays the model's
+        self.images, self.labels = [], []
+        for image, label in whole:
+            self.images.append(image.to(device))
+            self.labels.append(label.to(device))
+
+    def __iter__(self):
+        items, size = list(self.sampler), self.loader.batch_size
+        for start in range(0, len(items) - size + 1 if self.loader.drop_last else len(items), size):
+            crops = [voc_rand_crop(self.images[i], self.labels[i], *self.dataset.crop_size,
+                                   generator=torch.Generator().manual_seed(int(seed)))
+                     for i, seed in items[start:start + size]]
+            yield to_device(torch.stack([X for X, _ in crops]), torch.stack([y for _, y in crops]), self.device,
+                            self.channels_last)
+
+
+class WholeItems(torch.utils.data.Dataset):
+    """A dataset's items at full size, uint8 image and label, as DeviceData stores them."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        image, label = self.dataset.read(idx)
+        return image, label.to(torch.uint8)
+
+
+def data_on_device(choice, device, datasets):
+    """--data-on-device auto|on|off: (whether the splits go to the device, why). auto: with CUDA, when the decoded
+    splits take at most a quarter of the free GPU memory."""
+    need = sum(4 * h * w for ds in datasets for h, w in ds.sizes or [])
+    if choice == 'off':
+        return False, 'asked for'
+    if any(ds.augment or ds.sizes is None for ds in datasets):
+        if choice == 'on':
+            raise UserError("--data-on-device on: the tutorial's augmentation (Cityscapes training) runs in the "
+                            'DataLoader workers: pass --data-on-device off')
+        return False, "the tutorial's augmentation runs in the DataLoader workers"
+    if choice == 'on':
+        return True, f'asked for, {need / 2 ** 30:.2f} GiB'
+    if device.type != 'cuda':
+        return False, 'auto: no GPU'
+    free = torch.cuda.mem_get_info(device)[0]
+    return need <= free / 4, f'auto: the decoded splits take {need / 2 ** 30:.2f} GiB, the GPU has ' \
+                             f'{free / 2 ** 30:.1f} GiB free'
+
+
+def load_data_voc(batch_size, crop_size, voc_dir, seed=0, num_workers=None, device=None, channels_last=False,
+                  on_device='auto'):
     """The book's two loaders of random crops: (train_iter, test_iter). `voc_dir` is a VOC2012 folder, or a Data
-    (find_data: VOC, Cityscapes). Without `device`, the book's float32 images and int64 labels; with it, batches
-    arrive on the device (DeviceLoader)."""
+    (find_data: VOC, Cityscapes, a folder). Without `device`, the book's float32 images and int64 labels; with it,
+    batches arrive on the device, from splits kept there (DeviceData, see data_on_device) or streamed from the
+    workers (DeviceLoader)."""
     data = voc_dir if isinstance(voc_dir, Data) else Data('voc', Path(voc_dir), VOC, False, 'VOC2012')
     train = open_dataset(data, True, crop_size, normalize=device is None)
     test = open_dataset(data, False, crop_size, normalize=device is None)
@@ -584,7 +647,12 @@ def load_data_voc(batch_size, crop_size, voc_dir, seed=0, num_workers=None, devi
     test_iter = make_loader(test, batch_size, False, seed, num_workers)
     if device is None:
         return train_iter, test_iter
-    return DeviceLoader(train_iter, device, channels_last), DeviceLoader(test_iter, device, channels_last)
+    keep, why = data_on_device(on_device, device, (train, test))
+    workers = train_iter.num_workers
+    log(f'data: decoded once and kept on {device} ({why})' if keep else
+        f'data: streamed, {f"{workers} DataLoader workers" if workers else "read in the main process"} ({why})')
+    loader = DeviceData if keep else DeviceLoader
+    return loader(train_iter, device, channels_last), loader(test_iter, device, channels_last)
 
 
 def class_pixel_counts(dataset, cache_dir):
@@ -658,13 +726,32 @@ def resnet18_backbone(pretrained=False, weights_path=None):
     return net
 
 
+class ShuffleConvTranspose2d(nn.ConvTranspose2d):
+    """nn.ConvTranspose2d (same weight, bias, state_dict and initialisation) whose kernel is twice its stride, as the
+    FCN's 64/32, computed as a 2x2 convolution to out_channels x stride x stride channels, pixel_shuffle(stride) and
+    a crop: every output pixel gets the same 2x2 input neighbours times the same weights, so forward and gradients
+    are the transposed conv's up to float rounding, and cuDNN has no large-kernel algorithm to search for."""
+
+    def forward(self, x, output_size=None):
+        s, p, (cin, cout) = self.stride[0], self.padding[0], self.weight.shape[:2]
+        if output_size is not None or self.kernel_size != (2 * s, 2 * s) or self.stride != (s, s) \
+                or self.padding != (p, p) or self.groups != 1 or self.dilation != (1, 1):
+            return super().forward(x, output_size)
+        # kernel row 32*u + r (u = 0, 1) meets input row a - u at output row 32*a + r: a 2x2 conv over the flipped u
+        weight = self.weight.view(cin, cout, 2, s, 2, s).permute(1, 3, 5, 0, 2, 4).flip(4, 5)
+        bias = None if self.bias is None else self.bias.repeat_interleave(s * s)
+        y = F.pixel_shuffle(F.conv2d(x, weight.reshape(cout * s * s, cin, 2, 2), bias, padding=1), s)
+        h, w = x.shape[-2:]
+        return y[..., p:(h + 1) * s - p, p:(w + 1) * s - p]
+
+
 def fcn_resnet18(num_classes=21, pretrained=False, weights_path=None):
     """The book's FCN, layer for layer: resnet18 minus avgpool and fc, a 1x1 conv, a bilinear transposed conv."""
     pretrained_net = resnet18_backbone(pretrained, weights_path)
     net = nn.Sequential(*list(pretrained_net.children())[:-2])
     net.add_module('final_conv', nn.Conv2d(512, num_classes, kernel_size=1))
-    net.add_module('transpose_conv', nn.ConvTranspose2d(num_classes, num_classes, kernel_size=64, padding=16,
-                                                        stride=32))
+    net.add_module('transpose_conv', ShuffleConvTranspose2d(num_classes, num_classes, kernel_size=64, padding=16,
+                                                            stride=32))
     nn.init.xavier_uniform_(net.final_conv.weight)     # the book's text asks for it; its code leaves it out
     net.transpose_conv.weight.data.copy_(bilinear_kernel(num_classes, num_classes, 64))
     return net
@@ -672,6 +759,39 @@ def fcn_resnet18(num_classes=21, pretrained=False, weights_path=None):
 
 def convrelu(in_channels, out_channels, kernel, padding):
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, padding=padding), nn.ReLU(inplace=True))
+
+
+def interpolation_matrix(n, like):
+    """(2n x n) weights of a x2 bilinear upsample with align_corners=True along one axis (F.interpolate's)."""
+    pos = torch.arange(2 * n, dtype=torch.float64) * ((n - 1) / (2 * n - 1))
+    low = pos.floor().long().clamp(max=n - 1)
+    frac, rows = pos - low, torch.arange(2 * n)
+    matrix = torch.zeros(2 * n, n, dtype=torch.float64)
+    matrix[rows, low] += 1 - frac
+    matrix[rows, (low + 1).clamp(max=n - 1)] += frac
+    return matrix.to(like.device, like.dtype)
+
+
+def upsample2x(x):
+    """F.interpolate(x, scale_factor=2, mode='bilinear', align_corners=True) as two matrix products, whose backward
+    is two more: no atomic adds, which make CUDA's own backward slow in bf16 (pytorch/pytorch#140096). Channels-last
+    input stays channels-last."""
+    n, c, h, w = x.shape
+    rows, cols = interpolation_matrix(h, x), interpolation_matrix(w, x)
+    if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+        return rows @ x @ cols.T
+    y = (rows @ x.permute(0, 2, 3, 1).reshape(n, h, w * c)).reshape(n * 2 * h, w, c)
+    return (cols @ y).reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+
+
+class Upsample2x(nn.Module):
+    """The U-Net's x2 bilinear upsample (align_corners=True): upsample2x on CUDA; on the CPU, whose backward has no
+    atomics problem, F.interpolate."""
+
+    def forward(self, x):
+        if x.is_cuda:
+            return upsample2x(x)
+        return F.interpolate(x, scale_factor=2, mode='bilinear', align_corners=True)
 
 
 def pad_to_multiple(x, multiple=32):
@@ -700,7 +820,7 @@ class ResNetUNet(nn.Module):
         self.layer3_1x1 = convrelu(256, 256, 1, 0)
         self.layer4 = self.base_layers[7]                       # 1/32, 512
         self.layer4_1x1 = convrelu(512, 512, 1, 0)
-        self.upsample = nn.Upsample(scale_factor=2, mode='bilinear', align_corners=True)
+        self.upsample = Upsample2x()
         self.conv_up3 = convrelu(256 + 512, 512, 3, 1)
         self.conv_up2 = convrelu(128 + 512, 256, 3, 1)
         self.conv_up1 = convrelu(64 + 256, 256, 3, 1)
@@ -1102,9 +1222,10 @@ def train_batch_ch13(net, X, y, loss, amp=None, scaler=None, scale=1):
 
 def train_epoch_ch13(net, batches, loss, trainer, amp=None, scaler=None, accum_steps=1, augment=None):
     """One epoch of updates, each from accum_steps micro-batches (an incomplete last group is dropped, as the book
-    drops a partial batch). Returns [loss sum, examples, correct pixels, labelled pixels] over all processes."""
-    world, totals = world_size(), 0
-    steps = len(batches) // accum_steps
+    drops a partial batch). Nothing waits for the device inside the loop: the sums stay there and the loss is
+    checked once, at the end. Returns [loss sum, examples, correct pixels, labelled pixels] over all processes."""
+    world, steps = world_size(), len(batches) // accum_steps
+    sums, examples, first_bad = 0, 0, None     # first_bad: the first step whose loss was not finite, on the device
     trainer.zero_grad(set_to_none=True)
     for i, (X, y) in enumerate(batches):
         if i >= steps * accum_steps:
@@ -1115,20 +1236,23 @@ def train_epoch_ch13(net, batches, loss, trainer, amp=None, scaler=None, accum_s
         sync = net.no_sync() if (not last and hasattr(net, 'no_sync')) else contextlib.nullcontext()
         with sync:
             l_sum, correct, labelled = train_batch_ch13(net, X, y, loss, amp, scaler, world)
-        count = torch.tensor(float(y.shape[0]), dtype=torch.float64, device=X.device)
-        totals = totals + torch.stack([l_sum.double(), count, correct.double(), labelled.double()])
+        sums = sums + torch.stack([l_sum.double(), correct.double(), labelled.double()])
+        examples += y.shape[0]
+        step = torch.where(l_sum.isfinite(), steps + 1, i // accum_steps + 1)
+        first_bad = step if first_bad is None else torch.minimum(first_bad, step)
         if last:
-            if not math.isfinite(float(l_sum)):
-                raise NonFiniteLoss((i + 1) // accum_steps, float(l_sum))
             if scaler is not None:
                 scaler.step(trainer)
                 scaler.update()
             else:
                 trainer.step()
             trainer.zero_grad(set_to_none=True)
+    if first_bad is not None and int(first_bad) <= steps:
+        raise NonFiniteLoss(int(first_bad))
     if not all(v.isfinite().all() for v in net.state_dict().values() if v.is_floating_point()):
-        raise NonFiniteLoss(steps, float('nan'))    # a finite loss but broken weights: the last checkpoint stays
-    return all_reduce_sum(totals.tolist())
+        raise NonFiniteLoss(steps)    # a finite loss but broken weights: the last checkpoint stays
+    l_total, correct, labelled = sums.tolist()
+    return all_reduce_sum([l_total, examples, correct, labelled])
 
 
 def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint, amp=None, accum_steps=1,
@@ -1153,13 +1277,14 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint
                            disable=not is_main_process() or None)
             l_total, n, correct, pixels = train_epoch_ch13(net, batches, loss, trainer, amp, scaler, accum_steps,
                                                            augment)
-            train_time += time.time() - start
+            trained = time.time()
+            train_time += trained - start
             seen += n
             test = evaluate_crops(net, test_iter, amp)
             ckpt.end_epoch(trainer, scaler, {
                 'epoch': epoch + 1, 'loss': l_total / n, 'train_acc': correct / max(pixels, 1),
                 'test_acc': test['pixel_acc'], 'test_miou': test['miou'], 'lr': trainer.param_groups[0]['lr'],
-                'seconds': time.time() - start})
+                'seconds': time.time() - start, 'train_seconds': trained - start, 'eval_seconds': time.time() - trained})
             h = ckpt.history[-1]
             log(f'epoch {epoch + 1}/{num_epochs}: loss {h["loss"]:.3f}, train acc {h["train_acc"]:.3f}, '
                 f'test acc {h["test_acc"]:.3f}, test mIoU {h["test_miou"]:.3f} ({h["seconds"]:.0f} s)')
@@ -1169,7 +1294,7 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint
         raise SystemExit(130) from None
     except NonFiniteLoss as err:
         kept = f'{ckpt.path} (epoch {ckpt.epoch}) is kept' if ckpt.epoch else 'no checkpoint was written'
-        raise UserError(f'the loss became {err.value} at epoch {ckpt.epoch + 1}, step {err.step}; {kept}: lower '
+        raise UserError(f'the loss became inf or nan at epoch {ckpt.epoch + 1}, step {err.step}; {kept}: lower '
                         '--lr, or find the operation with --detect-anomaly') from None
     if ckpt.history:
         h = ckpt.history[-1]
@@ -1181,9 +1306,9 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint
 
 
 class NonFiniteLoss(Exception):
-    def __init__(self, step, value):
-        super().__init__(f'step {step}: {value}')
-        self.step, self.value = step, value
+    def __init__(self, step):
+        super().__init__(f'step {step}')
+        self.step = step
 
 
 def evaluate_crops(net, data_iter, amp=None):
@@ -1645,6 +1770,10 @@ def add_speed_args(parser):
     s = parser.add_argument_group('speed and scale')
     s.add_argument('--accum-steps', type=int, default=1, help='gradient accumulation: --batch-size 32 '
                    '--accum-steps 4 runs micro-batches of 8 with the update of 32 (default: 1)')
+    s.add_argument('--data-on-device', choices=['auto', 'on', 'off'], default='auto', help='decode each split once '
+                   'and keep it on the device, random crops cut there; off: stream from DataLoader workers '
+                   '(default: auto, on with CUDA when the decoded splits take at most a quarter of the free GPU '
+                   'memory)')
     s.add_argument('--channels-last', action=argparse.BooleanOptionalAction, help='default: on with CUDA')
     s.add_argument('--cudnn-benchmark', action=argparse.BooleanOptionalAction, default=True,
                    help='let cuDNN time its algorithms for the training shape (default: on; the first step then '
