@@ -2125,11 +2125,12 @@ def _make_pair(h, w, rng):
 
 
 def make_demo_voc(root=DEMO_DIR, num_train=120, num_val=40, seed=0, min_size=DEMO_MIN_SIZE, max_size=(128, 160),
-                  num_small=4):
+                  num_small=4, sizes=None):
     """Write (once, deterministically) a synthetic dataset in the exact VOC2012 layout under root; return root.
 
     JPEG images, palette PNG labels with VOC's palette and 255 borders, split files, a few images smaller than the
-    demo crop: every code path of the real dataset runs on it, on a machine that has none.
+    demo crop: every code path of the real dataset runs on it, on a machine that has none. Image sizes are drawn
+    between min_size and max_size, or from the (height, width) list `sizes` (the benchmark's VOC-like mix).
     """
     root = str(root)
     marker = os.path.join(root, ".demo_complete")
@@ -2146,8 +2147,11 @@ def make_demo_voc(root=DEMO_DIR, num_train=120, num_val=40, seed=0, min_size=DEM
         ids = []
         for i in range(n):
             k += 1
-            h = int(rng.integers(min_size[0], max_size[0] + 1))
-            w = int(rng.integers(min_size[1], max_size[1] + 1))
+            if sizes:
+                h, w = sizes[int(rng.integers(len(sizes)))]
+            else:
+                h = int(rng.integers(min_size[0], max_size[0] + 1))
+                w = int(rng.integers(min_size[1], max_size[1] + 1))
             if i in small:  # below a 64x96 crop in one dimension, so crop filters have work to do
                 h, w = (48, w) if sorted(small).index(i) % 2 == 0 else (h, 80)
             img, lab = _make_pair(h, w, rng)

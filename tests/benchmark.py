@@ -4,9 +4,10 @@
     python tests/benchmark.py --device cuda --compile
     python tests/benchmark.py --quick              # tiny sizes: checks that it all runs (1-2 minutes on 2 CPU cores)
     python tests/benchmark.py --parts loader       # only the loader's memory / throughput (CPU-bound)
+    python tests/benchmark.py --parts recipe --baseline 447185c     # whole recipes, against an older commit
 
-It prints a table and writes it to benchmark_results.md (--out), naming the machine. Four parts
-(accuracy only when asked for):
+It prints a table and writes it to benchmark_results.md (--out), naming the machine. Five parts
+(accuracy and recipe only when asked for):
   loader  one training epoch of VOCSegDataset through make_loader (lazy: file names in memory, decoding in the
           workers) against the book's way (the whole split read into memory and normalised to float32 tensors up
           front, labels as RGB images, its 256**3 colour table), at two dataset sizes of synthetic VOC-sized
@@ -21,7 +22,15 @@ It prints a table and writes it to benchmark_results.md (--out), naming the mach
   accuracy  does the fast path learn as well? origin_train.py and my_train.py --demo, each run plain
           (--no-amp --no-channels-last) and fast (--amp --channels-last) with a few seeds (--seeds), every
           checkpoint then evaluated the same way (fp32, whole demo val split at original size). The seeds give
-          the noise to judge the difference by. Not in the default parts: it trains 4 x seeds models.
+          the noise to judge the difference by. Not in the default parts: it trains 4 x seeds models. With
+          --baseline, the baseline's code trains the same demo recipes too, evaluated alike.
+  recipe  whole recipes as a user runs them: origin_train.py (--epochs, default the book's 30) then my_train.py
+          (--epochs + --finetune-epochs, default 30 + 10) on synthetic data with VOC's counts (--images 1464
+          training, 1449 validation) and a VOC-like size mix (76% of the images at least 320x480, as the book's
+          1114 of 1464). Wall time from the command's start to its last checkpoint, split into start-up and data
+          preparation, the first epoch's extra time (warm-up), steady training and evaluation (from the per-epoch
+          times the checkpoints record), and training images/s. Each recipe runs with this code's defaults, with
+          --data-on-device off (streaming), and with --baseline's code (an older commit or checkout), in one run.
 """
 import argparse
 import concurrent.futures
@@ -50,6 +59,9 @@ import some_define as sd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOC_HW = (375, 500)         # a typical VOC image: 500x375 (width x height)
+# VOC's mix of sizes, roughly: 70% 500x375, 6% 500x333 (both kept by a 320x480 crop), 18% portrait 375x500 and 6%
+# 500x281 (both dropped): 76% kept, as the book's 1114 of 1464.
+VOC_SIZE_MIX = [(375, 500)] * 35 + [(333, 500)] * 3 + [(500, 375)] * 9 + [(281, 500)] * 3
 MARK = 'BENCHMARK_JSON '
 
 
@@ -382,12 +394,14 @@ def run_infer_part(args, cfg, device):
 
 
 # -------------------------------------------------------------------------------------------------------- accuracy
-def train_demo(recipe, fast, seed, device, folder, quick):
-    """One demo training in its own folder (its curves picture lands there); the checkpoint to evaluate."""
+def train_demo(recipe, fast, seed, device, folder, quick, code=ROOT):
+    """One demo training in its own folder (its curves picture lands there); the checkpoint to evaluate. `code`:
+    the checkout whose scripts run (this one, or --baseline's); fast=None: that code's defaults."""
     folder.mkdir(parents=True)
-    cmd = [sys.executable, str(ROOT / f'{recipe}_train.py'), '--demo', '--seed', str(seed), '--device', str(device),
-           '--save', str(folder / 'ckpt.pt'), '--workers', '1']
-    cmd += ['--amp', '--channels-last'] if fast else ['--no-amp', '--no-channels-last']
+    cmd = [sys.executable, str(Path(code) / f'{recipe}_train.py'), '--demo', '--seed', str(seed), '--device',
+           str(device), '--save', str(folder / 'ckpt.pt'), '--workers', '1']
+    if fast is not None:
+        cmd += ['--amp', '--channels-last'] if fast else ['--no-amp', '--no-channels-last']
     if quick:
         cmd += ['--epochs', '1'] + (['--finetune-epochs', '0'] if recipe == 'my' else [])
     start = time.perf_counter()
@@ -403,44 +417,138 @@ def run_accuracy_part(args, cfg, device):
     sd.make_demo_voc(sd.DEMO_DIR)          # written once here, before the parallel runs read it
     val = sd.VOCSegDataset(False, None, sd.DEMO_DIR, normalize=False)
     work = Path(tempfile.mkdtemp(prefix='seg_accuracy_'))
-    plan = [(recipe, fast, seed) for recipe in ('origin', 'my') for fast in (False, True) for seed in cfg['seeds']]
+    baseline = baseline_tree(args.baseline, work) if args.baseline else None
+    chosen = args.paths or ['plain', 'fast'] + (['baseline'] if baseline else [])
+    if 'baseline' in chosen and not baseline:
+        raise sd.UserError('--paths baseline needs --baseline REV_OR_DIR')
+    paths = [{'plain': False, 'fast': True, 'baseline': 'baseline'}[p] for p in chosen]
+    plan = [(recipe, fast, seed) for recipe in ('origin', 'my') for fast in paths for seed in cfg['seeds']]
     rows = []
     try:
         with concurrent.futures.ThreadPoolExecutor(cfg['jobs']) as pool:
-            futures = {key: pool.submit(train_demo, *key, device, work / '_'.join(map(str, key)), args.quick)
-                       for key in plan}
+            futures = {key: pool.submit(train_demo, key[0], None if key[1] == 'baseline' else key[1], key[2], device,
+                                        work / '_'.join(map(str, key)), args.quick,
+                                        baseline if key[1] == 'baseline' else ROOT) for key in plan}
             for (recipe, fast, seed), future in futures.items():
                 path, seconds = future.result()
                 net, _ = sd.load_model(path, device)
                 m = sd.evaluate_full(net, val, num_workers=0).compute()
                 rows.append(dict(recipe=recipe, fast=fast, seed=seed, acc=m['pixel_acc'], miou=m['miou'],
                                  seconds=seconds))
-                print(f'  accuracy {recipe:6} {"fast" if fast else "plain":5} seed {seed}: pixel acc '
+                print(f'  accuracy {recipe:6} {PATH_NAMES[fast]:5} seed {seed}: pixel acc '
                       f'{m["pixel_acc"]:.3f}, mIoU {m["miou"]:.3f} ({seconds:.0f} s)', flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     table = ['| recipe | path | mIoU per seed | mean mIoU | pixel acc per seed | mean pixel acc |',
              '|---|---|---|---:|---|---:|']
     for recipe in ('origin', 'my'):
-        for fast in (False, True):
+        for fast in paths:
             rs = [r for r in rows if r['recipe'] == recipe and r['fast'] == fast]
             miou, acc = [r['miou'] for r in rs], [r['acc'] for r in rs]
-            table.append(f'| {recipe} | {"fast (amp, channels_last)" if fast else "plain fp32"} | '
+            table.append(f'| {recipe} | {PATH_NAMES[fast]} | '
                          f'{" ".join(f"{v:.3f}" for v in miou)} | {sum(miou) / len(miou):.3f} | '
                          f'{" ".join(f"{v:.3f}" for v in acc)} | {sum(acc) / len(acc):.3f} |')
     amp = sd.amp_dtype(device, True)
     note = (f'{device.type.upper()}, the --demo presets{" cut to 1 epoch (--quick)" if args.quick else ""}, seeds '
             f'{" ".join(map(str, cfg["seeds"]))}; fast = --amp ({str(amp).replace("torch.", "")}) --channels-last, '
-            'plain = --no-amp --no-channels-last. Every checkpoint evaluated alike: fp32, the 40 synthetic demo val '
-            'images at original size, mIoU over the classes present. The spread between seeds is the noise.')
+            'plain = --no-amp --no-channels-last' + (f'; baseline = {args.baseline}\'s code with its defaults'
+                                                      if baseline else '') +
+            '. Every checkpoint evaluated alike (by this code): fp32, the 40 synthetic demo val images at original '
+            'size, mIoU over the classes present. The spread between seeds is the noise.')
     return '## Accuracy of the fast path (demo data)\n\n' + note + '\n\n' + '\n'.join(table) + '\n'
+
+
+PATH_NAMES = {False: 'plain fp32', True: 'fast (amp, channels_last)', 'baseline': 'baseline code'}
+
+
+# ---------------------------------------------------------------------------------------------------------- recipe
+def baseline_tree(spec, work):
+    """--baseline: a folder holding another checkout, or a git revision of this repository exported into `work`."""
+    if Path(spec).is_dir():
+        return Path(spec).resolve()
+    tree = Path(work) / f'baseline_{spec}'
+    tree.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(['git', '-C', str(ROOT), 'archive', spec], capture_output=True)
+    if archive.returncode != 0:
+        raise sd.UserError(f'--baseline {spec}: neither a folder nor a git revision here '
+                           f'({archive.stderr.decode().strip()})')
+    subprocess.run(['tar', '-x', '-C', str(tree)], input=archive.stdout, check=True)
+    return tree
+
+
+def run_recipe(code, script, data_dir, folder, extra):
+    """One script run as a user runs it, in its own folder: wall seconds to its last checkpoint, and the split."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(Path(code) / script), '--data-dir', str(data_dir), '--no-pretrained'] + extra
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
+    (folder / f'{script}.log').write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f'{" ".join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}')
+    ckpts = sorted(folder.glob('checkpoints/*.pt'), key=lambda p: p.stat().st_mtime)
+    wall = ckpts[-1].stat().st_mtime - start
+    history = [h for p in ckpts for h in sd.load_torch_file(p)['history']]
+    train = [h.get('train_seconds') for h in history]
+    evals = [h.get('eval_seconds') for h in history]
+    row = dict(wall=wall, epochs=len(history), images=None, split=None)
+    if None not in train and len(train) > 1:
+        steady = sorted(train[1:])[len(train[1:]) // 2]          # the median epoch after the first
+        row['split'] = dict(prep=wall - sum(train) - sum(evals), warmup=train[0] - steady,
+                            steady=sum(train) - (train[0] - steady), eval=sum(evals))
+    speed = [line for line in proc.stdout.splitlines() if 'examples/sec' in line]
+    row['images'] = sum(float(line.split()[0]) for line in speed) / max(len(speed), 1)
+    return row
+
+
+def run_recipe_part(args, cfg, device, data_root):
+    root = Path(data_root) / f'voc_recipe_{cfg["recipe_images"]}' / 'VOC2012'
+    t = time.perf_counter()
+    n_val = round(cfg['recipe_images'] * 1449 / 1464)
+    sd.make_demo_voc(root, num_train=cfg['recipe_images'], num_val=n_val, num_small=0, sizes=VOC_SIZE_MIX)
+    print(f'  data: {cfg["recipe_images"]} + {n_val} synthetic VOC-sized images ({time.perf_counter() - t:.0f} s)',
+          flush=True)
+    work = Path(tempfile.mkdtemp(prefix='seg_recipe_'))
+    configs = [('defaults', ROOT, []), ('streaming (--data-on-device off)', ROOT, ['--data-on-device', 'off'])]
+    if args.baseline:
+        configs.append((f'baseline {args.baseline} (its defaults)', baseline_tree(args.baseline, work), []))
+    epochs, finetune = cfg['recipe_epochs'], cfg['recipe_finetune']
+    scripts = [('origin_train.py', ['--epochs', str(epochs)] + cfg['recipe_args']),
+               ('my_train.py', ['--epochs', str(epochs), '--finetune-epochs', str(finetune)] + cfg['recipe_args'])]
+    rows = []
+    try:
+        for name, code, flags in configs:
+            for script, extra in scripts:
+                r = run_recipe(code, script, root, work / f'{len(rows)}', extra + flags + ['--device', str(device)])
+                rows.append(dict(r, config=name, script=script))
+                print(f'  recipe {script:15} {name}: {r["wall"]:.1f} s to the last checkpoint', flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    table = ['| script | code and flags | wall s (to last checkpoint) | vs defaults | start-up + data s | warm-up s '
+             '| steady training s | evaluation s | training images/s |', '|---|---|---:|---:|---:|---:|---:|---:|---:|']
+    for r in rows:
+        base = next(b for b in rows if b['script'] == r['script'] and b['config'] == 'defaults')
+        sp = r['split']
+        parts = ' | '.join(f'{sp[k]:.1f}' for k in ('prep', 'warmup', 'steady', 'eval')) if sp else '- | - | - | -'
+        table.append(f'| {r["script"]} | {r["config"]} | {r["wall"]:.1f} | {r["wall"] / base["wall"]:.2f}x | '
+                     f'{parts} | {r["images"]:.1f} |')
+    note = (f'{device.type.upper()}; origin_train.py {epochs} epochs, my_train.py {epochs} + {finetune}; '
+            f'{cfg["recipe_images"]} training and {n_val} validation synthetic images (VOC-like sizes), '
+            f'--no-pretrained (the weights do not change the speed) {" ".join(cfg["recipe_args"])}. Start-up + data = wall minus the epochs '
+            "(imports, decoding, the model); warm-up = the first epoch's training time minus a steady epoch's; "
+            'images/s as the scripts report it (training only; my_train.py: the mean of its two stages).')
+    return '## Whole recipes\n\n' + note + '\n\n' + '\n'.join(table) + '\n'
 
 
 # ------------------------------------------------------------------------------------------------------------ main
 def settings(args, device):
     gpu = device.type == 'cuda'
     acc = dict(seeds=args.seeds or ([0] if args.quick else [0, 1, 2]),
-               jobs=max(1, args.jobs or (min(8, (os.cpu_count() or 1) // 2) if gpu else 1)))
+               jobs=max(1, args.jobs or (min(8, (os.cpu_count() or 1) // 2) if gpu else 1)),
+               recipe_images=args.images or (24 if args.quick else 1464),
+               recipe_epochs=args.epochs if args.epochs is not None else (2 if args.quick else 30),
+               recipe_finetune=args.finetune_epochs if args.finetune_epochs is not None else (1 if args.quick else 10),
+               recipe_args=(args.script_args if args.script_args is not None else
+                            '--batch-size 4 --crop-size 160 256' if args.quick else '').split())
     if args.quick:
         return dict(sizes=args.sizes or [16, 48], loader_batch=8, loader_crop=[320, 480],
                     train_batch=4 if gpu else 1, train_crop=[160, 240] if gpu else [64, 64],
@@ -457,14 +565,23 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument('--device', help='cpu, cuda or cuda:N (default: the GPU if there is one)')
     p.add_argument('--quick', action='store_true', help='tiny sizes: a check that everything runs (default: off)')
-    p.add_argument('--parts', nargs='+', choices=['loader', 'train', 'infer', 'accuracy'],
+    p.add_argument('--parts', nargs='+', choices=['loader', 'train', 'infer', 'accuracy', 'recipe'],
                    default=['loader', 'train', 'infer'], help='default: loader train infer (accuracy trains 4 x '
                    'seeds demo models: minutes on a GPU, most of an hour on 2 CPU cores)')
     p.add_argument('--seeds', type=int, nargs='+', help='accuracy: seeds per recipe and path (default: 0 1 2; '
                    '--quick: 0)')
+    p.add_argument('--paths', nargs='+', choices=['plain', 'fast', 'baseline'], help='accuracy: what to train '
+                   '(default: plain fast, and baseline with --baseline; on a CPU "fast" is bf16 autocast there)')
     p.add_argument('--jobs', type=int, help='accuracy: trainings at once (default: min(8, CPUs / 2) with a GPU, '
                    'else 1)')
     p.add_argument('--sizes', type=int, nargs='+', help='loader dataset sizes (default: 100 1000; --quick: 16 48)')
+    p.add_argument('--images', type=int, help="recipe: training images (default: VOC's 1464; --quick: 24)")
+    p.add_argument('--epochs', type=int, help="recipe: epochs of each script (default: the book's 30; --quick: 2)")
+    p.add_argument('--finetune-epochs', type=int, help="recipe: my_train.py's second stage (default: 10; --quick: 1)")
+    p.add_argument('--script-args', help='recipe: flags added to every script run, e.g. "--batch-size 8 --crop-size '
+                   '160 256" to fit a CPU (default: none, the recipes as they are; --quick: that example with batch 4)')
+    p.add_argument('--baseline', metavar='REV_OR_DIR', help='recipe and accuracy: also run this git revision (or '
+                   'checkout folder) of the scripts, with its own defaults (default: none)')
     p.add_argument('--workers', type=int, default=sd.default_workers(),
                    help=f'DataLoader workers for both loaders (default: min(4, CPUs) = {sd.default_workers()})')
     p.add_argument('--threads', type=int, help="torch.set_num_threads for the main process (default: torch's, "
@@ -494,7 +611,8 @@ def run_benchmark(args):
         parts = {'loader': lambda: run_loader_part(args, cfg, data_root),
                  'train': lambda: run_train_part(args, cfg, device),
                  'infer': lambda: run_infer_part(args, cfg, device),
-                 'accuracy': lambda: run_accuracy_part(args, cfg, device)}
+                 'accuracy': lambda: run_accuracy_part(args, cfg, device),
+                 'recipe': lambda: run_recipe_part(args, cfg, device, data_root)}
         for name, run in parts.items():
             if name in args.parts:
                 print(f'{name} ...', flush=True)
