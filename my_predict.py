@@ -42,7 +42,8 @@ def main():
     if args.inputs and not (args.eval or args.write_split):
         return              # your own images only: no dataset needed
 
-    data = sd.checkpoint_data(path, ckpt, args.dataset, args.data_dir, args.demo, args.void_as_background)
+    data = sd.checkpoint_data(path, ckpt, args.dataset, args.data_dir, args.demo, args.void_as_background,
+                              args.classes)
     val, colors = sd.open_dataset(data, is_train=False, normalize=False), data.classes.colors
     for p, n, _ in columns if args.eval else []:
         sd.evaluate_checkpoint(n, p, val, data.title, scales, amp, args.test_size, args.workers)

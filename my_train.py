@@ -84,7 +84,8 @@ def main():
     sd.check_writable(args.save, CURVES)
     torch.manual_seed(args.seed)
 
-    data = sd.find_data(args.dataset, args.data_dir, args.demo, args.download, args.void_as_background)
+    data = sd.find_data(args.dataset, args.data_dir, args.demo, args.download, args.void_as_background,
+                        args.classes)
     train_iter, test_iter = sd.load_data_voc(args.batch_size // args.accum_steps, args.crop_size, data, args.seed,
                                              args.workers, device, channels_last, args.data_on_device)
     model_args = dict(name=args.model, num_classes=len(data.classes.names), norm=args.norm, aux_loss=args.aux_loss)

@@ -131,7 +131,11 @@ def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_back
         if data_dir is None:
             raise UserError('--dataset folder needs --data-dir, the folder holding images/, masks/ and classes.txt')
         root = Path(data_dir)
-        return Data('folder', root, read_classes(classes or folder_classes_file(root)), void_as_background, root.name)
+        found = [root / name for name in ('classes.txt', 'class_dict.csv') if (root / name).exists()]
+        if not classes and not found:
+            raise UserError(f'{root / "classes.txt"} is missing: write one class a line (`name`, or `name R G B` for '
+                            'colour masks), background first, or pass --classes FILE')
+        return Data('folder', root, read_classes(classes or found[0]), void_as_background, root.name)
     if download:
         if is_main_process():
             download_voc(DATA_DIR if data_dir is None else Path(data_dir))
@@ -156,7 +160,8 @@ def palette_colors(n):
 
 def read_classes(path):
     """A class table from a file: one class a line, `name` or `name R G B` (blank lines and # comments skipped), or
-    a CSV with a name,r,g,b header (class_dict.csv). Classes without a colour get palette_colors not taken yet."""
+    a CSV with a name,r,g,b header (class_dict.csv). Classes without a colour get palette_colors not taken yet;
+    names and colours must be distinct, and 255 (VOC's void colour) is left to ignored pixels."""
     path = Path(path)
     try:
         lines = [line.strip() for line in path.read_text().splitlines()]
@@ -164,44 +169,26 @@ def read_classes(path):
         raise UserError(f'--classes {path} cannot be read ({err.strerror or err}): pass a class file') from None
     csv = bool(lines) and lines[0].replace(' ', '').lower().startswith('name,r,g,b')
     names, colors = [], []
-    for n, line in enumerate(lines[1:] if csv else lines, 2 if csv else 1):
-        if not line or line.startswith('#'):
+    for n, line in enumerate(lines, 1):
+        if not line or line.startswith('#') or (csv and n == 1):
             continue
-        parts = [p.strip() for p in line.split(',')] if csv else line.split()
-        rgb = parts[1:4] if csv else parts[-3:] if len(parts) >= 4 and all(p.isdigit() for p in parts[-3:]) else []
-        if (csv and len(parts) < 4) or (not rgb and parts[-1].isdigit()) or any(int(v) > 255 for v in rgb if
-                                                                                 v.isdigit()):
+        parts = [p.strip() for p in line.split(',')][:4] if csv else line.rsplit(maxsplit=3)
+        if not csv and not parts[-1].isdigit():
+            names.append(line)
+            colors.append(None)
+        elif len(parts) == 4 and all(v.isdigit() and int(v) < 256 for v in parts[1:]):
+            names.append(parts[0])
+            colors.append([int(v) for v in parts[1:]])
+        else:
             raise UserError(f'{path} line {n}: {line!r} is not `name` or `name R G B` (0-255)')
-        try:
-            colors.append([int(v) for v in rgb] or None)
-        except ValueError:
-            raise UserError(f'{path} line {n}: {line!r} has a colour that is not three numbers 0-255') from None
-        names.append(parts[0] if csv else ' '.join(parts[:len(parts) - len(rgb)]))
-    return check_classes(Classes(names, colors), path)
-
-
-def check_classes(classes, path):
-    """Distinct names and colours, 2 to 255 classes (255 marks ignored pixels), VOC's void colour kept for those;
-    missing colours filled in from palette_colors."""
-    names, given = classes
-    free = iter(c for c in palette_colors(255) if c not in given and c != VOID_COLOR)
-    colors = [c if c is not None else next(free) for c in given]
-    duplicate = next((x for i, x in enumerate(names) if x in names[:i]), None) or next(
-        (x for i, x in enumerate(colors) if x in colors[:i]), None)
-    if not 2 <= len(names) <= 255 or duplicate or VOID_COLOR in colors:
-        why = (f'{len(names)} classes (2 to 255 work)' if not 2 <= len(names) <= 255 else
-               f'{duplicate} appears twice' if duplicate else
-               f'{VOID_COLOR} is the colour of ignored pixels (VOC\'s void)')
-        raise UserError(f'{path}: {why}: correct the class file')
+    free = (c for c in palette_colors(255) if c not in colors and c != VOID_COLOR)
+    colors = [c or next(free) for c in colors]
+    problem = f'{len(names)} classes (2 to 255 work)' if not 2 <= len(names) <= 255 else next(
+        (f'{x} appears twice' for xs in (names, colors) for i, x in enumerate(xs) if x in xs[:i]), None)
+    if problem or VOID_COLOR in colors:
+        raise UserError(f'{path}: {problem or f"{VOID_COLOR} is the colour of ignored pixels (VOC void)"}: correct '
+                        'the class file')
     return Classes(names, colors)
-
-
-def folder_classes_file(root):
-    for name in ('classes.txt', 'class_dict.csv'):
-        if (Path(root) / name).exists():
-            return Path(root) / name
-    raise UserError(f'{Path(root) / "classes.txt"} is missing: write one class a line (`name`, or `name R G B` for '
-                    'colour masks), background first, or pass --classes FILE')
 
 
 def read_split(voc_dir, is_train=True):
@@ -248,12 +235,8 @@ def cityscapes_files(root, is_train=True):
     for kind, lut in (('labelIds', cityscapes_id_to_trainid()), ('labelTrainIds', None)):
         if all(p.exists() for p in labels[kind]):
             return Files(list(zip(images, labels[kind])), image_dir, 'remove it', lut)
-    for ids, train_ids in zip(labels['labelIds'], labels['labelTrainIds']):
-        if not ids.exists() and not train_ids.exists():
-            raise UserError(f'{ids} is missing (nor is there a labelTrainIds file): restore gtFine/')
     first = next(p for p in labels['labelIds'] if not p.exists())
-    raise UserError(f'{first} is missing while other images have theirs: give every image the same kind of label '
-                    '(all *_labelIds.png or all *_labelTrainIds.png)')
+    raise UserError(f'{first} is missing (and not every image has a *_labelTrainIds.png instead): restore gtFine/')
 
 
 def cityscapes_id_to_trainid():
@@ -1262,10 +1245,9 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint
     on a non-finite loss, a clean Ctrl-C. `net` may be compiled or wrapped in DDP; the checkpoint saves its model."""
     from tqdm import tqdm
     ckpt, scaler = checkpoint, torch.amp.GradScaler('cuda') if amp == torch.float16 else None
-    ckpt.restore(trainer, scaler)
     if len(train_iter) // accum_steps == 0:
         raise UserError(f'--accum-steps {accum_steps} is more than the {len(train_iter)} batches of an epoch')
-    ckpt.report_start(num_epochs, len(train_iter.dataset), amp)
+    ckpt.start(trainer, scaler, num_epochs, len(train_iter.dataset), amp)
     seen, train_time = 0, 0.0
     try:
         for epoch in range(ckpt.epoch, num_epochs):
@@ -1284,7 +1266,8 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint
             ckpt.end_epoch(trainer, scaler, {
                 'epoch': epoch + 1, 'loss': l_total / n, 'train_acc': correct / max(pixels, 1),
                 'test_acc': test['pixel_acc'], 'test_miou': test['miou'], 'lr': trainer.param_groups[0]['lr'],
-                'seconds': time.time() - start, 'train_seconds': trained - start, 'eval_seconds': time.time() - trained})
+                'seconds': time.time() - start, 'train_seconds': trained - start,
+                'eval_seconds': time.time() - trained})
             h = ckpt.history[-1]
             log(f'epoch {epoch + 1}/{num_epochs}: loss {h["loss"]:.3f}, train acc {h["train_acc"]:.3f}, '
                 f'test acc {h["test_acc"]:.3f}, test mIoU {h["test_miou"]:.3f} ({h["seconds"]:.0f} s)')
@@ -1517,7 +1500,7 @@ def segment_files(net, files, out_dir, colors, scales=None, amp=None, test_size=
             continue
         with autocast(net_device(net), amp):
             pred = predict(net, image, scales, test_size)
-        outs = {f'{Path(path).stem}_{kind}.png': picture for kind, picture in segmentation_pictures(image, pred, colors)}
+        outs = {f'{Path(path).stem}_{kind}.png': pic for kind, pic in segmentation_pictures(image, pred, colors)}
         for name in outs:
             if (out_dir / name).resolve() in inputs:
                 raise UserError(f'{out_dir / name} is an input image: pass another --out-dir')
@@ -1977,18 +1960,17 @@ class Checkpoint:
     def history(self):
         return self.state['history']
 
-    def restore(self, trainer, scaler=None):
+    def start(self, trainer, scaler, num_epochs, examples, amp):
+        """The optimizer's (and GradScaler's) state when resuming, and the stage's first line."""
         if self.state.get('optimizer'):
             trainer.load_state_dict(self.state['optimizer'])
         if scaler is not None and self.state.get('scaler'):
             scaler.load_state_dict(self.state['scaler'])
-
-    def report_start(self, num_epochs, examples, amp):
-        device, world = net_device(self.model), world_size()
         if self.epoch:
             log(f'resuming {self.path} at epoch {self.epoch} of {num_epochs}')
+        world = world_size()
         log(f'{self.state["config"]["stage"]}: {self.title.replace(" - ", " on ", 1)}, {examples} training '
-            f'examples, device {device}{" x" + str(world) if world > 1 else ""}, '
+            f'examples, device {net_device(self.model)}{" x" + str(world) if world > 1 else ""}, '
             f'amp {amp if amp is None else str(amp).replace("torch.", "")}')
         if self.epoch >= num_epochs:
             log(f'{self.path} has finished its {num_epochs} epochs')

@@ -508,9 +508,13 @@ def run_recipe_part(args, cfg, device, data_root):
     print(f'  data: {cfg["recipe_images"]} + {n_val} synthetic VOC-sized images ({time.perf_counter() - t:.0f} s)',
           flush=True)
     work = Path(tempfile.mkdtemp(prefix='seg_recipe_'))
-    configs = [('defaults', ROOT, []), ('streaming (--data-on-device off)', ROOT, ['--data-on-device', 'off'])]
-    if args.baseline:
-        configs.append((f'baseline {args.baseline} (its defaults)', baseline_tree(args.baseline, work), []))
+    chosen = args.configs or ['defaults', 'streaming'] + (['baseline'] if args.baseline else [])
+    if 'baseline' in chosen and not args.baseline:
+        raise sd.UserError('--configs baseline needs --baseline REV_OR_DIR')
+    configs = [(name, ROOT, flags) for name, flags in (('defaults', []), ('streaming', ['--data-on-device', 'off']))
+               if name in chosen]
+    if 'baseline' in chosen:
+        configs.append((f'baseline {args.baseline}', baseline_tree(args.baseline, work), []))
     epochs, finetune = cfg['recipe_epochs'], cfg['recipe_finetune']
     scripts = [('origin_train.py', ['--epochs', str(epochs)] + cfg['recipe_args']),
                ('my_train.py', ['--epochs', str(epochs), '--finetune-epochs', str(finetune)] + cfg['recipe_args'])]
@@ -523,17 +527,19 @@ def run_recipe_part(args, cfg, device, data_root):
                 print(f'  recipe {script:15} {name}: {r["wall"]:.1f} s to the last checkpoint', flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    table = ['| script | code and flags | wall s (to last checkpoint) | vs defaults | start-up + data s | warm-up s '
+    table = ['| script | code (streaming: --data-on-device off) | wall s (to last checkpoint) | vs defaults '
+             '| start-up + data s | warm-up s '
              '| steady training s | evaluation s | training images/s |', '|---|---|---:|---:|---:|---:|---:|---:|---:|']
     for r in rows:
-        base = next(b for b in rows if b['script'] == r['script'] and b['config'] == 'defaults')
+        base = next((b for b in rows if b['script'] == r['script'] and b['config'] == 'defaults'), r)
         sp = r['split']
         parts = ' | '.join(f'{sp[k]:.1f}' for k in ('prep', 'warmup', 'steady', 'eval')) if sp else '- | - | - | -'
         table.append(f'| {r["script"]} | {r["config"]} | {r["wall"]:.1f} | {r["wall"] / base["wall"]:.2f}x | '
                      f'{parts} | {r["images"]:.1f} |')
     note = (f'{device.type.upper()}; origin_train.py {epochs} epochs, my_train.py {epochs} + {finetune}; '
             f'{cfg["recipe_images"]} training and {n_val} validation synthetic images (VOC-like sizes), '
-            f'--no-pretrained (the weights do not change the speed) {" ".join(cfg["recipe_args"])}. Start-up + data = wall minus the epochs '
+            f'--no-pretrained (the weights do not change the speed) {" ".join(cfg["recipe_args"])}. '
+            'Start-up + data = wall minus the epochs '
             "(imports, decoding, the model); warm-up = the first epoch's training time minus a steady epoch's; "
             'images/s as the scripts report it (training only; my_train.py: the mean of its two stages).')
     return '## Whole recipes\n\n' + note + '\n\n' + '\n'.join(table) + '\n'
@@ -580,6 +586,9 @@ def parse_args(argv=None):
     p.add_argument('--finetune-epochs', type=int, help="recipe: my_train.py's second stage (default: 10; --quick: 1)")
     p.add_argument('--script-args', help='recipe: flags added to every script run, e.g. "--batch-size 8 --crop-size '
                    '160 256" to fit a CPU (default: none, the recipes as they are; --quick: that example with batch 4)')
+    p.add_argument('--configs', nargs='+', choices=['defaults', 'streaming', 'baseline'], help='recipe: which '
+                   'runs (default: defaults streaming, and baseline with --baseline): split them over several calls '
+                   'where one may only run minutes')
     p.add_argument('--baseline', metavar='REV_OR_DIR', help='recipe and accuracy: also run this git revision (or '
                    'checkout folder) of the scripts, with its own defaults (default: none)')
     p.add_argument('--workers', type=int, default=sd.default_workers(),

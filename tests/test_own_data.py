@@ -14,7 +14,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import some_define as sd  # noqa: E402
-from test_reliability import MY_PREDICT, MY_TRAIN, ORIGIN_PREDICT, ORIGIN_TRAIN, one_error_line, run_inprocess  # noqa: E402
+from test_reliability import (MY_PREDICT, MY_TRAIN, ORIGIN_PREDICT, ORIGIN_TRAIN, one_error_line,  # noqa: E402
+                              run_inprocess)
 
 FAST = ['--epochs', '1', '--batch-size', '4', '--crop-size', '32', '64', '--no-pretrained', '--workers', '0']
 # four classes: the demo's background, aeroplane, car and person; its birds and cats become 'ignore'
@@ -124,6 +125,12 @@ def test_voc_layout_with_own_classes(tmp_path, voc):
     assert train_iter.dataset.num_classes == 4
     X, y = next(iter(train_iter))
     assert X.shape == (4, 3, 32, 64) and set(y.unique().tolist()) <= {0, 1, 2, 3, 255}
+    res = run_inprocess(ORIGIN_TRAIN, ['--data-dir', root, '--classes', tmp_path / 'classes.txt'] + FAST, tmp_path)
+    assert res.code == 0, res.err + res.out
+    ckpt = sd.load_torch_file(tmp_path / 'checkpoints' / 'origin.pt')
+    assert ckpt['classes']['names'] == NAMES and ckpt['model_args']['num_classes'] == 4
+    res = run_inprocess(ORIGIN_PREDICT, ['--eval', '--workers', '0'], tmp_path)
+    assert res.code == 0 and 'person' in res.out, res.err + res.out
 
 
 # ------------------------------------------------------------------------------------------------- bad inputs
