@@ -30,14 +30,11 @@ def get_args():
 
 def main():
     args = get_args()
+    sd.check_training_flags('fcn', args.crop_size, args.batch_size, args.accum_steps, args.epochs, [args.save, CURVES])
     device, amp, channels_last = sd.setup_run(args.device, args.amp, args.channels_last, args.cudnn_benchmark,
-                                              args.detect_anomaly)
-    sd.check_training_flags('fcn', args.crop_size, args.batch_size, args.accum_steps, args.epochs)
-    sd.check_writable(args.save, CURVES)
-    torch.manual_seed(args.seed)
+                                              args.detect_anomaly, args.seed)
 
-    data = sd.find_data(args.dataset, args.data_dir, args.demo, args.download, args.void_as_background,
-                        args.classes)
+    data = sd.find_data(args.dataset, args.data_dir, args.demo, args.download, args.void_as_background, args.classes)
     train_iter, test_iter = sd.load_data_voc(args.batch_size // args.accum_steps, args.crop_size, data, args.seed,
                                              args.workers, device, channels_last, args.data_on_device)
     num_classes = len(data.classes.names)

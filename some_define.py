@@ -1160,10 +1160,12 @@ def batch_augment(cutmix=0.0, copyblob_prob=0.0, pairs=()):
 
 
 # ------------------------------------------------------------------------------------------------------ training
-def setup_run(device=None, amp=None, channels_last=None, cudnn_benchmark=True, detect_anomaly=False):
-    """torchrun's process group (when it started this process), then (device, mixed-precision dtype or None,
-    channels_last) with each default decided by the device."""
+def setup_run(device=None, amp=None, channels_last=None, cudnn_benchmark=True, detect_anomaly=False, seed=0):
+    """torchrun's process group (when it started this process) and the seed of the model's initial weights (batches
+    and crops draw from (seed, epoch) on their own); returns (device, mixed-precision dtype or None, channels_last),
+    each default decided by the device."""
     setup_distributed()
+    torch.manual_seed(seed)
     device = pick_device(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark    # fixed crop shapes: timed once, reused
     if detect_anomaly:
@@ -1788,7 +1790,9 @@ def add_predict_args(parser, checkpoint, picture):
     parser.add_argument('--num-images', type=int, default=4, help='val images in the pictures (default: 4, the book)')
 
 
-def check_training_flags(model, crop_size, batch_size, accum_steps, epochs):
+def check_training_flags(model, crop_size, batch_size, accum_steps, epochs, outputs=()):
+    """Fail before hours of training, not after: the flags that cannot work together, and the outputs' folders."""
+    check_writable(*outputs)
     if model == 'fcn' and any(side % 32 for side in crop_size):
         raise UserError(f'--crop-size {crop_size[0]} {crop_size[1]}: the FCN needs multiples of 32 (its transposed '
                         'conv upsamples exactly 32x; the book uses 320 480)')
