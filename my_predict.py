@@ -24,18 +24,7 @@ def main():
                         f'pictures/compare.png (default: {", ".join(COMPARE)}, those that exist)')
     args = parser.parse_args()
     path = Path(args.checkpoint or (FINETUNED if FINETUNED.exists() else SAVE))
-    device = sd.pick_device(args.device)
-    amp = sd.amp_dtype(device, args.amp)
-    models = {path.resolve(): (path,) + sd.load_model(path, device)}    # each checkpoint loaded (and drawn) once
-    for p in args.compare or [p for p in COMPARE if Path(p).exists()]:
-        models.setdefault(Path(p).resolve(), (Path(p),) + sd.load_model(p, device))
-    _, net, ckpt = models[path.resolve()]
-    columns = [models[Path(p).resolve()] for p in args.compare or COMPARE if Path(p).resolve() in models]
-    for p, _, c in columns:     # a column must predict the same classes, on the same images
-        if sd.checkpoint_classes(c) != sd.checkpoint_classes(ckpt):
-            sd.log(f'{p} is left out of the comparison: it predicts other classes than {path}')
-    columns = [col for col in columns if sd.checkpoint_classes(col[2]) == sd.checkpoint_classes(ckpt)] \
-        or [models[path.resolve()]]
+    net, ckpt, device, amp = sd.open_model(path, args.device, args.amp)
     scales = args.scales if args.mst else None
     if args.inputs:
         sd.segment_inputs(net, ckpt, args.inputs, args.out_dir, scales, amp, args.test_size)
@@ -45,25 +34,33 @@ def main():
     data = sd.checkpoint_data(path, ckpt, args.dataset, args.data_dir, args.demo, args.void_as_background,
                               args.classes)
     val, colors = sd.open_dataset(data, is_train=False, normalize=False), data.classes.colors
+    columns = []            # compare.png's checkpoints: those that predict the same classes (this one loaded once)
+    for p in map(Path, args.compare or [p for p in COMPARE if Path(p).exists()]):
+        n, c = (net, ckpt) if p.resolve() == path.resolve() else sd.load_model(p, device)
+        if sd.checkpoint_classes(c) == data.classes:
+            columns.append((p, n, c))
+        else:
+            sd.log(f'{p} is left out of the comparison: it predicts other classes than {path}')
+    columns = columns or [(path, net, ckpt)]
     for p, n, _ in columns if args.eval else []:
         sd.evaluate_checkpoint(n, p, val, data.title, scales, amp, args.test_size, args.workers)
     if args.write_split:
         sd.segment_files(net, [image for image, _ in val.items], args.out_dir, colors, scales, amp, args.test_size)
     if not sd.is_main_process():
         return
-    crop = sd.DEMO_MIN_SIZE if ckpt['config'].get('demo') else ckpt['config']['crop_size']
-    images, predictions, truths = sd.val_picture_rows(net, val, args.num_images, crop, colors)
+
+    # my_out.png, the book's picture; compare.png, the same val crops with one column per checkpoint
+    crops = sd.val_crops(val, args.num_images, sd.picture_crop(ckpt['config']))
+    images, truths = [X.permute(1, 2, 0) for X, _ in crops], [sd.label2image(y, colors) for _, y in crops]
+    predictions = {id(n): [sd.label2image(sd.predict(n, X), colors) for X, _ in crops] for n in
+                   [net] + [n for _, n, _ in columns]}      # each net once, the main one among them
     title = f'{sd.recipe_title(ckpt["config"])}\n{sd.known_metrics(path, ckpt)} - {data.title}'
-    sd.save_image_grid(args.picture, [images, predictions, truths], title,
+    sd.save_image_grid(args.picture, [images, predictions[id(net)], truths], title,
                        row_titles=['image', 'prediction', 'ground truth'])
     sd.log(f'wrote {args.picture}')
-
-    # compare.png: the same val crops, one column per checkpoint, titled with its recipe and figures
-    titles, by_column = ['image', 'ground truth'], []
-    for p, n, c in columns:
-        by_column.append(predictions if n is net else sd.val_picture_rows(n, val, args.num_images, crop, colors)[1])
-        titles.append(f'{p.name}\n{textwrap.fill(sd.recipe_title(c["config"]), 30)}\n{sd.known_metrics(p, c)}')
-    rows = [[images[i], truths[i]] + [column[i] for column in by_column] for i in range(len(images))]
+    titles = ['image', 'ground truth'] + [f'{p.name}\n{textwrap.fill(sd.recipe_title(c["config"]), 30)}\n'
+                                          f'{sd.known_metrics(p, c)}' for p, _, c in columns]
+    rows = [[images[i], truths[i]] + [predictions[id(n)][i] for _, n, _ in columns] for i in range(len(crops))]
     compare = Path(args.picture).with_name('compare.png')
     sd.save_image_grid(compare, rows, f'side by side on {data.title}', col_titles=titles)
     sd.log(f'wrote {compare}')

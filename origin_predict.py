@@ -16,9 +16,7 @@ def main():
     sd.add_predict_args(parser, CHECKPOINT, PICTURE)
     args = parser.parse_args()
     path = args.checkpoint or CHECKPOINT
-    device = sd.pick_device(args.device)
-    amp = sd.amp_dtype(device, args.amp)
-    net, ckpt = sd.load_model(path, device)
+    net, ckpt, _, amp = sd.open_model(path, args.device, args.amp)
     scales = args.scales if args.mst else None
     if args.inputs:
         sd.segment_inputs(net, ckpt, args.inputs, args.out_dir, scales, amp, args.test_size)
@@ -33,9 +31,10 @@ def main():
         sd.evaluate_checkpoint(net, path, val, data.title, scales, amp, args.test_size, args.workers)
     if args.write_split:
         sd.segment_files(net, [image for image, _ in val.items], args.out_dir, colors, scales, amp, args.test_size)
-    if sd.is_main_process():    # the book's picture: val images cropped like the training crops (demo: its size)
-        crop = sd.DEMO_MIN_SIZE if ckpt['config'].get('demo') else ckpt['config']['crop_size']
-        rows = sd.val_picture_rows(net, val, args.num_images, crop, colors)
+    if sd.is_main_process():    # the book's picture: three rows, image, prediction, ground truth
+        crops = sd.val_crops(val, args.num_images, sd.picture_crop(ckpt['config']))
+        rows = [[X.permute(1, 2, 0) for X, _ in crops], [sd.label2image(sd.predict(net, X), colors) for X, _ in crops],
+                [sd.label2image(y, colors) for _, y in crops]]
         title = f'{sd.recipe_title(ckpt["config"])}\n{sd.known_metrics(path, ckpt)} - {data.title}'
         sd.save_image_grid(args.picture, rows, title, row_titles=['image', 'prediction', 'ground truth'])
         sd.log(f'wrote {args.picture}')

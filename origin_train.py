@@ -39,8 +39,8 @@ def main():
                                              args.workers, device, channels_last, args.data_on_device)
     num_classes = len(data.classes.names)
     resuming = args.resume and os.path.exists(args.save)     # its weights replace the ImageNet ones: skip them
-    net = sd.fcn_resnet18(num_classes, args.pretrained and not resuming, args.backbone_weights)
-    model, net = net, sd.place_model(net, device, channels_last, args.sync_bn, args.compile)
+    model = sd.fcn_resnet18(num_classes, args.pretrained and not resuming, args.backbone_weights)
+    net = sd.place_model(model, device, channels_last, args.sync_bn, args.compile)     # DDP/compiled when asked
     loss = sd.cross_entropy_loss
     trainer = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 

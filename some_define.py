@@ -1542,10 +1542,10 @@ def segmentation_pictures(image, pred, colors):
             ('overlay', Image.fromarray(overlay.permute(1, 2, 0).numpy())), ('labels', ids)]
 
 
-def val_picture_rows(net, dataset, n, crop, colors, min_share=0.02):
-    """The book's picture: n val images cropped at (0, 0, h, w), in three rows: image, prediction, ground truth.
-    Images smaller than the crop are passed over, and so are crops where objects (classes after the first, the
-    background) cover less than min_share, while enough others are left: a picture of background shows nothing."""
+def val_crops(dataset, n, crop, min_share=0.02):
+    """The book's picture material: n val (image, label) pairs cropped at (0, 0, h, w). Images smaller than the crop
+    are passed over, and so are crops where objects (classes after the first, the background) cover less than
+    min_share, while enough others are left: a picture of background shows nothing."""
     chosen, fallback = [], []
     for i in range(len(dataset)):
         image, label = dataset.read(i)
@@ -1555,11 +1555,15 @@ def val_picture_rows(net, dataset, n, crop, colors, min_share=0.02):
             (chosen if share >= min_share else fallback).append((X, y))
             if len(chosen) == n:
                 break
-    pairs = (chosen + fallback)[:n]
-    if not pairs:
+    if not chosen + fallback:
         raise UserError(f'no val image is at least {crop[0]}x{crop[1]}: nothing to draw')
-    return [[X.permute(1, 2, 0) for X, _ in pairs], [label2image(predict(net, X), colors) for X, _ in pairs],
-            [label2image(y, colors) for _, y in pairs]]
+    return (chosen + fallback)[:n]
+
+
+def picture_crop(config):
+    """The crop of the pictures: the training crop, as the book's (320x480); the demo's smallest image for demo data
+    (its training crop would cut its shapes in half)."""
+    return DEMO_MIN_SIZE if config.get('demo') else config['crop_size']
 
 
 def pyplot():
@@ -1816,7 +1820,10 @@ def log(*args, **kwargs):
 
 
 def world_size():
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    """The number of processes of this run: torchrun's WORLD_SIZE, also before its process group starts."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get('WORLD_SIZE', '1'))
 
 
 def setup_distributed():
@@ -1989,6 +1996,12 @@ class Checkpoint:
             save_checkpoint(self.state, self.path)
             if self.curves:
                 plot_history(self.earlier + self.history, self.curves, self.title)
+
+
+def open_model(path, device=None, amp=None):
+    """A predict script's start: (net in eval mode, its checkpoint, the device, the mixed-precision dtype or None)."""
+    device = pick_device(device)
+    return load_model(path, device) + (device, amp_dtype(device, amp))
 
 
 def load_model(path, device):
