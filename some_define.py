@@ -10,6 +10,7 @@ Networks") are kept where the book has one. Where the book is wasteful (the whol
 import argparse
 import collections
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -744,15 +745,18 @@ def convrelu(in_channels, out_channels, kernel, padding):
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, padding=padding), nn.ReLU(inplace=True))
 
 
-def interpolation_matrix(n, like):
-    """(2n x n) weights of a x2 bilinear upsample with align_corners=True along one axis (F.interpolate's)."""
-    pos = torch.arange(2 * n, dtype=torch.float64) * ((n - 1) / (2 * n - 1))
-    low = pos.floor().long().clamp(max=n - 1)
-    frac, rows = pos - low, torch.arange(2 * n)
-    matrix = torch.zeros(2 * n, n, dtype=torch.float64)
-    matrix[rows, low] += 1 - frac
-    matrix[rows, (low + 1).clamp(max=n - 1)] += frac
-    return matrix.to(like.device, like.dtype)
+@functools.lru_cache(maxsize=64)
+def interpolation_matrix(n, dtype=torch.float64, device=None):
+    """(2n x n) weights of a x2 bilinear upsample with align_corners=True along one axis (F.interpolate's). Cached:
+    a copy from the host in every step would make the step wait for the device."""
+    with torch.inference_mode(False):     # made during evaluation, it still serves training's backward
+        pos = torch.arange(2 * n, dtype=torch.float64) * ((n - 1) / (2 * n - 1))
+        low = pos.floor().long().clamp(max=n - 1)
+        frac, rows = pos - low, torch.arange(2 * n)
+        matrix = torch.zeros(2 * n, n, dtype=torch.float64)
+        matrix[rows, low] += 1 - frac
+        matrix[rows, (low + 1).clamp(max=n - 1)] += frac
+        return matrix.to(device, dtype)
 
 
 def upsample2x(x):
@@ -760,7 +764,7 @@ def upsample2x(x):
     is two more: no atomic adds, which make CUDA's own backward slow in bf16 (pytorch/pytorch#140096). Channels-last
     input stays channels-last."""
     n, c, h, w = x.shape
-    rows, cols = interpolation_matrix(h, x), interpolation_matrix(w, x)
+    rows, cols = interpolation_matrix(h, x.dtype, x.device), interpolation_matrix(w, x.dtype, x.device)
     if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
         return rows @ x @ cols.T
     y = (rows @ x.permute(0, 2, 3, 1).reshape(n, h, w * c)).reshape(n * 2 * h, w, c)

@@ -64,6 +64,15 @@ def test_upsample2x_is_bilinear_align_corners(channels_last, size):
     assert b.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+def test_upsample2x_first_met_in_evaluation_still_trains():
+    """Its matrices are cached: one first made under inference_mode must serve a later backward."""
+    with torch.inference_mode():
+        sd.upsample2x(torch.randn(1, 2, 13, 17))
+    x = torch.randn(1, 2, 13, 17, requires_grad=True)
+    sd.upsample2x(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_the_unet_upsamples_with_it():
     net = sd.ResNetUNet(21)
     assert isinstance(net.upsample, sd.Upsample2x)
