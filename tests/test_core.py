@@ -1,4 +1,4 @@
-"""The book's building blocks (DESIGN.md, "Names and behaviour kept from d2l", "Checkpoints", "Evaluation"), checked
+"""The book's building blocks (the names and behaviour kept from d2l, checkpoints, evaluation), checked
 against independent computations: interpolation, PIL, brute-force loops. CPU only, tiny sizes."""
 import sys
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Reliability (DESIGN.md, "Errors" and "Checkpoints"): every user mistake ends with a non-zero exit and ONE line on
+"""Reliability (errors and checkpoints): every user mistake ends with a non-zero exit and ONE line on
 stderr that names the file or flag and the fix, never a traceback (also from inside a DataLoader worker); checkpoints
 are written atomically, a run resumes exactly, Ctrl-C and a non-finite loss stop cleanly, a pickle that runs code is
 refused, and predicting on a folder skips unreadable files without touching the inputs.

@@ -1,4 +1,4 @@
-"""The four scripts end to end (DESIGN.md: origin_train -> origin_predict, my_train -> my_predict) on the tiny demo
+"""The four scripts end to end (origin_train -> origin_predict, my_train -> my_predict) on the tiny demo
 data, as a user runs them: `python <script>` in a working folder, which receives checkpoints/ and pictures/.
 
 Every run happens once, in one module fixture: the two trainings side by side (one thread each on two cores), the
