@@ -1713,7 +1713,7 @@ def add_data_args(parser, dataset_default='voc'):
     g = parser.add_argument_group('data and machine')
     g.add_argument('--data-dir', help='the VOC2012 folder (default: VOC2012, VOCdevkit/VOC2012 or '
                    'data/VOCdevkit/VOC2012 next to the scripts); with --dataset cityscapes, the folder holding '
-                   'leftImg8bit/ and gtFine/')
+                   'leftImg8bit/ and gtFine/; with --dataset folder, the one holding images/, masks/ and classes.txt')
     g.add_argument('--download', action='store_true', help='fetch VOC2012 (2 GB) through torchvision into data/ '
                    '(or --data-dir) first (default: off)')
     g.add_argument('--demo', nargs='?', const='voc', choices=['voc', 'folder'], help='a small synthetic dataset '
