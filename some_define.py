@@ -10,6 +10,7 @@ Networks") are kept where the book has one. Where the book is wasteful (the whol
 import argparse
 import collections
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -567,7 +568,9 @@ class DeviceData(DeviceLoader):
 
     def __init__(self, loader, device, channels_last=False):
         super().__init__(loader, device, channels_last)
-        whole = torch.utils.data.DataLoader(WholeItems(loader.dataset), batch_size=None, num_workers=loader.num_workers,
+        whole = copy.copy(loader.dataset)       # the same items, uncropped, as uint8 image and label
+        whole.crop_size, whole.normalize = None, False
+        whole = torch.utils.data.DataLoader(whole, batch_size=None, num_workers=loader.num_workers,
                                             generator=torch.Generator())    # the global seed stays the model's
         self.images, self.labels = [], []
         for image, label in whole:
@@ -582,20 +585,6 @@ class DeviceData(DeviceLoader):
                      for i, seed in items[start:start + size]]
             yield to_device(torch.stack([X for X, _ in crops]), torch.stack([y for _, y in crops]), self.device,
                             self.channels_last)
-
-
-class WholeItems(torch.utils.data.Dataset):
-    """A dataset's items at full size, uint8 image and label, as DeviceData stores them."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, idx):
-        image, label = self.dataset.read(idx)
-        return image, label.to(torch.uint8)
 
 
 def data_on_device(choice, device, datasets):
@@ -1238,7 +1227,7 @@ def train_epoch_ch13(net, batches, loss, trainer, amp=None, scaler=None, accum_s
             trainer.zero_grad(set_to_none=True)
     if first_bad is not None and int(first_bad) <= steps:
         raise NonFiniteLoss(int(first_bad))
-    if not all(v.isfinite().all() for v in net.state_dict().values() if v.is_floating_point()):
+    if not bool(torch.stack([v.isfinite().all() for v in net.state_dict().values() if v.is_floating_point()]).all()):
         raise NonFiniteLoss(steps)    # a finite loss but broken weights: the last checkpoint stays
     l_total, correct, labelled = sums.tolist()
     return all_reduce_sum([l_total, examples, correct, labelled])
