@@ -94,7 +94,7 @@ def main():
     weights = None
     if args.loss == 'weighted_ce' or (args.loss == 'focal' and args.class_weights):
         weights = class_weights(args, train_iter.dataset, data)
-    loss = sd.make_loss(args.loss, weights, args.focal_gamma)
+    loss = sd.make_loss(args.loss, weights, args.focal_gamma, device)
     pairs = sd.parse_pairs(args.copyblob_pairs, data.classes.names, data.kind) if args.copyblob else []
     augment = sd.batch_augment(args.cutmix, args.copyblob, pairs)
 

@@ -11,6 +11,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import datetime
 import functools
 import hashlib
 import json
@@ -61,6 +62,7 @@ DATA_DIR = HERE / 'data'                                    # --download and --d
 DEMO_DIR = DATA_DIR / 'demo' / 'VOC2012'
 DEMO_FOLDER = DATA_DIR / 'demo' / 'folder'                  # the same demo data, laid out as a user's own
 DEMO_MIN_SIZE = (80, 112)       # the demo's smallest regular image: its pictures show this much of each
+DOWNLOAD_HOURS = 6              # how long torchrun's other processes wait for rank 0's --download
 # ImageNet backbones: the weights API's files, looked for next to the scripts first (the seed's instruction)
 BACKBONE_WEIGHTS = {'resnet18': torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
                     'resnet50': torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
@@ -122,9 +124,7 @@ def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_back
         return Data('cityscapes', Path(data_dir), CITYSCAPES, False, 'Cityscapes')
     if demo:
         folder = demo == 'folder' or kind == 'folder'
-        if is_main_process():
-            make_demo_folder() if folder else make_demo_voc()
-        barrier()
+        main_process_first(make_demo_folder if folder else make_demo_voc)
         if folder:
             return Data('folder', DEMO_FOLDER, read_classes(DEMO_FOLDER / 'classes.txt'), void_as_background,
                         'DEMO data (synthetic, folder layout)')
@@ -138,10 +138,9 @@ def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_back
             raise UserError(f'{root / "classes.txt"} is missing: write one class a line (`name`, or `name R G B` for '
                             'colour masks), background first, or pass --classes FILE')
         return Data('folder', root, read_classes(classes or found[0]), void_as_background, root.name)
-    if download:
-        if is_main_process():
-            download_voc(DATA_DIR if data_dir is None else Path(data_dir))
-        barrier()
+    if download:    # 2 GB may take longer than the process group's timeout (nccl's: 10 minutes)
+        main_process_first(functools.partial(download_voc, DATA_DIR if data_dir is None else Path(data_dir)),
+                           timeout=datetime.timedelta(hours=DOWNLOAD_HOURS))
     return Data('voc', find_voc_dir(data_dir), read_classes(classes) if classes else VOC, void_as_background,
                 'VOC2012')
 
@@ -375,12 +374,20 @@ def tutorial_augment(image, label, crop_size, generator):
     return image, label
 
 
+@functools.lru_cache(maxsize=8)
+def imagenet_stats(device):
+    """ImageNet's mean and std as 3x1x1 float32 tensors on `device`, made once per device: a copy from the host for
+    every batch would make each step wait for it. Made outside inference_mode, so that evaluation's first call
+    still serves training."""
+    with torch.inference_mode(False):
+        return tuple(torch.tensor(v, device=device).view(-1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
 def normalize_image(img):
     """uint8 or [0,1] float image(s) -> ImageNet-normalised float32, on whatever device they are on. The one place
     images are normalised (dataset items of the book's path, batches on the device, prediction)."""
     x = img.float() / 255 if img.dtype == torch.uint8 else img.float()
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(-1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(-1, 1, 1)
+    mean, std = imagenet_stats(x.device)
     return (x - mean) / std
 
 
@@ -537,6 +544,14 @@ def make_loader(dataset, batch_size, is_train, seed=0, num_workers=None):
         persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
 
+def upload(t, device):
+    """A small host tensor on the device without waiting: through pinned memory on CUDA (a copy from pageable
+    memory makes the host wait for the device first)."""
+    if device.type == 'cuda':
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def to_device(X, y, device, channels_last=False):
     """A batch on the device: uint8 images normalised there (4x less to copy than float32), labels widened."""
     X = normalize_image(X.to(device, non_blocking=True)) if X.dtype == torch.uint8 else X.to(device)
@@ -664,21 +679,40 @@ def bilinear_kernel(in_channels, out_channels, kernel_size):
     return weight
 
 
+def check_named_hash(path, url):
+    """A file named the torchvision way, `<name>-<first hex digits of its sha256>.pth`, must hash to that prefix:
+    a wrong file under the right name (a 580 KB one circulates as resnet18-f37072fd.pth) stops here, in one line,
+    not in the unpickler. Files of other names are checked by their keys and shapes only (backbone_state_dict)."""
+    match = torch.hub.HASH_REGEX.search(path.name)
+    if not match or len(match.group(1)) < 8:     # torchvision's files carry 8 digits; `run-1.pth` is no hash
+        return
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(match.group(1)):
+        raise UserError(f'{path} ({path.stat().st_size:,} bytes) is not the file its name says: its sha256 should '
+                        f'start with {match.group(1)}, it starts with {digest.hexdigest()[:8]}: replace it with '
+                        f'{url}, or pass --no-pretrained')
+
+
 def backbone_state_dict(arch, weights_path=None):
-    """ImageNet weights: --backbone-weights, else the file next to the scripts or in the working folder, else
-    torchvision's weights API (its cache, or a download)."""
+    """ImageNet weights: --backbone-weights, else the file next to the scripts, in the working folder or in
+    torchvision's cache, else a download into that cache (each checked by the sha256 prefix in its name)."""
     weights = BACKBONE_WEIGHTS[arch]
     filename = weights.url.rsplit('/', 1)[1]
     if weights_path is not None and not Path(weights_path).exists():
         raise UserError(f'--backbone-weights {weights_path} does not exist')
-    local = [Path(weights_path)] if weights_path else [p for p in (HERE / filename, Path.cwd() / filename)
+    cached = Path(torch.hub.get_dir()) / 'checkpoints' / filename
+    local = [Path(weights_path)] if weights_path else [p for p in (HERE / filename, Path.cwd() / filename, cached)
                                                         if p.exists()]
     source = local[0] if local else weights.url
     if local:
+        check_named_hash(local[0], weights.url)
         state = load_torch_file(local[0], what=f'{arch} weights')
     else:
         try:
-            state = weights.get_state_dict(progress=is_main_process())
+            state = weights.get_state_dict(progress=is_main_process(), check_hash=True)
         except Exception as err:
             raise UserError(f'no ImageNet {arch} weights here and the download failed ({error_line(err)}): put '
                             f'{weights.url} next to the scripts, or pass --backbone-weights FILE, or train from '
@@ -736,16 +770,21 @@ def convrelu(in_channels, out_channels, kernel, padding):
 
 @functools.lru_cache(maxsize=64)
 def interpolation_matrix(n, dtype=torch.float64, device=None):
-    """(2n x n) weights of a x2 bilinear upsample with align_corners=True along one axis (F.interpolate's). Cached:
-    a copy from the host in every step would make the step wait for the device."""
+    """(2n x n) weights of a x2 bilinear upsample with align_corners=True along one axis (F.interpolate's), made on
+    `device` and cached: a copy from the host in every step would make the step wait. In a half-precision dtype
+    each weight is rounded to a multiple of the dtype's unit in [0.5, 1), so that every row still sums to exactly 1
+    (rounded one by one, bf16 rows sum to 1 +- 0.002, and a flat region would come out brighter or darker)."""
     with torch.inference_mode(False):     # made during evaluation, it still serves training's backward
-        pos = torch.arange(2 * n, dtype=torch.float64) * ((n - 1) / (2 * n - 1))
+        pos = torch.arange(2 * n, dtype=torch.float64, device=device) * ((n - 1) / (2 * n - 1))
         low = pos.floor().long().clamp(max=n - 1)
-        frac, rows = pos - low, torch.arange(2 * n)
-        matrix = torch.zeros(2 * n, n, dtype=torch.float64)
+        frac, rows = pos - low, torch.arange(2 * n, device=device)
+        if dtype.itemsize < 4:
+            unit = 2 / torch.finfo(dtype).eps       # 1 / (the spacing of numbers in [0.5, 1))
+            frac = (frac * unit).round() / unit
+        matrix = torch.zeros(2 * n, n, dtype=torch.float64, device=device)
         matrix[rows, low] += 1 - frac
         matrix[rows, (low + 1).clamp(max=n - 1)] += frac
-        return matrix.to(device, dtype)
+        return matrix.to(dtype)
 
 
 def upsample2x(x):
@@ -762,10 +801,12 @@ def upsample2x(x):
 
 class Upsample2x(nn.Module):
     """The U-Net's x2 bilinear upsample (align_corners=True): upsample2x on CUDA; on the CPU, whose backward has no
-    atomics problem, F.interpolate."""
+    atomics problem, F.interpolate. `everywhere = True` (a switch for the tests) takes the CUDA branch on any
+    device, so that the CPU runs the GPU's path whole."""
+    everywhere = False
 
     def forward(self, x):
-        if x.is_cuda:
+        if x.is_cuda or self.everywhere:
             return upsample2x(x)
         return F.interpolate(x, scale_factor=2, mode='bilinear', align_corners=True)
 
@@ -966,8 +1007,8 @@ def model_output(out):
 # -------------------------------------------------------------------------------------------------------- losses
 def cross_entropy_loss(inputs, targets, weight=None):
     """The book's loss: per-pixel cross entropy averaged over height and width, one value per example; ignored
-    pixels count as 0. `weight`: per-class weights (the tutorial's weighted cross entropy)."""
-    weight = None if weight is None else weight.to(inputs.device)
+    pixels count as 0. `weight`: per-class weights (the tutorial's weighted cross entropy), on the inputs' device
+    (make_loss puts them there once: a copy in every step would make the step wait for it)."""
     return F.cross_entropy(inputs, targets, weight=weight, reduction='none', ignore_index=IGNORE_INDEX).mean(1).mean(1)
 
 
@@ -982,7 +1023,7 @@ class FocalLoss(nn.Module):
         super().__init__()
         self.gamma = gamma
         self.ignore_index = ignore_index
-        # a buffer so .to(device) and state_dict carry the class weights along with the model
+        # a buffer: FocalLoss(...).to(device) moves the class weights, as for any module
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
 
     def forward(self, logits, target):
@@ -1023,8 +1064,10 @@ def class_pixel_weights(counts, mode="inverse_log"):
     return w.float()
 
 
-def make_loss(name='ce', weight=None, gamma=2.0):
-    """A per-example loss by name (ce, weighted_ce, focal), each averaged over H and W like the book's."""
+def make_loss(name='ce', weight=None, gamma=2.0, device=None):
+    """A per-example loss by name (ce, weighted_ce, focal), each averaged over H and W like the book's. The class
+    weights go to `device` (the batches') here, once."""
+    weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32).to(device)
     if name == 'ce':
         return cross_entropy_loss
     if name == 'weighted_ce':
@@ -1079,44 +1122,62 @@ def cutmix_segmentation(images, labels, prob=0.5, alpha=1.0, generator=None):
     return images, labels
 
 
+def blob_boxes(masks):
+    """(n, 4) bounding boxes (y0, y1, x0, x1), ends exclusive, of the True pixels of each (h, w) mask of an
+    (n, h, w) batch; y1 is 0 for an empty mask. Computed where the masks are: nothing waits for the device."""
+    extents = []
+    for hit in (masks.any(2), masks.any(1)):        # rows and columns holding the blob
+        size = hit.shape[1]
+        first, after_last = hit.int().argmax(1), size - hit.flip(1).int().argmax(1)
+        extents += [first, torch.where(hit.any(1), after_last, 0)]
+    return torch.stack(extents, 1)
+
+
 def copyblob(images, labels, pairs, prob=0.5, generator=None):
     """CopyBlob (the tutorial's class-imbalance augmentation with a visual prior): paste the pixels of a rare
     class from another sample onto a plausible host class (e.g. a bicycle onto road). Returns new tensors.
 
-    For each sample i and each (src_class, host_class) pair, with probability `prob`: pick another sample j
+    For each (src_class, host_class) pair and each sample i, with probability `prob`: pick another sample j
     containing src_class, take the bounding box of all its src_class pixels, and paste it where the box lies
-    fully inside the frame and its centre pixel is host_class in sample i. Only pixels that are src_class in
-    j are pasted (image and label), so the rest of the box, void included, is left as it was. Sources are
-    the unmodified inputs, so blobs are never copied from an earlier paste; placement sees earlier pastes.
+    fully inside the frame and its centre pixel is host_class in sample i (a spot drawn uniformly among those).
+    Only pixels that are src_class in j are pasted (image and label), so the rest of the box, void included, is
+    left as it was. Sources are the unmodified inputs, so blobs are never copied from an earlier paste; placement
+    sees earlier pastes. Draws come from `generator`; the device is read once per pair (which samples hold the
+    class), everything else is computed for the whole batch on the device.
     """
     src_images, src_labels = images, labels
     images, labels = images.clone(), labels.clone()
     n, _, h, w = images.shape
-    for i in range(n):
-        for src, host in pairs:
-            if float(torch.rand((), generator=generator)) >= prob:
-                continue
-            donors = [j for j in range(n) if j != i and bool((src_labels[j] == src).any())]
-            if not donors:
-                continue
-            j = donors[_randint(len(donors), generator)]
-            ys, xs = torch.nonzero(src_labels[j] == src, as_tuple=True)
-            y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-            bh, bw = y1 - y0, x1 - x0
-            if bh > h or bw > w:
-                continue
-            # every host pixel whose box (centred on it) fits the frame is a valid spot: no trial and error
-            cys, cxs = torch.nonzero(labels[i] == host, as_tuple=True)
-            fits = (cys >= bh // 2) & (cys - bh // 2 + bh <= h) & (cxs >= bw // 2) & (cxs - bw // 2 + bw <= w)
-            cys, cxs = cys[fits], cxs[fits]
-            if len(cys) == 0:
-                continue
-            k = _randint(len(cys), generator)
-            ty, tx = int(cys[k]) - bh // 2, int(cxs[k]) - bw // 2
-            mask = src_labels[j, y0:y1, x0:x1] == src
-            target_img = images[i, :, ty:ty + bh, tx:tx + bw]
-            target_img.copy_(torch.where(mask, src_images[j, :, y0:y1, x0:x1], target_img))
-            labels[i, ty:ty + bh, tx:tx + bw][mask] = src
+    ys, xs = torch.arange(h, device=labels.device).view(1, h, 1), torch.arange(w, device=labels.device).view(1, 1, w)
+    for src, host in pairs:
+        boxes = blob_boxes(src_labels == src)
+        holders = [j for j, (_, y1, _, _) in enumerate(boxes.tolist()) if y1]     # the pair's one host read
+        plan = []       # per sample: donor, uniform draw for the spot, whether it pastes
+        for i in range(n):
+            donors = [j for j in holders if j != i]
+            if float(torch.rand((), generator=generator)) >= prob or not donors:
+                plan.append((i, 0.0, 0))
+            else:
+                plan.append((donors[_randint(len(donors), generator)], float(torch.rand((), generator=generator)), 1))
+        plan = upload(torch.tensor(plan, dtype=torch.float64), labels.device)
+        donor, pastes = plan[:, 0].long(), plan[:, 2].bool()
+        y0, y1, x0, x1 = boxes[donor].unbind(1)
+        bh, bw = (y1 - y0).view(n, 1, 1), (x1 - x0).view(n, 1, 1)
+        # the spots: host pixels whose box, centred on them, fits the frame; the k-th of them, k uniform
+        fits = (ys >= bh // 2) & (ys - bh // 2 + bh <= h) & (xs >= bw // 2) & (xs - bw // 2 + bw <= w)
+        spots = ((labels == host) & fits).view(n, -1)
+        count = spots.sum(1)
+        k = (plan[:, 1] * count).long()
+        spot = torch.searchsorted(spots.long().cumsum(1), (k + 1).view(n, 1)).view(n).clamp(max=h * w - 1)
+        ty, tx = (spot // w).view(n, 1, 1) - bh // 2, (spot % w).view(n, 1, 1) - bw // 2
+        # every pixel of sample i takes the donor's pixel at the same offset from the box, where that is src_class
+        sy, sx = (ys - ty + y0.view(n, 1, 1)).clamp(0, h - 1), (xs - tx + x0.view(n, 1, 1)).clamp(0, w - 1)
+        inside = (ys >= ty) & (ys < ty + bh) & (xs >= tx) & (xs < tx + bw)
+        donor_labels = src_labels[donor.view(n, 1, 1), sy, sx]
+        paste = inside & (donor_labels == src) & (pastes & (count > 0)).view(n, 1, 1)
+        labels = torch.where(paste, donor_labels, labels)
+        donor_images = src_images[donor.view(n, 1, 1), :, sy, sx].permute(0, 3, 1, 2)
+        images = torch.where(paste.unsqueeze(1), donor_images, images)
     return images, labels
 
 
@@ -1157,9 +1218,9 @@ def setup_run(device=None, amp=None, channels_last=None, cudnn_benchmark=True, d
     """torchrun's process group (when it started this process) and the seed of the model's initial weights (batches
     and crops draw from (seed, epoch) on their own); returns (device, mixed-precision dtype or None, channels_last),
     each default decided by the device."""
-    setup_distributed()
-    torch.manual_seed(seed)
     device = pick_device(device)
+    setup_distributed(device)
+    torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = cudnn_benchmark    # fixed crop shapes: timed once, reused
     if detect_anomaly:
         torch.autograd.set_detect_anomaly(True)
@@ -1239,7 +1300,7 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint
     hours of GPU time need: a Checkpoint after every epoch, mixed precision, accumulation, several processes, a stop
     on a non-finite loss, a clean Ctrl-C. `net` may be compiled or wrapped in DDP; the checkpoint saves its model."""
     from tqdm import tqdm
-    ckpt, scaler = checkpoint, torch.amp.GradScaler('cuda') if amp == torch.float16 else None
+    ckpt, scaler = checkpoint, torch.amp.GradScaler(net_device(net).type) if amp == torch.float16 else None
     if len(train_iter) // accum_steps == 0:
         raise UserError(f'--accum-steps {accum_steps} is more than the {len(train_iter)} batches of an epoch')
     ckpt.start(trainer, scaler, num_epochs, len(train_iter.dataset), amp)
@@ -1482,11 +1543,12 @@ def image_files(inputs):
 
 def segment_files(net, files, out_dir, colors, scales=None, amp=None, test_size=None):
     """Each image -> <stem>_color.png, <stem>_overlay.png and <stem>_labels.png (class ids, a palette PNG) in
-    out_dir, one image in memory at a time. An unreadable file is skipped with a warning and counted; no output may
-    replace any of the inputs; a failed write stops the run (the next would fail too)."""
+    out_dir, one image in memory at a time (under torchrun, each process its share). An unreadable file is skipped
+    with a warning and counted; no output may replace any of the inputs; a failed write stops the run (the next
+    would fail too)."""
     files, out_dir, done, skipped = list(files), Path(out_dir), 0, 0
     inputs = {Path(p).resolve() for p in files}
-    for path in files:
+    for path in files[int(os.environ.get('RANK', '0'))::world_size()]:
         try:
             image = read_image(path)
         except UserError as err:
@@ -1506,6 +1568,7 @@ def segment_files(net, files, out_dir, colors, scales=None, amp=None, test_size=
         except OSError as err:
             raise UserError(f'cannot write to {out_dir} ({err.strerror or err}): pass a writable --out-dir') from None
         done += 1
+    done, skipped = (int(n) for n in all_reduce_sum([done, skipped]))
     log(f'segmented {done} image(s) into {out_dir}' + (f', skipped {skipped} unreadable' if skipped else ''))
 
 
@@ -1819,21 +1882,35 @@ def world_size():
     return int(os.environ.get('WORLD_SIZE', '1'))
 
 
-def setup_distributed():
-    """torchrun sets WORLD_SIZE: one process per GPU (nccl), or per CPU slot (gloo)."""
+def setup_distributed(device=None):
+    """torchrun sets WORLD_SIZE: one process per GPU (nccl), or per CPU slot (gloo), by the device this process
+    runs on (`--device cpu` on a GPU machine is gloo: nccl has no CPU tensors)."""
     if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torch.distributed.is_initialized():
-        backend = 'nccl' if torch.cuda.is_available() else 'gloo'
-        if backend == 'nccl':
-            torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
-        torch.distributed.init_process_group(backend)
+        device = pick_device(device)
+        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     elif torch.cuda.device_count() > 1 and world_size() == 1:
         log(f'note: {torch.cuda.device_count()} GPUs here, this run uses one; use them all with '
             f'torchrun --nproc_per_node={torch.cuda.device_count()} {Path(sys.argv[0]).name} ...')
 
 
-def barrier():
+def main_process_first(work, timeout=None):
+    """Runs work() in rank 0 while the other processes wait, then all go on (writing the demo data, a download).
+    The wait goes through a gloo group of its own, with `timeout` when the work may outlast the process group's.
+    When work() fails, every process stops: rank 0 with its error, the others quietly (exit status 2)."""
+    failure = None
+    if is_main_process():
+        try:
+            work()
+        except BaseException as err:     # noqa: BLE001 - re-raised below, once the others know
+            failure = err
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        group = torch.distributed.new_group(backend='gloo', **({'timeout': timeout} if timeout else {}))
+        failed = torch.tensor([failure is not None], dtype=torch.int32)
+        torch.distributed.all_reduce(failed, group=group)
+        if failed.item() and failure is None:
+            raise SystemExit(2)
+    if failure is not None:
+        raise failure
 
 
 def dist_device():
@@ -1851,29 +1928,32 @@ def all_reduce_sum(values):
 
 
 def pick_device(name=None):
-    """--device, else the GPU of this process, else the CPU."""
-    if name is None:
-        if torch.cuda.is_available():
-            return torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
-        return torch.device('cpu')
+    """--device, else the GPU of this process (torchrun's LOCAL_RANK), else the CPU. A GPU becomes the current one,
+    so that nothing lands on GPU 0 by default (a CUDA context there costs every process memory)."""
     try:
-        device = torch.device(name)
+        device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
     except RuntimeError:
         raise UserError(f'--device {name!r} is not a device name: use cpu, cuda or cuda:N') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f'--device {name} asked for a GPU but PyTorch sees none: use --device cpu')
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UserError(f'--device {name} asked for a GPU but PyTorch sees none: use --device cpu')
+        if device.index is None:
+            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+        torch.cuda.set_device(device)
     return device
 
 
 def amp_dtype(device, amp=None):
-    """Mixed precision on CUDA by default: bf16 where the GPU has it (no scaler needed), else fp16."""
+    """Mixed precision on CUDA by default: bf16 from compute capability 8.0 on (A100, RTX 30xx and later: no scaler
+    needed), fp16 with a GradScaler below it (T4, V100, P100: cuDNN runs no bf16 convolutions there, and
+    torch.cuda.is_bf16_supported() counts the slow emulation as support). On the CPU, bf16."""
     if amp is None:
         amp = device.type == 'cuda'
     if not amp:
         return None
     if device.type != 'cuda':
-        return torch.bfloat16      # CPU autocast is bf16 only
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
 def autocast(device, dtype):
@@ -1992,8 +2072,10 @@ class Checkpoint:
 
 
 def open_model(path, device=None, amp=None):
-    """A predict script's start: (net in eval mode, its checkpoint, the device, the mixed-precision dtype or None)."""
+    """A predict script's start: (net in eval mode, its checkpoint, the device, the mixed-precision dtype or None).
+    Under torchrun the processes share the work: each evaluates its part of the split, the figures are summed."""
     device = pick_device(device)
+    setup_distributed(device)
     return load_model(path, device) + (device, amp_dtype(device, amp))
 
 
