@@ -956,7 +956,7 @@ def _norm_like(bn, norm):
     return new if ref is None else new.to(ref.device)
 
 
-def replace_norm(model, norm):
+def replace_norm(model, norm, replaced=None):
     """Swap every BatchNorm2d in `model` (recursively, in place) for `norm`; returns the model.
 
     norm: batch (no change) | instance | group | evo (= evo_s0) | evo_b0 | evo_s0.
@@ -965,20 +965,22 @@ def replace_norm(model, norm):
     For the EvoNorm variants every nn.ReLU becomes nn.Identity, since EvoNorm carries its own non-linearity
     (as the tutorial did). Modules are replaced by attribute, so a torchvision BasicBlock's self.relu, used
     twice in forward (after bn1 and after the residual add), disappears at both places; functional F.relu
-    calls inside a forward cannot be reached and stay.
+    calls inside a forward cannot be reached and stay. A layer registered under two parents (the U-Net's bn1 is
+    both base_model.bn1 and layer0[1]) gets one replacement (`replaced` maps each old layer to its new one): two
+    copies would leave one without gradients, and DistributedDataParallel stops on unused parameters.
     """
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}, expected one of {NORMS}")
     if norm == "batch":
         return model
-    evo = norm.startswith("evo")
+    evo, replaced = norm.startswith("evo"), {} if replaced is None else replaced
     for name, child in model.named_children():
         if isinstance(child, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-            setattr(model, name, _norm_like(child, norm))
+            setattr(model, name, replaced.setdefault(child, _norm_like(child, norm)))
         elif evo and isinstance(child, nn.ReLU):
             setattr(model, name, nn.Identity())
         else:
-            replace_norm(child, norm)
+            replace_norm(child, norm, replaced)
     return model
 
 
@@ -1957,7 +1959,8 @@ def amp_dtype(device, amp=None):
 
 
 def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    """Mixed precision in `dtype`, or nothing at all when it is None (a device without autocast then works too)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def net_device(net):

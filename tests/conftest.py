@@ -1,6 +1,8 @@
 """Shared by the test modules: the repository root on sys.path (so `import some_define` works from any cwd), the
-tiny synthetic VOC dataset built once per session, and the real-format samples in ../shared (skipped when absent,
-as in a user's clone)."""
+tiny synthetic VOC dataset built once per session, the real-format samples in ../shared (skipped when absent,
+as in a user's clone), and the GPU test mode: `python -m pytest tests --device cuda` runs the GPU tests
+(test_gpu_path.py, test_device_audit.py) on the GPU with the defaults a user gets there; without the option they
+run the GPU's path on the CPU."""
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,23 @@ if str(ROOT) not in sys.path:
 
 import some_define  # noqa: E402
 
+
+def pytest_addoption(parser):
+    parser.addoption('--device', choices=('cpu', 'cuda'), default='cpu', help='cuda: run the GPU tests on the GPU, '
+                     'with the defaults a user gets there (AMP, channels_last, data on the device, cudnn.benchmark); '
+                     "cpu: run the GPU's path on the CPU (default: cpu)")
+
+
+def pytest_configure(config):
+    if config.getoption('--device') == 'cuda' and not torch.cuda.is_available():
+        pytest.exit('--device cuda: PyTorch sees no CUDA GPU here, nothing was tested; without --device the tests '
+                    "run on the CPU (the GPU's path included)", returncode=0)
+
+
+@pytest.fixture(scope='session')
+def device(request):
+    """'cpu' or 'cuda' (--device): where the GPU tests run."""
+    return request.config.getoption('--device')
 
 
 @pytest.fixture(autouse=True, scope='session')
