@@ -48,6 +48,12 @@ CITYSCAPES_TRAIN_CLASSES = sorted((c for c in torchvision.datasets.Cityscapes.cl
                                   key=lambda c: c.train_id)
 CITYSCAPES_CLASSES = [c.name for c in CITYSCAPES_TRAIN_CLASSES]
 CITYSCAPES_COLORMAP = [list(c.color) for c in CITYSCAPES_TRAIN_CLASSES]
+# Neither can be downloaded without an account: what a user with an empty --data-dir is told.
+CITYSCAPES_STEPS = ('Cityscapes needs a free account at https://www.cityscapes-dataset.com: download '
+                    'gtFine_trainvaltest.zip (241 MB) and leftImg8bit_trainvaltest.zip (11 GB), unzip both into one '
+                    'folder and pass it as --data-dir; for MiniCity (the tutorial\'s 200 train + 100 val images) run '
+                    '`python arrange_images.py that/folder` in semantic-segmentation/ of '
+                    'https://github.com/VIPriors/vipriors-challenges-toolkit and pass the minicity/ folder it writes')
 # The tutorial's 19 Cityscapes class weights (--class-weights tutorial).
 TUTORIAL_CITYSCAPES_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023, 0.9539,
                                0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507]
@@ -120,7 +126,8 @@ def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_back
         if demo or classes:
             raise UserError(f'--{"demo" if demo else "classes"} does not go with --dataset cityscapes: drop it')
         if data_dir is None:
-            raise UserError('--dataset cityscapes needs --data-dir, the folder holding leftImg8bit/ and gtFine/')
+            raise UserError('--dataset cityscapes needs --data-dir, the folder holding leftImg8bit/ and gtFine/; '
+                            + CITYSCAPES_STEPS)
         return Data('cityscapes', Path(data_dir), CITYSCAPES, False, 'Cityscapes')
     if demo:
         folder = demo == 'folder' or kind == 'folder'
@@ -225,10 +232,10 @@ def cityscapes_files(root, is_train=True):
     image_dir = Path(root) / 'leftImg8bit' / split
     if not image_dir.is_dir():
         raise UserError(f'no Cityscapes {split} images at {image_dir}: pass --data-dir to the folder that holds '
-                        'leftImg8bit/ and gtFine/')
+                        f'leftImg8bit/ and gtFine/; {CITYSCAPES_STEPS}')
     images = sorted(image_dir.rglob('*_leftImg8bit.png'))
     if not images:
-        raise UserError(f'no *_leftImg8bit.png under {image_dir}: is --data-dir the Cityscapes folder?')
+        raise UserError(f'no *_leftImg8bit.png under {image_dir}: {CITYSCAPES_STEPS}')
     labels = {}
     for kind in ('labelIds', 'labelTrainIds'):
         labels[kind] = [Path(root) / 'gtFine' / split / p.parent.relative_to(image_dir) /

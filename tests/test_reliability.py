@@ -10,6 +10,7 @@ DataLoader worker, the offline backbone download, Ctrl-C) run the scripts with s
 """
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import pickle
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -259,6 +261,17 @@ def test_01_missing_data_dir(tmp_path):
     one_error_line(res, missing, '--download', '--demo')
 
 
+@pytest.mark.parametrize('case', ['no_data_dir', 'empty_folder'])
+def test_01b_cityscapes_missing_names_the_steps_to_get_it(tmp_path, case):
+    """Neither Cityscapes nor MiniCity can be downloaded without an account: the line says how to get them."""
+    folder = tmp_path / 'minicity'
+    folder.mkdir()
+    args = ['--dataset', 'cityscapes'] + (['--data-dir', folder] if case == 'empty_folder' else []) + FAST[2:]
+    res = run_inprocess(MY_TRAIN, args, tmp_path)
+    one_error_line(res, '--data-dir', 'gtFine_trainvaltest.zip', 'leftImg8bit_trainvaltest.zip', 'arrange_images.py',
+                   *([folder] if case == 'empty_folder' else []))
+
+
 def test_02_missing_split_file(tmp_path, voc):
     split = voc / 'ImageSets' / 'Segmentation' / 'val.txt'
     split.unlink()
@@ -342,6 +355,35 @@ def test_09_backbone_weights_file_that_is_not_resnet18(tmp_path, voc_master, cas
     args = [a for a in train_args(voc_master) if a != '--no-pretrained'] + ['--backbone-weights', weights]
     res = run_inprocess(ORIGIN_TRAIN, args, tmp_path)
     one_error_line(res, weights)
+
+
+@pytest.mark.parametrize('where, model, name', [('cwd', 'fcn', 'resnet18-f37072fd.pth'),
+                                                ('flag', 'fcn', 'resnet18-f37072fd.pth'),
+                                                ('torch_cache', 'fcn', 'resnet18-f37072fd.pth'),
+                                                ('cwd', 'deeplabv3_resnet50', 'resnet50-0676ba61.pth'),
+                                                ('flag', 'deeplabv3_resnet101', 'resnet101-63fe2227.pth')])
+def test_09b_a_file_under_the_official_name_that_is_not_that_file(tmp_path, voc_master, monkeypatch, where, model,
+                                                                   name):
+    """A 580 KB file circulates as resnet18-f37072fd.pth: its sha256 does not start with f37072fd (torchvision's
+    naming convention), so it stops the run in one line with its size, not in the unpickler."""
+    folder = {'cwd': tmp_path, 'flag': tmp_path / 'elsewhere', 'torch_cache': tmp_path / 'hub' / 'checkpoints'}[where]
+    folder.mkdir(parents=True, exist_ok=True)
+    fake = folder / name
+    fake.write_bytes(b'<!DOCTYPE html>' + bytes(580_000))      # what a saved download page looks like
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    args = [a for a in train_args(voc_master, '--model', model, '--finetune-epochs', '0') if a != '--no-pretrained']
+    res = run_inprocess(MY_TRAIN, args + (['--backbone-weights', fake] if where == 'flag' else []), tmp_path)
+    one_error_line(res, fake, '580,015 bytes', name.split('-')[1][:8], '--no-pretrained')
+
+
+def test_09c_the_right_file_passes_its_hash_check(tmp_path):
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    staged = tmp_path / 'staged.pth'
+    torch.save(state, staged)
+    good = tmp_path / f'resnet18-{hashlib.sha256(staged.read_bytes()).hexdigest()[:8]}.pth'
+    staged.rename(good)
+    loaded = sd.backbone_state_dict('resnet18', good)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
 
 
 # ------------------------------------------------------------------------------------------ 10-11: checkpoints
