@@ -509,8 +509,7 @@ class SeededSampler(torch.utils.data.distributed.DistributedSampler):
     """
 
     def __init__(self, dataset, shuffle, seed=0):
-        super().__init__(dataset, num_replicas=int(os.environ.get('WORLD_SIZE', '1')),
-                         rank=int(os.environ.get('RANK', '0')), shuffle=shuffle, seed=seed, drop_last=True)
+        super().__init__(dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed, drop_last=True)
         self.eval_limit = None
 
     def __iter__(self):
@@ -1557,7 +1556,7 @@ def segment_files(net, files, out_dir, colors, scales=None, amp=None, test_size=
     would fail too)."""
     files, out_dir, done, skipped = list(files), Path(out_dir), 0, 0
     inputs = {Path(p).resolve() for p in files}
-    for path in files[int(os.environ.get('RANK', '0'))::world_size()]:
+    for path in files[rank()::world_size()]:
         try:
             image = read_image(path)
         except UserError as err:
@@ -1874,8 +1873,13 @@ def check_training_flags(model, crop_size, batch_size, accum_steps, epochs, outp
                         f'processes ({accum_steps} x {world_size()})')
 
 
+def rank():
+    """This process's number among torchrun's (RANK, set before its process group starts); 0 without torchrun."""
+    return int(os.environ.get('RANK', '0'))
+
+
 def is_main_process():
-    return int(os.environ.get('RANK', '0')) == 0
+    return rank() == 0
 
 
 def log(*args, **kwargs):

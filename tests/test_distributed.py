@@ -70,6 +70,27 @@ HELPER = textwrap.dedent('''
 ''')
 
 
+# A helper launched through torchrun: main_process_first's work done by rank 0 while rank 1 waits, then a failing
+# work that must stop both ranks, rank 0 with its one line and rank 1 quietly.
+FIRST = textwrap.dedent('''
+    import datetime, sys
+    import torch
+    import some_define as sd
+
+    def fail():
+        raise sd.UserError('rank 0 could not do it')
+
+    def main():
+        sd.setup_distributed(torch.device('cpu'))
+        marker, wait = sys.argv[1], datetime.timedelta(seconds=60)
+        sd.main_process_first(lambda: open(marker, 'w').write('written by rank 0'), timeout=wait)
+        print(f'rank {sd.rank()} read: {open(marker).read()}', flush=True)
+        sd.main_process_first(fail, timeout=wait)
+        print('not reached', flush=True)
+    sd.run_main(main)
+''')
+
+
 @pytest.fixture(scope='module')
 def demo(tmp_path_factory):
     return Path(sd.make_demo_voc(tmp_path_factory.mktemp('voc') / 'VOC2012', num_train=12, num_val=6))
@@ -91,8 +112,18 @@ def runs(demo, tmp_path_factory):
     unet = start_torchrun([MAIN / 'my_train.py', '--dataset', 'folder', '--data-dir', as_folder(demo, unet_dir),
                            '--epochs', 1, '--finetune-epochs', 1, '--batch-size', BATCH, '--crop-size', *CROP,
                            '--no-pretrained', '--workers', 0, '--save', 'ckpt'], unet_dir)
-    return {'train': (train_dir,) + finish(train), 'eval': (eval_dir,) + finish(evaluate),
-            'unet': (unet_dir,) + finish(unet), 'state': state}
+    first_dir = tmp_path_factory.mktemp('ddp_first')
+    (first_dir / 'first.py').write_text(FIRST)
+    first = start_torchrun([first_dir / 'first.py', first_dir / 'marker.txt'], first_dir)
+    done = {'train': (train_dir,) + finish(train)}
+    images = train_dir / 'photos'       # own images to segment, besides the evaluation
+    images.mkdir()
+    for image, _ in sd.voc_files(demo, False).items[:5]:
+        shutil.copy(image, images)
+    predict = start_torchrun([MAIN / 'origin_predict.py', '--checkpoint', 'ckpt', '--eval', '--workers', 0, images,
+                              '--out-dir', 'segmented'], train_dir)
+    return dict(done, eval=(eval_dir,) + finish(evaluate), unet=(unet_dir,) + finish(unet),
+                predict=(train_dir,) + finish(predict), first=(first_dir,) + finish(first), state=state)
 
 
 def as_folder(voc, dst):
@@ -184,3 +215,27 @@ def test_confusion_matrix_two_processes_equals_one(runs, demo):
     assert matrix.sum() == result['pixels'] > 0
     assert torch.equal(torch.tensor(two['mat']), matrix)
     assert two['miou'] == result['miou']
+
+
+def test_two_process_evaluation_of_the_predict_script_equals_one_process(runs, demo):
+    """origin_predict.py --eval under torchrun: each process evaluates its share, the matrix is summed, rank 0
+    writes the figures of the whole split (not of its half); the own images are shared out, each written once."""
+    cwd, rc, out, err = runs['predict']
+    assert rc == 0, f'torchrun exited {rc}\n{out[-3000:]}\n{err[-4000:]}'
+    two = json.loads(sd.results_path(cwd / 'ckpt', '.json').read_text())
+    net, _ = sd.load_model(cwd / 'ckpt', torch.device('cpu'))
+    val = sd.VOCSegDataset(False, None, demo, normalize=False)
+    one = sd.evaluate_full(net, val, num_workers=0).compute()
+    assert two['images'] == len(val) and two['pixels'] == one['pixels'] > 0
+    assert two['miou'] == pytest.approx(one['miou'], abs=1e-12)
+    assert sorted(p.name for p in (cwd / 'segmented').iterdir()) == sorted(
+        f'{p.stem}_{kind}.png' for p in (cwd / 'photos').iterdir() for kind in ('color', 'overlay', 'labels'))
+    assert out.count('segmented 5 image(s)') == 1, out
+
+
+def test_work_of_rank_0_first_then_a_failure_stops_every_rank(runs):
+    cwd, rc, out, err = runs['first']
+    assert rc != 0 and 'not reached' not in out, out + err
+    assert sorted(line for line in out.splitlines() if line.startswith('rank')) == [
+        'rank 0 read: written by rank 0', 'rank 1 read: written by rank 0']
+    assert [line for line in err.splitlines() if line.startswith('error:')] == ['error: rank 0 could not do it']
