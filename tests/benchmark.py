@@ -274,7 +274,7 @@ def measure_train(model_name, fast, device, batch, crop, steps, warmup, use_comp
         trainer = torch.optim.SGD(model.parameters(), lr=origin_train.LR, weight_decay=origin_train.WD)
     else:
         trainer = torch.optim.Adam(model.parameters(), lr=my_train.LR, weight_decay=my_train.WD)
-    scaler = torch.amp.GradScaler('cuda') if amp == torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     torch.backends.cudnn.benchmark = fast
     images = torch.randint(0, 256, (batch, 3) + tuple(crop), dtype=torch.uint8)
     labels = torch.randint(0, 21, (batch,) + tuple(crop))
