@@ -14,14 +14,19 @@ import copy
 import datetime
 import functools
 import hashlib
+import http.client
 import json
 import math
 import os
+import posixpath
 import shutil
 import sys
+import tarfile
 import time
+import urllib.error
+import urllib.request
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -68,6 +73,18 @@ DATA_DIR = HERE / 'data'                                    # --download and --d
 DEMO_DIR = DATA_DIR / 'demo' / 'VOC2012'
 DEMO_FOLDER = DATA_DIR / 'demo' / 'folder'                  # the same demo data, laid out as a user's own
 DEMO_MIN_SIZE = (80, 112)       # the demo's smallest regular image: its pictures show this much of each
+# PASCAL VOC 2012 trainval (--download), tried in this order: the book's own mirror (d2l's DATA_HUB['voc2012']),
+# Oxford's current address, Oxford's old address (the one torchvision's VOCSegmentation uses).
+VOC_TAR = 'VOCtrainval_11-May-2012.tar'
+VOC_SOURCES = ('http://d2l-data.s3-accelerate.amazonaws.com/' + VOC_TAR,
+               'https://thor.robots.ox.ac.uk/pascal/VOC/voc2012/' + VOC_TAR,
+               'http://host.robots.ox.ac.uk/pascal/VOC/voc2012/' + VOC_TAR)
+# The tar's published checksums: md5 from torchvision's VOCSegmentation, sha256 from torchvision's prototype
+# datasets, sha1 from d2l's DATA_HUB.
+VOC_TAR_CHECKSUMS = {'size': 1999639040, 'md5': '6cd6e144f989b92b3379bac3b3de84fd',
+                     'sha256': 'e14f763270cf193d0b5f74b169f44157a4b0c6efa708f4dd0ff78ee691763bcb',
+                     'sha1': '4e443f8a2eca6b1dac8a6c57641b67dd40621a49'}
+DOWNLOAD_TIMEOUT = 60           # seconds a silent connection is waited for before the next source is tried
 DOWNLOAD_HOURS = 6              # how long torchrun's other processes wait for rank 0's --download
 # ImageNet backbones: the weights API's files, looked for next to the scripts first (the seed's instruction)
 BACKBONE_WEIGHTS = {'resnet18': torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
@@ -104,18 +121,203 @@ def find_voc_dir(data_dir=None):
                     'pass --data-dir to it, --download to fetch it (2 GB), or --demo for a small synthetic one')
 
 
-def download_voc(root):
-    """torchvision's VOCSegmentation(download=True): the 2 GB trainval tar, checked by md5, into root/VOCdevkit."""
+def download_voc(root, sources=VOC_SOURCES, checksums=VOC_TAR_CHECKSUMS):
+    """PASCAL VOC 2012 trainval into root/VOCdevkit/VOC2012, once. A root/VOCtrainval_11-May-2012.tar the user put
+    there is checked and used without any network; otherwise the sources are tried in turn (fetch_voc_tar). The tar
+    stays afterwards: whether its 2 GB go is the user's choice."""
     root = Path(root)
-    if (root / 'VOCdevkit' / 'VOC2012' / 'ImageSets' / 'Segmentation' / 'val.txt').exists():
+    voc = root / 'VOCdevkit' / 'VOC2012'
+    if (voc / 'ImageSets' / 'Segmentation' / 'val.txt').exists():
         return
-    log(f'downloading PASCAL VOC 2012 (2 GB) into {root} ...')
+    if voc.exists():
+        raise UserError(f'{voc} exists without ImageSets/Segmentation/val.txt (an unpacking that did not finish?): '
+                        'move or delete it and rerun with --download')
+    tar = root / VOC_TAR
+    if tar.exists():
+        log(f'checking {tar} ...')
+        differs = tar_mismatch(tar, checksums)
+        if differs:
+            raise UserError(f'{tar} is not the VOC2012 trainval tar ({differs}): put a copy whose md5 is '
+                            f'{checksums["md5"]} in its place, or move it away and rerun with --download to fetch one')
+    else:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_failed(root, err) from None
+        fetch_voc_tar(tar, sources, checksums)
+    unpack_voc_tar(tar, voc)
+    log(f'VOC2012 is in {voc}; {tar} is kept (delete it to free {checksums["size"] / 1e9:.1f} GB)')
+
+
+def fetch_voc_tar(tar, sources, checksums):
+    """Downloads tar from the first source that delivers the checked file, through tar + '.part'. A source that
+    errors is noted and the next one continues the same .part (the checksums decide at the end); a complete .part
+    that fails them is deleted and the next source starts afresh. When every source fails, the .part stays so that
+    a rerun continues it, and one UserError line lists each source's error and the manual step."""
+    part = tar.with_name(tar.name + '.part')
+    errors = []
+    for url in sources:
+        try:
+            if not part.exists() or part.stat().st_size < checksums['size']:
+                fetch_part(url, part, checksums['size'])
+        except (OSError, http.client.HTTPException) as err:    # refused, HTTP error, timeout, cut half-way
+            reason = (f'HTTP {err.code} {err.reason}' if isinstance(err, urllib.error.HTTPError) else
+                      error_line(err.reason if isinstance(err, urllib.error.URLError) else err))
+            errors.append(f'{url} ({reason})')
+            log(f'{url} failed: {reason}')
+            continue
+        log(f'checking {part} ...')
+        differs = tar_mismatch(part, checksums)
+        if not differs:
+            os.replace(part, tar)
+            return
+        part.unlink()
+        errors.append(f'{url} (a file that fails the checksums, deleted: {differs})')
+        log(f'{url} sent a file that fails the checksums ({differs}): deleted')
+    kept = (f'; {part} ({part.stat().st_size} of {checksums["size"]} bytes) is kept so that a rerun continues it'
+            if part.exists() else '')
+    raise UserError(f'could not download VOC2012 from any source: {"; ".join(errors)}. Download {VOC_TAR} by any '
+                    f'means (any copy whose md5 is {checksums["md5"]}), put it at {tar} and rerun with --download '
+                    f'(or unpack it and pass --data-dir){kept}')
+
+
+def fetch_part(url, part, size):
+    """Appends url's bytes to part, after the bytes already there (an HTTP Range request, answered 206); a server
+    that answers 200 sends the whole file, so part starts again from byte 0. Network faults raise OSError or
+    HTTPException with part holding every byte received; a write that fails is a UserError (write_failed)."""
+    from tqdm import tqdm
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={'Range': f'bytes={have}-'} if have else {})
+    with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response:
+        if have and response.status != 206:
+            log(f'{url} does not resume downloads (HTTP {response.status}): starting again from byte 0')
+            have = 0
+        elif have and not response.headers.get('Content-Range', '').startswith(f'bytes {have}-'):
+            raise ConnectionError(f'asked for bytes {have}- and got {response.headers.get("Content-Range")}')
+        length = response.headers.get('Content-Length')
+        if length is not None and have + int(length) != size:   # another file: not worth 2 GB of disk
+            raise ConnectionError(f'serves {have + int(length)} bytes where the tar has {size}')
+        with open_part(part, append=have > 0) as out, tqdm(
+                total=size, initial=have, desc=part.name, unit='B', unit_scale=True, unit_divisor=1024,
+                disable=not is_main_process() or None) as bar:
+            while have < size:
+                chunk = response.read(min(1 << 20, size - have))
+                if not chunk:
+                    break
+                write_chunk(out, part, chunk)
+                have += len(chunk)
+                bar.update(len(chunk))
+    if have < size:
+        raise ConnectionError(f'the connection closed after {have} of {size} bytes')
+
+
+def open_part(part, append):
+    """part opened for writing (appended to, or from byte 0); a folder that refuses it is one UserError line."""
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        torchvision.datasets.VOCSegmentation(str(root), year='2012', image_set='trainval', download=True)
-    except Exception as err:  # network, disk, a changed mirror: all end in the same advice
-        raise UserError(f'could not download VOC2012 into {root} ({error_line(err)}): download '
-                        'VOCtrainval_11-May-2012.tar by hand, unpack it and pass --data-dir') from None
+        return open(part, 'ab' if append else 'wb')
+    except OSError as err:
+        raise write_failed(part, err, kept=part if append else None) from None
+
+
+def write_chunk(out, part, chunk):
+    """Writes and flushes one chunk, so that the .part on disk holds exactly the bytes a rerun continues after; a
+    write that fails (full disk) is one UserError line, with the file closed so that closing it cannot raise again."""
+    try:
+        out.write(chunk)
+        out.flush()
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            out.close()
+        raise write_failed(part, err, kept=part) from None
+
+
+def write_failed(path, err, kept=None):
+    """The UserError of a write that fails (full disk, read-only folder): the file, the fix, and what is kept."""
+    note = f'; {kept} is kept so that a rerun with --download continues' if kept else ''
+    return UserError(f'could not write {path} ({error_line(err)}): free space there, or pass --data-dir to a folder '
+                     f'with room (the tar is 2 GB, unpacked 2 GB more){note}')
+
+
+def tar_mismatch(path, checksums):
+    """What differs between the file and the published checksums ('' when nothing does): its size, else its md5,
+    sha256 and sha1, all computed in one pass over the file."""
+    size = path.stat().st_size
+    if size != checksums['size']:
+        return f'size {size} bytes, not {checksums["size"]}'
+    hashes = {name: hashlib.new(name, usedforsecurity=False) for name in checksums if name != 'size'}
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            for h in hashes.values():
+                h.update(block)
+    differ = [name for name, h in hashes.items() if h.hexdigest() != checksums[name]]
+    return (f'{", ".join(differ)} differ{"s" if len(differ) == 1 else ""}: {differ[0]} '
+            f'{hashes[differ[0]].hexdigest()}, not {checksums[differ[0]]}') if differ else ''
+
+
+def unpack_voc_tar(tar, voc):
+    """Unpacks tar's VOCdevkit/VOC2012 as voc (root/VOCdevkit/VOC2012). Every member is checked before anything is
+    written (safe_voc_members); the files land in a scratch folder inside root and the finished folder moves into
+    place last, so an interrupted run never leaves a half folder that looks complete."""
+    root = voc.parent.parent
+    scratch = root / '.VOCtrainval-unpacking'
+    # tarfile's 'data' filter (Python 3.12, 3.11.4, 3.10.12) checks again while extracting: links through links
+    safe = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}
+    log(f'unpacking {tar} ...')
+    try:
+        shutil.rmtree(scratch, ignore_errors=True)      # what an interrupted run left
+        with tarfile.open(tar) as archive:
+            archive.extractall(scratch, safe_voc_members(archive, tar), **safe)
+        voc.parent.mkdir(exist_ok=True)
+        os.replace(scratch / 'VOCdevkit' / 'VOC2012', voc)
+    except tarfile.TarError as err:
+        raise UserError(f'could not unpack {tar} ({error_line(err)}): nothing was unpacked; get a copy whose md5 is '
+                        f'{VOC_TAR_CHECKSUMS["md5"]}') from None
+    except OSError as err:
+        raise write_failed(voc, err, kept=tar) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def safe_voc_members(archive, tar):
+    """The members under VOCdevkit/VOC2012, after every member of the tar passed unsafe_member: a tar with one
+    member that could write outside the folder, or without VOCdevkit/VOC2012, is one UserError line naming it."""
+    members = archive.getmembers()
+    # every link, also those listed after a member that goes through them: extraction order makes no difference
+    links = [PurePosixPath(m.name).parts for m in members if m.issym() or m.islnk()]
+    for member in members:
+        why = unsafe_member(member, links)
+        if why:
+            raise UserError(f'{tar} holds {member.name!r}, {why}: nothing was unpacked; this is not the VOC2012 '
+                            f'trainval tar, get a copy whose md5 is {VOC_TAR_CHECKSUMS["md5"]}')
+    voc = [m for m in members if PurePosixPath(m.name).parts[:2] == ('VOCdevkit', 'VOC2012')]
+    if not voc:
+        raise UserError(f'{tar} holds no VOCdevkit/VOC2012 folder: it is not the VOC2012 trainval tar; get a copy '
+                        f'whose md5 is {VOC_TAR_CHECKSUMS["md5"]}')
+    return voc
+
+
+def unsafe_member(member, links):
+    """Why extracting member could write outside the target folder ('' when it cannot): an absolute path, a '..',
+    a path through a link (`links`: the parts of every link's name), a link leading outside or through a link (where
+    a lexical check cannot follow it), a device file."""
+    path = PurePosixPath(member.name)
+    if path.is_absolute():
+        return 'an absolute path'
+    if '..' in path.parts:
+        return "a path with '..'"
+    if any(len(path.parts) > len(link) and path.parts[:len(link)] == link for link in links):
+        return 'a path through a link'
+    if member.issym() or member.islnk():
+        # a symbolic link's target is relative to its folder, a hard link's to the top of the tar
+        target = PurePosixPath(path.parent if member.issym() else '', member.linkname)
+        normal = posixpath.normpath(str(target))
+        if target.is_absolute() or normal == '..' or normal.startswith('../'):
+            return f'a link to {member.linkname!r} outside the folder'
+        if any(target.parts[:len(link)] == link for link in links):
+            return f'a link to {member.linkname!r} through a link'
+    if member.isdev():
+        return 'a device file'
+    return ''
 
 
 def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_background=False, classes=None):
@@ -1774,8 +1976,10 @@ def add_data_args(parser, dataset_default='voc'):
     g.add_argument('--data-dir', help='the VOC2012 folder (default: VOC2012, VOCdevkit/VOC2012 or '
                    'data/VOCdevkit/VOC2012 next to the scripts); with --dataset cityscapes, the folder holding '
                    'leftImg8bit/ and gtFine/; with --dataset folder, the one holding images/, masks/ and classes.txt')
-    g.add_argument('--download', action='store_true', help='fetch VOC2012 (2 GB) through torchvision into data/ '
-                   '(or --data-dir) first (default: off)')
+    g.add_argument('--download', action='store_true', help='fetch VOC2012 (VOCtrainval_11-May-2012.tar, 2 GB) into '
+                   "data/ (or --data-dir) first: the book's mirror, then Oxford's; checked by size, md5, sha256 and "
+                   'sha1; an interrupted download resumes on rerun; a tar you put there yourself is checked and '
+                   'unpacked (default: off)')
     g.add_argument('--demo', nargs='?', const='voc', choices=['voc', 'folder'], help='a small synthetic dataset '
                    'in the exact VOC layout (data/demo/VOC2012; --demo folder: in the folder layout, data/demo/folder) '
                    'and a CPU-sized recipe: for a machine with no dataset and no GPU (default: off)')
