@@ -1580,20 +1580,22 @@ class ConfusionMatrix:
         self.mat = torch.zeros((num_classes, num_classes), dtype=torch.int64)
 
     def update(self, pred, target):
+        """Adds a batch where it is: the matrix follows the predictions to their device, and only bincount (which
+        needs its output's size) waits for the device."""
         n = self.num_classes
-        target, pred = target.reshape(-1), pred.reshape(-1)
-        k = (target >= 0) & (target < n) & (target != self.ignore_index)
-        idx = n * target[k].to(torch.int64) + pred[k].to(torch.int64)
-        self.mat += torch.bincount(idx, minlength=n ** 2).reshape(n, n).cpu()
+        target, pred = target.reshape(-1).long(), pred.reshape(-1).long()
+        counted = (target >= 0) & (target < n) & (target != self.ignore_index)
+        idx = torch.where(counted, n * target + pred, n * n)        # the pixels not counted: one more bin, dropped
+        counts = torch.bincount(idx, minlength=n * n + 1)[:n * n].view(n, n)
+        self.mat = self.mat.to(counts.device) + counts
 
     def all_reduce(self):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            mat = self.mat.to(dist_device())
-            torch.distributed.all_reduce(mat)
-            self.mat = mat.cpu()
+            self.mat = self.mat.to(dist_device())
+            torch.distributed.all_reduce(self.mat)
 
     def compute(self):
-        h = self.mat.double()
+        h = self.mat.cpu().double()
         diag, gt, pr = h.diag(), h.sum(1), h.sum(0)
         total = h.sum()
         acc = diag / gt                                         # NaN for a class absent from the ground truth
@@ -1895,7 +1897,7 @@ def plot_history(history, path, title):
 def save_confusion_matrix(cm, class_names, path, title):
     """Rows normalised: row i shows where the pixels of class i went."""
     plt = pyplot()
-    m = cm.mat.double()
+    m = cm.mat.cpu().double()
     m = (m / m.sum(1, keepdim=True).clamp(min=1)).numpy()
     n = len(class_names)
     fig, ax = plt.subplots(figsize=(0.35 * n + 3, 0.35 * n + 2.5))

@@ -5,18 +5,34 @@ batch made on the `meta` device, which stands in for CUDA: a tensor made on the 
 fails there exactly as it would on a GPU ("Tensor on device cpu is not on the expected device meta!"). Models are
 built on the CPU and then moved, as the scripts do, so that a tensor an __init__ keeps outside the parameters and
 buffers stays behind and is caught. With `python -m pytest tests --device cuda` the same checks run on the GPU.
-Below them, the decisions a GPU machine makes (mixed-precision type, current device, torchrun's backend), checked
-with the CUDA calls replaced.
+
+What reads values (CopyBlob, the confusion matrix, the training loop's end-of-epoch checks) cannot run on meta: it
+runs on tests/devices.py's fake accelerator, which computes on the CPU, refuses CPU tensors beside device ones as
+CUDA does, and counts the host reads (each a wait for the GPU) and uploads, so that "no per-step host
+synchronisation" is a tested claim. Last, the decisions a GPU machine makes (mixed-precision type, current device,
+torchrun's backend), checked with the CUDA calls replaced.
 """
 import pytest
 import torch
 from torch import nn
 
 import some_define as sd
+from devices import fake_device
 
 DEEPLABS = ('deeplabv3_resnet50', 'deeplabv3_resnet101')
 # InstanceNorm cannot normalise DeepLabV3's 1x1 image-pooling branch (the README says so): not a device question.
 MODEL_NORMS = [(m, n) for m in sd.MODELS for n in sd.NORMS if not (m in DEEPLABS and n == 'instance')]
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    """The tensors cached per device (the ImageNet stats, the upsample's matrices): the fake accelerator's device is
+    meta too, and must not be handed the real meta device's tensors, which have no values."""
+    for cached in (sd.imagenet_stats, sd.interpolation_matrix):
+        cached.cache_clear()
+    yield
+    for cached in (sd.imagenet_stats, sd.interpolation_matrix):
+        cached.cache_clear()
 
 
 @pytest.fixture
@@ -105,6 +121,100 @@ def test_multi_scale_inference(on):
     scores = sd.predict_scores(model, batch(on, n=1, size=(37, 53))[0], scales=(0.5, 1.0, 1.5))
     assert scores.shape == (1, 21, 37, 53)
     assert_on(on, scores)
+
+
+# ------------------------------------------------------------- what reads values: on the fake accelerator
+def blob_batch(n=8):
+    labels = torch.zeros(n, 16, 20, dtype=torch.long)
+    for i in range(n):
+        labels[i, 2 + i % 5:7 + i % 5, 3 + i % 3:8 + i % 3] = 1 if i % 2 else 2     # blobs of class 1 and 2
+    labels[:, 0] = sd.IGNORE_INDEX
+    return torch.rand(n, 3, 16, 20, generator=torch.Generator().manual_seed(0)), labels
+
+
+def test_copyblob_reads_the_device_once_per_pair_and_pastes_what_the_cpu_does():
+    images, labels = blob_batch()
+    pairs = [(1, 0), (2, 0)]
+    want = sd.copyblob(images, labels, pairs, prob=1.0, generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(want[1], labels)     # something was pasted
+    with fake_device() as dev:
+        X, y = images.to(dev.device), labels.to(dev.device)
+        dev.reset()
+        got = sd.copyblob(X, y, pairs, prob=1.0, generator=torch.Generator().manual_seed(3))
+        assert dev.host_reads == len(pairs), dev.reads
+        assert torch.equal(dev.value(got[0]), want[0]) and torch.equal(dev.value(got[1]), want[1])
+
+
+def test_cutmix_and_the_losses_never_wait_for_the_device():
+    images, labels = blob_batch()
+    with fake_device() as dev:
+        X, y = images.to(dev.device), labels.to(dev.device)
+        losses = [sd.make_loss(name, torch.rand(3) + 0.5, 2.0, dev.device) for name in ('weighted_ce', 'focal')]
+        dev.reset()
+        X, y = sd.cutmix_segmentation(X, y, prob=1.0, generator=torch.Generator().manual_seed(0))
+        logits = torch.randn(8, 3, 16, 20).to(dev.device)
+        dev.reset()
+        for loss in losses + [sd.cross_entropy_loss]:
+            loss(logits, y).sum()
+        assert (dev.host_reads, dev.uploads) == (0, 0), dev.reads
+
+
+def test_the_training_loop_waits_for_the_device_only_at_the_end_of_an_epoch():
+    """The same number of host reads for 2 steps as for 6 (the loss, the weights and the sums are read once, at the
+    end of the epoch); batches already on the device need no upload, the normalisation constants come once."""
+    torch.manual_seed(0)
+    model = sd.fcn_resnet18(num_classes=5)
+    reads = {}
+    with fake_device() as dev:
+        model = model.to(dev.device)
+        trainer = torch.optim.SGD(model.parameters(), lr=0.01)
+        for steps in (2, 6):
+            batches = [sd.to_device(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
+                                    torch.randint(0, 5, (2, 32, 32), dtype=torch.uint8), dev.device)
+                       for _ in range(steps)]
+            dev.reset()
+            sd.train_epoch_ch13(model, batches, sd.cross_entropy_loss, trainer,
+                                augment=sd.batch_augment(cutmix=1.0))
+            reads[steps] = dev.host_reads
+            assert dev.uploads == 0
+        dev.reset()
+        sd.to_device(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, 8, 8, dtype=torch.uint8), dev.device)
+        assert (dev.host_reads, dev.uploads) == (0, 2)          # the batch's two tensors, nothing more
+    assert reads[2] == reads[6] <= 3, reads
+
+
+def test_data_kept_on_the_device_is_cropped_there_without_waiting(demo_voc):
+    with fake_device() as dev:
+        train_iter, _ = sd.load_data_voc(4, (32, 64), demo_voc, num_workers=0, device=dev.device, on_device='on')
+        list(train_iter)            # the first epoch puts the normalisation constants on the device
+        train_iter.sampler.set_epoch(1)
+        dev.reset()
+        batches = list(train_iter)
+        assert batches and (dev.host_reads, dev.uploads) == (0, 0), dev.reads
+
+
+def test_the_unet_upsample_makes_its_matrices_on_the_device():
+    with fake_device() as dev:
+        x = torch.randn(1, 2, 11, 13).to(dev.device)
+        dev.reset()
+        sd.upsample2x(x)
+        assert (dev.host_reads, dev.uploads) == (0, 0), 'interpolation_matrix copied from the host'
+
+
+def test_the_confusion_matrix_on_the_device_equals_the_cpus():
+    pred = torch.randint(0, 4, (2, 16, 20), generator=torch.Generator().manual_seed(1))
+    target = blob_batch(2)[1]
+    want = sd.ConfusionMatrix(4)
+    want.update(pred, target)
+    cm = sd.ConfusionMatrix(4)
+    with fake_device() as dev:
+        pred, target = pred.to(dev.device), target.to(dev.device)
+        dev.reset()
+        cm.update(pred, target)
+        cm.update(pred, target)
+        want.update(dev.value(pred), dev.value(target))
+        assert dev.host_reads <= 2 and dev.uploads <= 1, dev.reads     # bincount's output size; the first zeros
+        assert torch.equal(dev.value(cm.mat), want.mat) and str(cm.compute()) == str(want.compute())  # nan: absent
 
 
 # ---------------------------------------------------------------------- the decisions a GPU machine makes

@@ -1,6 +1,6 @@
 """tests/devices.py, the fake accelerator, does what GPU-only code needs proven on the CPU: it refuses CPU tensors
 next to device tensors, computes the CPU's values, counts host reads and uploads; and it catches the project's own
-device bugs. The last test prints (does not assert) the host reads of a few project functions, for the record."""
+device bugs that way (test_device_audit.py uses it on the project's code)."""
 import copy
 import io
 
@@ -9,7 +9,6 @@ import torch
 import torchvision
 from torch.nn import functional as F
 
-import some_define as sd
 from devices import DeviceTensor, fake_device
 
 
@@ -160,43 +159,3 @@ def test_what_it_refuses():
             x.numpy()                                       # as on CUDA: .cpu() first
     with pytest.raises(RuntimeError, match='outside its fake_device'):
         x + 1
-
-
-def test_focal_loss_class_weights_left_on_the_cpu_are_caught():
-    """The catch the tool exists for, on the project's code as it is: FocalLoss indexes its CPU class weights with
-    device labels. When FocalLoss moves them to the device, turn this into a check that it runs."""
-    logits, labels = torch.randn(2, 21, 4, 4), torch.randint(0, 21, (2, 4, 4))
-    with fake_device() as dev:
-        logits, labels = logits.to(dev.device), labels.to(dev.device)
-        with same_device_error():
-            sd.make_loss('focal', torch.ones(21), 2.0)(logits, labels)
-        sd.make_loss('weighted_ce', torch.ones(21))(logits, labels)
-        assert dev.host_reads == 0
-
-
-def test_record_host_reads_of_project_functions():
-    """Printed for the record (run with -s), not asserted: the code that makes these reads is to change."""
-    labels = torch.zeros(8, 16, 16, dtype=torch.long)
-    for i in range(8):
-        labels[i, 2 + i % 4:6 + i % 4, 3:7] = 1
-    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    net = sd.fcn_resnet18(num_classes=5)
-    with fake_device() as dev:
-        images, labels = images.to(dev.device), labels.to(dev.device)
-        dev.reset()
-        sd.copyblob(images, labels, [(1, 0)], prob=1.0, generator=torch.Generator().manual_seed(0))
-        copyblob_reads = dev.host_reads
-
-        dev.reset()
-        sd.ConfusionMatrix(21).update(labels[:2], labels[2:4])
-        matrix_reads = dev.host_reads
-
-        net = net.to(dev.device)
-        batches = [(torch.randn(2, 3, 32, 32).to(dev.device), torch.randint(0, 5, (2, 32, 32)).to(dev.device))
-                   for _ in range(3)]
-        dev.reset()
-        sd.train_epoch_ch13(net, batches, sd.cross_entropy_loss, torch.optim.SGD(net.parameters(), lr=0.01))
-        epoch_reads = dev.host_reads
-    print(f'\nhost reads: copyblob on 8 images, pair (1, 0), prob 1: {copyblob_reads}; ConfusionMatrix.update: '
-          f'{matrix_reads}; train_epoch_ch13, fcn_resnet18, 3 batches of 2: {epoch_reads} {dev.reads}')
