@@ -222,9 +222,9 @@ def test_a_user_placed_bad_tar_is_one_line_and_kept(tmp_path, server):
     assert sorted(p.name for p in tmp_path.iterdir()) == [TAR]
 
 
-def link(name, target):
+def link(name, target, kind=tarfile.SYMTYPE):
     info = tarfile.TarInfo(name)
-    info.type, info.linkname = tarfile.SYMTYPE, target
+    info.type, info.linkname = kind, target
     return info, None
 
 
@@ -232,12 +232,6 @@ def regular(name):
     info = tarfile.TarInfo(name)
     info.size = 4
     return info, b'evil'
-
-
-def hard_link(name, target):
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname = tarfile.LNKTYPE, target
-    return info, None
 
 
 def device(name):
@@ -251,7 +245,7 @@ UNSAFE = {   # name: (the extra members, given the folder outside; the index of 
     'absolute': (lambda outside: [regular(f'{outside}/evil.txt')], 0),
     'link-out': (lambda outside: [link('VOCdevkit/VOC2012/out', '../../../outside')], 0),
     'absolute-link': (lambda outside: [link('VOCdevkit/VOC2012/out', str(outside))], 0),
-    'hard-link-out': (lambda outside: [hard_link('VOCdevkit/VOC2012/h', '../outside/x')], 0),
+    'hard-link-out': (lambda outside: [link('VOCdevkit/VOC2012/h', '../outside/x', tarfile.LNKTYPE)], 0),
     'path-via-link': (lambda outside: [link('VOCdevkit/VOC2012/a', '..'), link('VOCdevkit/VOC2012/a/c', '../..'),
                                        regular('VOCdevkit/VOC2012/a/c/outside/evil.txt')], 1),
     'link-via-link': (lambda outside: [link('VOCdevkit/VOC2012/a', '..'),
