@@ -272,3 +272,12 @@ def test_half_precision_matrices_keep_rows_summing_to_one(dtype):
         assert (rounded.double() - exact).abs().max() <= torch.finfo(dtype).eps / 4     # half a unit in [0.5, 1)
     flat = torch.full((1, 2, 40, 60), 0.7, dtype=dtype)
     assert torch.equal(sd.upsample2x(flat), torch.full((1, 2, 80, 120), 0.7, dtype=dtype))
+
+
+def test_the_upsample_compiles_whole(monkeypatch):
+    """Under --compile the matrices' cache is traced through, not used: they must be made with the graph's own ops
+    (on its device), with no graph break."""
+    monkeypatch.setattr(sd.Upsample2x, 'everywhere', True)
+    x = torch.randn(1, 2, 7, 9, requires_grad=True)
+    compiled = torch.compile(sd.Upsample2x(), backend='aot_eager', fullgraph=True)
+    torch.testing.assert_close(compiled(x), sd.upsample2x(x))
