@@ -19,6 +19,7 @@ NUM_EPOCHS, LR, WD = 30, 1e-4, 1e-3
 BATCH_SIZE, CROP_SIZE = 32, [320, 480]
 FINETUNE_EPOCHS, FINETUNE_LR = 10, 1e-5     # the second stage, from the first stage's weights
 SAVE, CURVES = 'checkpoints/my.pt', 'pictures/my_curves.png'
+FREQUENCIES = 'pictures/class_frequencies.png'      # drawn when class weights are counted
 # --demo: a CPU and no dataset. Small crops and batches, 8 + 2 epochs, no ImageNet weights to download; from scratch
 # Adam needs 10x the lr (1e-4 does not get far in 8 epochs).
 DEMO = dict(epochs=8, batch_size=8, crop_size=[64, 96], pretrained=False, lr=1e-3, finetune_epochs=2,
@@ -71,15 +72,15 @@ def class_weights(args, train_ds, data):
     for name, c, w in zip(names, counts.tolist(), weights.tolist()):
         sd.log(f'{name:<14}{int(c):>10}   {c / max(counts.sum().item(), 1):7.2%}   {w:6.3f}')
     if sd.is_main_process():
-        sd.plot_class_frequencies(counts, names, 'pictures/class_frequencies.png',
+        sd.plot_class_frequencies(counts, names, FREQUENCIES,
                                   f'class imbalance in the training labels ({data.title})')
     return weights
 
 
 def main():
     args = get_args()
-    outputs = [args.save, CURVES]
-    sd.check_training_flags(args.model, args.crop_size, args.batch_size, args.accum_steps, args.epochs, outputs)
+    sd.check_training_flags(args.model, args.crop_size, args.batch_size, args.accum_steps, args.epochs,
+                            [args.save, CURVES, FREQUENCIES])
     device, amp, channels_last = sd.setup_run(args.device, args.amp, args.channels_last, args.cudnn_benchmark,
                                               args.detect_anomaly, args.seed)
 

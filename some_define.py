@@ -20,6 +20,7 @@ import math
 import os
 import posixpath
 import shutil
+import signal
 import sys
 import tarfile
 import time
@@ -93,6 +94,17 @@ BACKBONE_WEIGHTS = {'resnet18': torchvision.models.ResNet18_Weights.IMAGENET1K_V
 MODELS = ('fcn', 'resnet_unet', 'deeplabv3_resnet50', 'deeplabv3_resnet101')
 NORMS = ('batch', 'instance', 'group', 'evo', 'evo_s0', 'evo_b0')
 LOSSES = ('ce', 'weighted_ce', 'focal')
+
+# Every random draw of a run comes from seed_for(--seed, epoch, one of these, ...): a resumed run draws what an
+# uninterrupted one did.
+CROP_DRAWS, MODEL_DRAWS, AUGMENT_DRAWS = 0, 1, 2   # the items' crops, the model's own (dropout), CutMix/CopyBlob
+
+
+def seed_for(*keys):
+    """One 63-bit seed from several whole numbers (NumPy's SeedSequence mixes them: nearby keys give unrelated
+    seeds)."""
+    return int(np.random.SeedSequence([k % 2 ** 64 for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+
 
 # A class table: names, and one RGB colour per class (drawn in pictures; in an RGB label, the colour of the class).
 Classes = collections.namedtuple('Classes', 'names colors')
@@ -659,9 +671,8 @@ class SegDataset(torch.utils.data.Dataset):
         idx, seed = item if isinstance(item, tuple) else (item, None)
         image, label = self.read(idx)
         if self.crop_size is not None:
-            gen = None if seed is None else torch.Generator().manual_seed(int(seed))
+            gen = None if seed is None else torch.Generator().manual_seed(int(seed))   # None: the global RNG
             if self.augment:
-                gen = gen or torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))
                 image, label = tutorial_augment(image, label, self.crop_size, gen)
             else:
                 image, label = voc_rand_crop(image, label, *self.crop_size, generator=gen)
@@ -720,7 +731,7 @@ class SeededSampler(torch.utils.data.distributed.DistributedSampler):
         else:   # evaluation: the first eval_limit items (the book drops the last partial batch), dealt out by rank
             indices = list(range(len(self.dataset) if self.eval_limit is None else self.eval_limit))
             indices = indices[self.rank::self.num_replicas]
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        gen = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, CROP_DRAWS))
         seeds = torch.randint(0, 2 ** 62, (len(self.dataset),), generator=gen).tolist()
         return iter([(i, seeds[i]) for i in indices])
 
@@ -729,6 +740,12 @@ class SeededSampler(torch.utils.data.distributed.DistributedSampler):
             return super().__len__()
         n = len(self.dataset) if self.eval_limit is None else self.eval_limit
         return len(range(self.rank, n, self.num_replicas))
+
+
+def quiet_worker(worker_id):
+    """A DataLoader worker that a SIGTERM to the whole job (SLURM's) ends quietly, as Ctrl-C does: PyTorch's own
+    handler kills it by the signal, and the main process, already stopping, then reports the dead worker."""
+    signal.signal(signal.SIGTERM, raise_terminated)
 
 
 def default_workers():
@@ -749,7 +766,8 @@ def make_loader(dataset, batch_size, is_train, seed=0, num_workers=None):
                         'pass a smaller --batch-size or a smaller --crop-size')
     return torch.utils.data.DataLoader(
         dataset, batch_size=per_rank, sampler=sampler, drop_last=is_train, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), worker_init_fn=quiet_worker,
+        generator=torch.Generator().manual_seed(seed))    # its draws leave the model's RNG alone (see train_ch13)
 
 
 def upload(t, device):
@@ -780,8 +798,25 @@ class DeviceLoader:
         return len(self.loader)
 
     def __iter__(self):
-        for X, y in self.loader:
+        for X, y in handed_over(self.loader):
             yield to_device(X, y, self.device, self.channels_last)
+
+
+def handed_over(loader):
+    """The loader's batches, with a SIGTERM held back while each is handed over from a DataLoader worker (a stop in
+    the middle of that leaves the worker a broken connection, and a traceback): the stop comes right after."""
+    batches = iter(loader)
+    while True:
+        Terminated.hold = True
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        finally:
+            Terminated.hold = False
+        if Terminated.received:
+            raise Terminated()
+        yield batch
 
 
 class DeviceData(DeviceLoader):
@@ -794,6 +829,7 @@ class DeviceData(DeviceLoader):
         whole = copy.copy(loader.dataset)       # the same items, uncropped, as uint8 image and label
         whole.crop_size, whole.normalize = None, False
         whole = torch.utils.data.DataLoader(whole, batch_size=None, num_workers=loader.num_workers,
+                                            worker_init_fn=quiet_worker,
                                             generator=torch.Generator())    # the global seed stays the model's
         self.images, self.labels = [], []
         for image, label in whole:
@@ -865,13 +901,10 @@ def class_pixel_counts(dataset, cache_dir):
     for i in range(len(dataset)):
         label = dataset.read(i)[1]
         counts += torch.bincount(label[label != IGNORE_INDEX].reshape(-1), minlength=dataset.num_classes).double()
-    for path in candidates:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(counts.tolist()))
+    for path in candidates:     # a cache: where none can be written, the counts are simply counted again
+        with contextlib.suppress(UserError):
+            write_atomically(path, lambda f: f.write(json.dumps(counts.tolist()).encode()), '')
             break
-        except OSError:
-            continue
     return counts
 
 
@@ -1311,8 +1344,8 @@ def cutmix_segmentation(images, labels, prob=0.5, alpha=1.0, generator=None):
     image and label alike, so every pixel keeps its own label. Returns new tensors.
 
     One draw decides for the whole batch. The box has area ratio about 1 - lam, lam ~ Beta(alpha, alpha),
-    centred uniformly and clipped to the frame. Permutation and boxes use `generator`; the Beta draw uses the
-    global RNG (torch.distributions has no generator argument), so seed both for exact reproducibility.
+    centred uniformly and clipped to the frame. Every draw comes from `generator` (the Beta draws through NumPy,
+    seeded from it: torch.distributions takes no generator).
     """
     src_images, src_labels = images, labels  # paste from the untouched inputs, never from an earlier paste
     images, labels = images.clone(), labels.clone()
@@ -1320,7 +1353,7 @@ def cutmix_segmentation(images, labels, prob=0.5, alpha=1.0, generator=None):
         return images, labels
     n, _, h, w = images.shape
     perm = torch.randperm(n, generator=generator).tolist()
-    lam = torch.distributions.Beta(float(alpha), float(alpha)).sample((n,))
+    lam = np.random.default_rng(_randint(2 ** 62, generator)).beta(alpha, alpha, n)
     for i, j in enumerate(perm):
         ratio = math.sqrt(1.0 - float(lam[i]))
         cut_h, cut_w = int(h * ratio), int(w * ratio)
@@ -1409,16 +1442,16 @@ def parse_pairs(pairs, class_names, dataset='voc'):
 
 
 def batch_augment(cutmix=0.0, copyblob_prob=0.0, pairs=()):
-    """CutMix and CopyBlob on a batch on the device (the images are already normalised there: any dtype works), or
-    None when both are off."""
+    """augment(X, y, generator): CutMix and CopyBlob on a batch on the device (the images are already normalised
+    there: any dtype works), every draw from `generator`; or None when both are off."""
     if not cutmix and not copyblob_prob:
         return None
 
-    def augment(X, y):
+    def augment(X, y, generator):
         if copyblob_prob:
-            X, y = copyblob(X, y, pairs, copyblob_prob)
+            X, y = copyblob(X, y, pairs, copyblob_prob, generator)
         if cutmix:
-            X, y = cutmix_segmentation(X, y, cutmix)
+            X, y = cutmix_segmentation(X, y, cutmix, generator=generator)
         return X, y
     return augment
 
@@ -1469,18 +1502,21 @@ def train_batch_ch13(net, X, y, loss, amp=None, scaler=None, scale=1):
         return l_sum.detach(), ((out.argmax(1) == y) & valid).sum(), valid.sum()
 
 
-def train_epoch_ch13(net, batches, loss, trainer, amp=None, scaler=None, accum_steps=1, augment=None):
+def train_epoch_ch13(net, batches, loss, trainer, amp=None, scaler=None, accum_steps=1, augment=None, seed=0):
     """One epoch of updates, each from accum_steps micro-batches (an incomplete last group is dropped, as the book
     drops a partial batch). Nothing waits for the device inside the loop: the sums stay there and the loss is
-    checked once, at the end. Returns [loss sum, examples, correct pixels, labelled pixels] over all processes."""
+    checked once, at the end. `augment` draws from seed_for(seed, micro-batch, rank): a resumed epoch draws what an
+    uninterrupted one did. Returns [loss sum, examples, correct pixels, labelled pixels] over all processes."""
     world, steps = world_size(), len(batches) // accum_steps
     sums, examples, first_bad = 0, 0, None     # first_bad: the first step whose loss was not finite, on the device
     trainer.zero_grad(set_to_none=True)
     for i, (X, y) in enumerate(batches):
         if i >= steps * accum_steps:
             break
+        if Terminated.received:
+            raise Terminated()
         if augment is not None:
-            X, y = augment(X, y)
+            X, y = augment(X, y, torch.Generator().manual_seed(seed_for(seed, i, rank())))
         last = (i + 1) % accum_steps == 0
         sync = net.no_sync() if (not last and hasattr(net, 'no_sync')) else contextlib.nullcontext()
         with sync:
@@ -1514,17 +1550,18 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint
     if len(train_iter) // accum_steps == 0:
         raise UserError(f'--accum-steps {accum_steps} is more than the {len(train_iter)} batches of an epoch')
     ckpt.start(trainer, scaler, num_epochs, len(train_iter.dataset), amp)
-    seen, train_time = 0, 0.0
+    seen, train_time, run_seed = 0, 0.0, train_iter.sampler.seed
     try:
         for epoch in range(ckpt.epoch, num_epochs):
-            train_iter.sampler.set_epoch(epoch)
-            torch.manual_seed(train_iter.sampler.seed * 1000 + epoch)   # augmentation: same draws after --resume
+            run_epoch = ckpt.first_epoch + epoch    # a fine-tune continues the first stage's epochs, and its draws
+            train_iter.sampler.set_epoch(run_epoch)
+            torch.manual_seed(seed_for(run_seed, run_epoch, MODEL_DRAWS))     # the model's own (dropout)
             net.train()
             start = time.time()
             batches = tqdm(train_iter, desc=f'epoch {epoch + 1}/{num_epochs}', leave=False,
                            disable=not is_main_process() or None)
             l_total, n, correct, pixels = train_epoch_ch13(net, batches, loss, trainer, amp, scaler, accum_steps,
-                                                           augment)
+                                                           augment, seed_for(run_seed, run_epoch, AUGMENT_DRAWS))
             trained = time.time()
             train_time += trained - start
             seen += n
@@ -1537,12 +1574,12 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint
             h = ckpt.history[-1]
             log(f'epoch {epoch + 1}/{num_epochs}: loss {h["loss"]:.3f}, train acc {h["train_acc"]:.3f}, '
                 f'test acc {h["test_acc"]:.3f}, test mIoU {h["test_miou"]:.3f} ({h["seconds"]:.0f} s)')
-    except KeyboardInterrupt:
-        log(f'\ninterrupted: {ckpt.path} holds {ckpt.epoch} finished epoch(s); run the same command with --resume '
-            'to continue')
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as stop:      # Ctrl-C, or SIGTERM from a scheduler (run_main makes it one)
+        log(f'\n{stop_name(stop)}: {ckpt.path} holds {ckpt.saved} finished epoch(s); run the same command with '
+            '--resume to continue')
+        raise SystemExit(stop_status(stop)) from None
     except NonFiniteLoss as err:
-        kept = f'{ckpt.path} (epoch {ckpt.epoch}) is kept' if ckpt.epoch else 'no checkpoint was written'
+        kept = f'{ckpt.path} (epoch {ckpt.saved}) is kept' if ckpt.saved else 'no checkpoint was written'
         raise UserError(f'the loss became inf or nan at epoch {ckpt.epoch + 1}, step {err.step}; {kept}: lower '
                         '--lr, or find the operation with --detect-anomaly') from None
     if ckpt.history:
@@ -1672,9 +1709,11 @@ def evaluate_full(net, dataset, scales=None, amp=None, test_size=None, num_worke
     cm = ConfusionMatrix(dataset.num_classes)
     workers = default_workers() if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=1 if scales else batch_size, collate_fn=list,
+                                         worker_init_fn=quiet_worker,
                                          sampler=SeededSampler(dataset, shuffle=False), num_workers=workers)
     with torch.inference_mode(), autocast(net_device(net), amp):
-        for batch in tqdm(loader, desc='evaluating', leave=False, disable=not is_main_process() or None):
+        for batch in tqdm(handed_over(loader), desc='evaluating', total=len(loader), leave=False,
+                          disable=not is_main_process() or None):
             by_size = {}
             for image, label in batch:
                 by_size.setdefault(tuple(image.shape), []).append((image, label))
@@ -1719,13 +1758,12 @@ def evaluate_checkpoint(net, ckpt_path, dataset, title, scales=None, amp=None, t
     table = metrics_table([('single', other), ('mst', result)] if scales else [('mst', other), ('single', result)],
                           names)
     print(f'\n{ckpt_path} on {len(dataset)} val images of {title} at original size\n{table}')
-    try:
-        results_path(ckpt_path, '.json', bool(scales)).write_text(json.dumps(result, indent=1))
-        results_path(ckpt_path, '.txt', bool(scales)).write_text(table + '\n')
-    except OSError as err:
-        raise UserError(f'cannot write results beside {ckpt_path} ({err.strerror or err})') from None
+    fix = ('the results go beside the checkpoint: free some disk space there, or copy the checkpoint to a writable '
+           'folder and pass --checkpoint')
+    for suffix, text in (('.json', json.dumps(result, indent=1)), ('.txt', table + '\n')):
+        write_atomically(results_path(ckpt_path, suffix, bool(scales)), lambda f: f.write(text.encode()), fix)
     save_confusion_matrix(cm, names, Path(ckpt_path).with_name(Path(ckpt_path).stem + '_confusion.png'),
-                          f'{Path(ckpt_path).name}: mIoU {result["miou"]:.3f} - {title}')
+                          f'{Path(ckpt_path).name}: mIoU {result["miou"]:.3f} - {title}', fix)
     return result
 
 
@@ -1773,12 +1811,9 @@ def segment_files(net, files, out_dir, colors, scales=None, amp=None, test_size=
         for name in outs:
             if (out_dir / name).resolve() in inputs:
                 raise UserError(f'{out_dir / name} is an input image: pass another --out-dir')
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for name, picture in outs.items():
-                picture.save(out_dir / name)
-        except OSError as err:
-            raise UserError(f'cannot write to {out_dir} ({err.strerror or err}): pass a writable --out-dir') from None
+        for name, picture in outs.items():
+            write_atomically(out_dir / name, functools.partial(picture.save, format='PNG'),
+                             'free some disk space, or pass another --out-dir')
         done += 1
     done, skipped = (int(n) for n in all_reduce_sum([done, skipped]))
     log(f'segmented {done} image(s) into {out_dir}' + (f', skipped {skipped} unreadable' if skipped else ''))
@@ -1841,16 +1876,12 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path):
-    plt = pyplot()
-    path = Path(path)
+def save_figure(fig, path, fix):
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100, bbox_inches='tight')
-    except OSError as err:
-        raise UserError(f'cannot write {path} ({err.strerror or err}): pass a writable output path') from None
+        write_atomically(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:], dpi=100, bbox_inches='tight'),
+                         fix)
     finally:
-        plt.close(fig)
+        pyplot().close(fig)
 
 
 def save_image_grid(path, rows, title, row_titles=None, col_titles=None, scale=2.0):
@@ -1874,7 +1905,7 @@ def save_image_grid(path, rows, title, row_titles=None, col_titles=None, scale=2
             if row_titles and c == 0:
                 ax.set_ylabel(row_titles[r], fontsize=8)
     fig.suptitle(title, fontsize=10, y=1.08 if col_titles else 0.98)   # above multi-line column titles
-    save_figure(fig, path)
+    save_figure(fig, path, 'free some disk space, or pass another --picture')
 
 
 def plot_history(history, path, title):
@@ -1891,10 +1922,11 @@ def plot_history(history, path, title):
     ax2.set_ylim(0, 1)
     ax2.legend()
     fig.suptitle(title, fontsize=10)
-    save_figure(fig, path)
+    save_figure(fig, path, "free some disk space: this epoch's checkpoint is written, run the same command with "
+                '--resume')
 
 
-def save_confusion_matrix(cm, class_names, path, title):
+def save_confusion_matrix(cm, class_names, path, title, fix):
     """Rows normalised: row i shows where the pixels of class i went."""
     plt = pyplot()
     m = cm.mat.cpu().double()
@@ -1908,7 +1940,7 @@ def save_confusion_matrix(cm, class_names, path, title):
     ax.set_ylabel('ground truth')
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(title, fontsize=9)
-    save_figure(fig, path)
+    save_figure(fig, path, fix)
 
 
 def plot_class_frequencies(counts, class_names, path, title):
@@ -1920,7 +1952,7 @@ def plot_class_frequencies(counts, class_names, path, title):
     ax.set_ylabel('share of labelled pixels')
     ax.set_yscale('log')
     ax.set_title(title, fontsize=9)
-    save_figure(fig, path)
+    save_figure(fig, path, 'free some disk space, or run the script from a folder where pictures/ can be written')
 
 
 def recipe_title(config):
@@ -1949,15 +1981,49 @@ def error_line(err):
     return line
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what SLURM and Kubernetes send before they kill a job: stops a run exactly as Ctrl-C does."""
+    received = False    # also checked between training steps: a raise that lands in a __del__ is swallowed there
+    hold = False        # True while a batch is handed over (handed_over): the stop waits for it
+
+
+def raise_terminated(signum, frame):
+    Terminated.received = True
+    if not Terminated.hold:
+        raise Terminated()
+
+
+def quiet_unraisable(unraisable, default=sys.unraisablehook):
+    """A stop that lands while Python runs a finaliser (a DataLoader iterator's __del__) would print "Exception
+    ignored in ..." with a traceback: the stop is reported once, by the script, instead."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        default(unraisable)
+
+
+def stop_name(stop):
+    return 'terminated (SIGTERM)' if isinstance(stop, Terminated) else 'interrupted'
+
+
+def stop_status(stop):
+    """The shell's exit status of a process stopped by that signal: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+
+
 def run_main(main):
-    """Every script ends with run_main(main): a user mistake becomes one line on stderr, not a traceback; torchrun's
-    process group is closed at the end."""
+    """Every script ends with run_main(main): a user mistake becomes one line on stderr, not a traceback; Ctrl-C
+    and SIGTERM stop it with one line too; torchrun's process group is closed at the end."""
+    previous, sys.unraisablehook = signal.signal(signal.SIGTERM, raise_terminated), quiet_unraisable
     try:
         main()
     except UserError as err:
         print(f'error: {error_line(err)}', file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as stop:
+        log(f'\n{stop_name(stop)}')
+        sys.exit(stop_status(stop))
     finally:
+        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = sys.__unraisablehook__
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -2184,20 +2250,36 @@ def net_device(net):
     return next(net.parameters()).device
 
 
-def save_checkpoint(obj, path):
-    """Temporary file, flush to disk, then rename: a kill at any moment leaves the previous checkpoint whole."""
+def write_atomically(path, write, fix):
+    """Every file the scripts write goes through here: write(f) fills a temporary file beside `path` (f: binary),
+    which is flushed to disk and renamed over it, so that a kill, a full disk or a read-only folder at any moment
+    leaves the old file whole (or none), and never a partial one. A failure, whatever a writer raises for it (torch's
+    zip writer raises its own RuntimeError while an OSError is handled), is one UserError line: the file, the
+    reason, `fix`."""
     path = Path(path)
     tmp = path.with_name(path.name + '.tmp')
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
-        raise UserError(f'cannot write checkpoint {path} ({err.strerror or err}): free some disk space or pass '
-                        '--save with a writable path') from None
+    except BaseException as err:    # noqa: BLE001 - the partial file goes, whatever stopped the write
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if not isinstance(err, Exception):
+            raise
+        cause = next((e for e in (err, err.__context__, err.__cause__) if isinstance(e, OSError)), err)
+        raise UserError(f'cannot write {path} ({getattr(cause, "strerror", None) or error_line(cause)}): {fix}') \
+            from None
+
+
+def save_checkpoint(obj, path):
+    """torch.save through write_atomically: a failed save leaves the previous checkpoint whole and says so."""
+    kept = f'{path} still holds the last finished epoch, ' if Path(path).exists() else ''
+    write_atomically(path, lambda f: torch.save(obj, f), f'{kept}free some disk space and run the same command with '
+                     '--resume, or pass --save a path on a disk with room')
 
 
 def load_torch_file(path, what='checkpoint'):
@@ -2242,17 +2324,24 @@ class Checkpoint:
 
     def __init__(self, path, model, model_args, config, classes, resume=False, curves=None, earlier=()):
         self.path, self.model, self.curves, self.earlier = Path(path), model, curves, list(earlier)
+        self.first_epoch = len(self.earlier)    # the run's epoch number of this stage's first
         self.title = f'{recipe_title(config)} - {config["data_title"]}'
         self.state = dict(epoch=0, history=[], model_args=model_args, num_classes=model_args['num_classes'])
+        self.saved = 0      # the epochs the file on disk holds
         if resume and self.path.exists():
             self.state = load_torch_file(self.path)
+            self.saved = self.state['epoch']
             if self.state.get('model_args') != model_args:
                 raise UserError(f'{path} was written for {self.state.get("model_args")}, this run builds '
                                 f'{model_args}: pass the same flags, or another --save')
             model.load_state_dict(self.state['model'])
         elif self.path.exists() and is_main_process():
             prev = self.path.with_name(self.path.stem + '.prev' + self.path.suffix)
-            os.replace(self.path, prev)
+            try:
+                os.replace(self.path, prev)
+            except OSError as err:
+                raise UserError(f'cannot rename {path} to {prev} ({err.strerror or err}): pass --resume to continue '
+                                'it, or another --save') from None
             log(f'{path} existed: kept as {prev} (use --resume to continue it instead)')
         self.state.update(config=config, classes=classes._asdict())
 
@@ -2287,6 +2376,7 @@ class Checkpoint:
                           scaler=scaler.state_dict() if scaler is not None else None)
         if is_main_process():
             save_checkpoint(self.state, self.path)
+            self.saved = self.epoch
             if self.curves:
                 plot_history(self.earlier + self.history, self.curves, self.title)
 
