@@ -51,19 +51,14 @@ def main():
 
     # my_out.png, the book's picture; compare.png, the same val crops with one column per checkpoint
     crops = sd.val_crops(val, args.num_images, sd.picture_crop(ckpt['config']))
-    images, truths = [X.permute(1, 2, 0) for X, _ in crops], [sd.label2image(y, colors) for _, y in crops]
-    predictions = {id(n): [sd.label2image(sd.predict(n, X), colors) for X, _ in crops] for n in
+    predictions = {id(n): [sd.predict(n, X) for X, _ in crops] for n in
                    [net] + [n for _, n, _ in columns]}      # each net once, the main one among them
     title = f'{sd.recipe_title(ckpt["config"])}\n{sd.known_metrics(path, ckpt)} - {data.title}'
-    sd.save_image_grid(args.picture, [images, predictions[id(net)], truths], title,
-                       row_titles=['image', 'prediction', 'ground truth'])
-    sd.log(f'wrote {args.picture}')
-    titles = ['image', 'ground truth'] + [f'{p.name}\n{textwrap.fill(sd.recipe_title(c["config"]), 30)}\n'
-                                          f'{sd.known_metrics(p, c)}' for p, _, c in columns]
-    rows = [[images[i], truths[i]] + [predictions[id(n)][i] for _, n, _ in columns] for i in range(len(crops))]
-    compare = Path(args.picture).with_name('compare.png')
-    sd.save_image_grid(compare, rows, f'side by side on {data.title}', col_titles=titles)
-    sd.log(f'wrote {compare}')
+    sd.show_predictions(args.picture, crops, [predictions[id(net)]], colors, title)
+    names = [f'{p.name}\n{textwrap.fill(sd.recipe_title(c["config"]), 30)}\n{sd.known_metrics(p, c)}'
+             for p, _, c in columns]
+    sd.show_predictions(Path(args.picture).with_name('compare.png'), crops, [predictions[id(n)] for _, n, _ in columns],
+                        colors, f'side by side on {data.title}', names)
 
 
 if __name__ == '__main__':

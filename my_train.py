@@ -7,13 +7,12 @@ from those weights (a second checkpoint, *_finetune.pt). Every technique of the 
     python my_train.py --model deeplabv3_resnet50 --loss focal --norm group --cutmix 0.5              # the tutorial
 """
 import argparse
-import os
 
 import torch
 
 import some_define as sd
 
-# The recipe: the seed's improvement of the book's chapter.
+# The recipe: the published improvement of the book's chapter.
 MODEL, OPTIMIZER = 'resnet_unet', 'adam'
 NUM_EPOCHS, LR, WD = 30, 1e-4, 1e-3
 BATCH_SIZE, CROP_SIZE = 32, [320, 480]
@@ -85,11 +84,14 @@ def main():
                                               args.detect_anomaly, args.seed)
 
     data = sd.find_data(args.dataset, args.data_dir, args.demo, args.download, args.void_as_background, args.classes)
-    train_iter, test_iter = sd.load_data_voc(args.batch_size // args.accum_steps, args.crop_size, data, args.seed,
-                                             args.workers, device, channels_last, args.data_on_device)
+    train_iter, test_iter = sd.load_data_voc(args.batch_size // args.accum_steps, args.crop_size, data, seed=args.seed,
+                                             num_workers=args.workers, device=device, channels_last=channels_last,
+                                             on_device=args.data_on_device)
     model_args = dict(name=args.model, num_classes=len(data.classes.names), norm=args.norm, aux_loss=args.aux_loss)
-    resuming = args.resume and os.path.exists(args.save)     # its weights replace the ImageNet ones: skip them
-    model = sd.build_model(**model_args, pretrained=args.pretrained and not resuming,
+    config = dict(vars(args), stage='train', data_dir=str(data.root), data_title=data.title)
+    ckpt = sd.Checkpoint(args.save, model_args, config, data.classes, resume=args.resume, curves=CURVES)
+    # a resumed run's weights replace the ImageNet ones: they need not be loaded
+    model = sd.build_model(**model_args, pretrained=args.pretrained and not ckpt.resuming,
                            weights_path=args.backbone_weights)
     net = sd.place_model(model, device, channels_last, args.sync_bn, args.compile)
     weights = None
@@ -105,15 +107,12 @@ def main():
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay)
 
     # Stage 1: Adam at lr 1e-4 for 30 epochs.
-    config = dict(vars(args), stage='train', data_dir=str(data.root), data_title=data.title)
-    ckpt = sd.Checkpoint(args.save, model, model_args, config, data.classes, args.resume, CURVES)
     sd.train_ch13(net, train_iter, test_iter, loss, optimizer(args.lr), args.epochs, ckpt, amp, args.accum_steps,
                   augment)
     # Stage 2: 10 epochs at 1e-5 from stage 1's weights, with a fresh optimizer, into its own checkpoint.
     if args.finetune_epochs:
-        config = dict(config, stage='finetune')
-        ckpt = sd.Checkpoint(sd.finetune_path(args.save), model, model_args, config, data.classes, args.resume,
-                             CURVES, earlier=ckpt.history)
+        ckpt = sd.Checkpoint(sd.finetune_path(args.save), model_args, dict(config, stage='finetune'), data.classes,
+                             resume=args.resume, curves=CURVES, earlier=ckpt.history)
         sd.train_ch13(net, train_iter, test_iter, loss, optimizer(args.finetune_lr), args.finetune_epochs, ckpt,
                       amp, args.accum_steps, augment)
 

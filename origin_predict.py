@@ -33,11 +33,8 @@ def main():
         sd.segment_files(net, [image for image, _ in val.items], args.out_dir, colors, scales, amp, args.test_size)
     if sd.is_main_process():    # the book's picture: three rows, image, prediction, ground truth
         crops = sd.val_crops(val, args.num_images, sd.picture_crop(ckpt['config']))
-        rows = [[X.permute(1, 2, 0) for X, _ in crops], [sd.label2image(sd.predict(net, X), colors) for X, _ in crops],
-                [sd.label2image(y, colors) for _, y in crops]]
         title = f'{sd.recipe_title(ckpt["config"])}\n{sd.known_metrics(path, ckpt)} - {data.title}'
-        sd.save_image_grid(args.picture, rows, title, row_titles=['image', 'prediction', 'ground truth'])
-        sd.log(f'wrote {args.picture}')
+        sd.show_predictions(args.picture, crops, [[sd.predict(net, X) for X, _ in crops]], colors, title)
 
 
 if __name__ == '__main__':

@@ -42,11 +42,26 @@ from torchvision.transforms import v2
 VOC_CLASSES = ['background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
                'diningtable', 'dog', 'horse', 'motorbike', 'person', 'potted plant', 'sheep', 'sofa', 'train',
                'tv/monitor']
-VOC_COLORMAP = [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128], [0, 128, 128],
-                [128, 128, 128], [64, 0, 0], [192, 0, 0], [64, 128, 0], [192, 128, 0], [64, 0, 128], [192, 0, 128],
-                [64, 128, 128], [192, 128, 128], [0, 64, 0], [128, 64, 0], [0, 192, 0], [128, 192, 0], [0, 64, 128]]
+
+
+def palette_colors(n):
+    """The first n colours of VOC's palette (the colours its label PNGs carry): its 21 class colours, the book's
+    VOC_COLORMAP, then more in the same pattern; index 255 is VOC's void colour. Classes given without a colour
+    get these."""
+    colors = []
+    for i in range(n):
+        rgb, c = [0, 0, 0], i
+        for bit in range(7, -1, -1):
+            for channel in range(3):
+                rgb[channel] |= ((c >> channel) & 1) << bit
+            c >>= 3
+        colors.append(rgb)
+    return colors
+
+
+VOC_COLORMAP = palette_colors(21)   # [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], ..., [0, 64, 128]]
 IGNORE_INDEX = 255              # VOC's 'void' border and Cityscapes' unlabelled pixels: no loss, no metric
-VOID_COLOR = [224, 224, 192]    # how VOC draws index 255
+VOID_COLOR = palette_colors(256)[IGNORE_INDEX]      # how VOC draws it: 224, 224, 192
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Cityscapes / MiniCity (the tutorial's data): torchvision's class table gives the 19 train ids, names and colours.
@@ -68,6 +83,10 @@ TUTORIAL_CITYSCAPES_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9
 COPYBLOB_PAIRS = {'cityscapes': ['wall:sidewalk', 'fence:sidewalk', 'bus:road', 'train:road'],
                   'voc': ['bottle:diningtable', 'pottedplant:background', 'chair:background', 'boat:background']}
 MST_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.2)     # multi-scale inference, each also flipped
+NET_STRIDE = 32         # every net's coarsest feature map is 1/32 of its input: sizes are padded to multiples of it
+AUX_WEIGHT = 0.4        # DeepLabV3's auxiliary loss, as torchvision's references weight it
+EVAL_BATCH_FACTOR = 2   # evaluation keeps no gradients: its batches are this many times the training batch
+DEVICE_DATA_SHARE = 4   # --data-on-device auto: the decoded splits may take 1/4 of the GPU's free memory
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 HERE = Path(__file__).resolve().parent
 DATA_DIR = HERE / 'data'                                    # --download and --demo write here
@@ -87,7 +106,7 @@ VOC_TAR_CHECKSUMS = {'size': 1999639040, 'md5': '6cd6e144f989b92b3379bac3b3de84f
                      'sha1': '4e443f8a2eca6b1dac8a6c57641b67dd40621a49'}
 DOWNLOAD_TIMEOUT = 60           # seconds a silent connection is waited for before the next source is tried
 DOWNLOAD_HOURS = 6              # how long torchrun's other processes wait for rank 0's --download
-# ImageNet backbones: the weights API's files, looked for next to the scripts first (the seed's instruction)
+# ImageNet backbones: the weights API's files, looked for next to the scripts first (the improvement's instruction)
 BACKBONE_WEIGHTS = {'resnet18': torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
                     'resnet50': torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
                     'resnet101': torchvision.models.ResNet101_Weights.IMAGENET1K_V1}
@@ -364,20 +383,6 @@ def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_back
                            timeout=datetime.timedelta(hours=DOWNLOAD_HOURS))
     return Data('voc', find_voc_dir(data_dir), read_classes(classes) if classes else VOC, void_as_background,
                 'VOC2012')
-
-
-def palette_colors(n):
-    """The first n colours of VOC's palette: its 21 class colours, then more in the same pattern (255 is VOC's void
-    colour). Classes given without a colour get these."""
-    colors = []
-    for i in range(n):
-        rgb, c = [0, 0, 0], i
-        for bit in range(7, -1, -1):
-            for channel in range(3):
-                rgb[channel] |= ((c >> channel) & 1) << bit
-            c >>= 3
-        colors.append(rgb)
-    return colors
 
 
 def read_classes(path):
@@ -755,12 +760,13 @@ def default_workers():
 def make_loader(dataset, batch_size, is_train, seed=0, num_workers=None):
     """Shuffled for training; both drop the last partial batch, as the book does. `batch_size` is global: each of
     torchrun's processes loads its share. Evaluation has no gradients to keep (and BatchNorm in eval mode makes each
-    image's scores independent of its batch): its batches are twice as large, over the same images."""
+    image's scores independent of its batch): its batches are EVAL_BATCH_FACTOR times larger, over the same
+    images."""
     workers = default_workers() if num_workers is None else num_workers
     sampler = SeededSampler(dataset, shuffle=is_train, seed=seed)
     if not is_train and len(dataset) >= batch_size:
         sampler.eval_limit = len(dataset) // batch_size * batch_size
-    per_rank = max(1, batch_size // sampler.num_replicas) if is_train else 2 * batch_size
+    per_rank = max(1, batch_size // sampler.num_replicas) if is_train else EVAL_BATCH_FACTOR * batch_size
     if is_train and len(dataset) // sampler.num_replicas < per_rank:
         raise UserError(f'only {len(dataset)} training examples for a batch of {batch_size}: '
                         'pass a smaller --batch-size or a smaller --crop-size')
@@ -862,17 +868,17 @@ def data_on_device(choice, device, datasets):
     if device.type != 'cuda':
         return False, 'auto: no GPU'
     free = torch.cuda.mem_get_info(device)[0]
-    return need <= free / 4, f'auto: the decoded splits take {need / 2 ** 30:.2f} GiB, the GPU has ' \
+    return need <= free / DEVICE_DATA_SHARE, f'auto: the decoded splits take {need / 2 ** 30:.2f} GiB, the GPU has ' \
                              f'{free / 2 ** 30:.1f} GiB free'
 
 
-def load_data_voc(batch_size, crop_size, voc_dir, seed=0, num_workers=None, device=None, channels_last=False,
+def load_data_voc(batch_size, crop_size, data, seed=0, num_workers=None, device=None, channels_last=False,
                   on_device='auto'):
-    """The book's two loaders of random crops: (train_iter, test_iter). `voc_dir` is a VOC2012 folder, or a Data
-    (find_data: VOC, Cityscapes, a folder). Without `device`, the book's float32 images and int64 labels; with it,
-    batches arrive on the device, from splits kept there (DeviceData, see data_on_device) or streamed from the
-    workers (DeviceLoader)."""
-    data = voc_dir if isinstance(voc_dir, Data) else Data('voc', Path(voc_dir), VOC, False, 'VOC2012')
+    """The book's two loaders of random crops: (train_iter, test_iter). `data`: a Data (find_data: VOC, Cityscapes,
+    a folder) or, as in the book, the VOC2012 folder. Without `device`, the book's float32 images and int64 labels;
+    with it, batches arrive on the device, from splits kept there (DeviceData, see data_on_device) or streamed from
+    the workers (DeviceLoader)."""
+    data = data if isinstance(data, Data) else Data('voc', Path(data), VOC, False, 'VOC2012')
     train = open_dataset(data, True, crop_size, normalize=device is None)
     test = open_dataset(data, False, crop_size, normalize=device is None)
     train_iter = make_loader(train, batch_size, True, seed, num_workers)
@@ -1052,16 +1058,20 @@ class Upsample2x(nn.Module):
         return F.interpolate(x, scale_factor=2, mode='bilinear', align_corners=True)
 
 
-def pad_to_multiple(x, multiple=32):
-    """Zero-pad (the mean colour, after normalisation) at the bottom and right to a multiple of the net's stride."""
+def run_padded(forward, x):
+    """forward(x) for any input size: x zero-padded (the mean colour, after normalisation) at the bottom and right
+    to a multiple of NET_STRIDE, the output cropped back by the same fraction (an output may have a lower resolution
+    than its input). The U-Net runs itself this way; prediction runs every net this way."""
     h, w = x.shape[-2:]
-    ph, pw = -h % multiple, -w % multiple
-    return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+    padded = F.pad(x, (0, -w % NET_STRIDE, 0, -h % NET_STRIDE))
+    out = forward(padded)
+    (ph, pw), (oh, ow) = padded.shape[-2:], out.shape[-2:]
+    return out[..., :math.ceil(h * oh / ph), :math.ceil(w * ow / pw)]
 
 
 class ResNetUNet(nn.Module):
-    """The widely used resnet18 U-Net (the improvement's model). Pads any input to a multiple of 32 inside and
-    crops back, so any size works with the same weights."""
+    """The widely used resnet18 U-Net (the improvement's model). Pads any input to a multiple of NET_STRIDE inside
+    and crops back (run_padded), so any size works with the same weights."""
 
     def __init__(self, n_class=21, pretrained=False, weights_path=None):
         super().__init__()
@@ -1089,8 +1099,9 @@ class ResNetUNet(nn.Module):
         self.conv_last = nn.Conv2d(64, n_class, 1)
 
     def forward(self, input):
-        h, w = input.shape[-2:]
-        input = pad_to_multiple(input, 32)
+        return run_padded(self.forward_multiple_of_32, input)
+
+    def forward_multiple_of_32(self, input):    # the published layout: sides must be multiples of 32
         x_original = self.conv_original_size1(self.conv_original_size0(input))
         layer0 = self.layer0(input)
         layer1 = self.layer1(layer0)
@@ -1102,7 +1113,7 @@ class ResNetUNet(nn.Module):
         x = self.conv_up1(torch.cat([self.upsample(x), self.layer1_1x1(layer1)], dim=1))
         x = self.conv_up0(torch.cat([self.upsample(x), self.layer0_1x1(layer0)], dim=1))
         x = self.conv_original_size2(torch.cat([self.upsample(x), x_original], dim=1))
-        return self.conv_last(x)[..., :h, :w]
+        return self.conv_last(x)
 
 
 def deeplabv3(name, num_classes=21, pretrained=False, weights_path=None, aux_loss=False):
@@ -1187,7 +1198,7 @@ def _norm_like(bn, norm):
         new, weight, bias = nn.GroupNorm(num_groups(c), c), "weight", "bias"
     elif norm == "evo_b0":
         new, weight, bias = EvoNorm2dB0(c, eps=bn.eps), "gamma", "beta"
-    else:  # "evo" / "evo_s0"
+    else:  # "evo" / "evo_s0": the names are checked once, by the flags (NORMS)
         new, weight, bias = EvoNorm2dS0(c), "gamma", "beta"
     if bn.affine:
         with torch.no_grad():
@@ -1210,8 +1221,6 @@ def replace_norm(model, norm, replaced=None):
     both base_model.bn1 and layer0[1]) gets one replacement (`replaced` maps each old layer to its new one): two
     copies would leave one without gradients, and DistributedDataParallel stops on unused parameters.
     """
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}, expected one of {NORMS}")
     if norm == "batch":
         return model
     evo, replaced = norm.startswith("evo"), {} if replaced is None else replaced
@@ -1233,10 +1242,8 @@ def build_model(name, num_classes=21, pretrained=False, weights_path=None, norm=
         net = ResNetUNet(num_classes, pretrained, weights_path)
     elif name in ('deeplabv3_resnet50', 'deeplabv3_resnet101'):
         net = deeplabv3(name, num_classes, pretrained, weights_path, aux_loss)
-    else:
+    else:       # the flags allow no other name: a checkpoint written elsewhere
         raise UserError(f'unknown model {name!r}: choose one of {", ".join(MODELS)}')
-    if norm not in NORMS:
-        raise UserError(f'unknown norm {norm!r}: choose one of {", ".join(NORMS)}')
     return replace_norm(net, norm)
 
 
@@ -1485,6 +1492,12 @@ def place_model(model, device, channels_last=False, sync_bn=False, compile=False
     return torch.compile(net) if compile else net
 
 
+def unwrapped(net):
+    """The model inside what place_model returns (compiled: ._orig_mod; DistributedDataParallel: .module)."""
+    net = getattr(net, '_orig_mod', net)
+    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+
+
 def train_batch_ch13(net, X, y, loss, amp=None, scaler=None, scale=1):
     """Forward and backward of one (micro-)batch. Like the book, back-propagates the SUM of the per-example losses;
     `scale` multiplies it (DDP averages gradients over its processes: scale=world size makes the update the sum over
@@ -1493,7 +1506,7 @@ def train_batch_ch13(net, X, y, loss, amp=None, scaler=None, scale=1):
         out, aux = model_output(net(X))
         l = loss(out, y)
         if aux is not None:     # torchvision's DeepLabV3 auxiliary head, weighted as torchvision's references do
-            l = l + 0.4 * loss(aux, y)
+            l = l + AUX_WEIGHT * loss(aux, y)
     l_sum = l.float().sum()
     scaled = l_sum * scale
     (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -1544,12 +1557,13 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint
                augment=None):
     """The book's train_ch13 (loss per example, train acc, test acc each epoch; examples/sec at the end), plus what
     hours of GPU time need: a Checkpoint after every epoch, mixed precision, accumulation, several processes, a stop
-    on a non-finite loss, a clean Ctrl-C. `net` may be compiled or wrapped in DDP; the checkpoint saves its model."""
+    on a non-finite loss, a clean Ctrl-C or SIGTERM. `net` may be compiled or wrapped in DDP; the checkpoint loads
+    and saves the model inside."""
     from tqdm import tqdm
     ckpt, scaler = checkpoint, torch.amp.GradScaler(net_device(net).type) if amp == torch.float16 else None
     if len(train_iter) // accum_steps == 0:
         raise UserError(f'--accum-steps {accum_steps} is more than the {len(train_iter)} batches of an epoch')
-    ckpt.start(trainer, scaler, num_epochs, len(train_iter.dataset), amp)
+    ckpt.start(unwrapped(net), trainer, scaler, num_epochs, len(train_iter.dataset), amp)
     seen, train_time, run_seed = 0, 0.0, train_iter.sampler.seed
     try:
         for epoch in range(ckpt.epoch, num_epochs):
@@ -1650,17 +1664,6 @@ class ConfusionMatrix:
         }
 
 
-def forward_padded(net, X):
-    """The net's main scores for any input size: the input zero-padded (the mean colour, after normalisation) at the
-    bottom and right to a multiple of 32, the padding cropped off the output by the same fraction (a net may output
-    at a lower resolution than its input)."""
-    h, w = X.shape[-2:]
-    padded = pad_to_multiple(X, 32)
-    out = model_output(net(padded))[0]
-    (ph, pw), (oh, ow) = padded.shape[-2:], out.shape[-2:]
-    return out[..., :math.ceil(h * oh / ph), :math.ceil(w * ow / pw)]
-
-
 @torch.inference_mode()
 def predict_scores(net, X, scales=None, test_size=None, flip=True):
     """Class scores (N,C,H,W) at the size of normalised images X (N,3,H,W): the logits of one pass, or with `scales`
@@ -1670,8 +1673,10 @@ def predict_scores(net, X, scales=None, test_size=None, flip=True):
     h, w = X.shape[-2:]
     if test_size:
         X = F.interpolate(X, size=tuple(test_size), mode='bilinear', align_corners=False)
+    def scores_of(x):
+        return run_padded(lambda padded: model_output(net(padded))[0], x)
     if not scales:
-        out = forward_padded(net, X)
+        out = scores_of(X)
     else:
         sh, sw = X.shape[-2:]
         out, passes = 0, 0
@@ -1679,7 +1684,7 @@ def predict_scores(net, X, scales=None, test_size=None, flip=True):
             size = (max(1, round(sh * s)), max(1, round(sw * s)))
             x = X if size == (sh, sw) else F.interpolate(X, size=size, mode='bilinear', align_corners=False)
             for flipped in ((False, True) if flip else (False,)):
-                scores = forward_padded(net, x.flip(-1) if flipped else x)
+                scores = scores_of(x.flip(-1) if flipped else x)
                 prob = F.interpolate(scores.float(), size=(sh, sw), mode='bilinear', align_corners=False).softmax(1)
                 out = out + (prob.flip(-1) if flipped else prob)
                 passes += 1
@@ -1821,11 +1826,8 @@ def segment_files(net, files, out_dir, colors, scales=None, amp=None, test_size=
 
 # ------------------------------------------------------------------------------------------------------ pictures
 def palette(colors=VOC_COLORMAP):
-    """256x3 uint8: the class colours, then black, with VOC's void colour at 255 (label2image, PIL palettes)."""
-    table = torch.zeros((256, 3), dtype=torch.uint8)
-    table[:len(colors)] = torch.tensor(colors, dtype=torch.uint8)
-    table[IGNORE_INDEX] = torch.tensor(VOID_COLOR, dtype=torch.uint8)
-    return table
+    """256x3 uint8: the class colours, then VOC's palette (VOC's void colour at 255): label2image, PIL palettes."""
+    return torch.tensor(list(colors) + palette_colors(256)[len(colors):], dtype=torch.uint8)
 
 
 def label2image(pred, colormap=VOC_COLORMAP):
@@ -1843,6 +1845,21 @@ def segmentation_pictures(image, pred, colors):
     ids.putpalette(palette(colors).reshape(-1).tolist())
     return [('color', Image.fromarray(label2image(pred, colors).numpy())),
             ('overlay', Image.fromarray(overlay.permute(1, 2, 0).numpy())), ('labels', ids)]
+
+
+def show_predictions(path, crops, predictions, colors, title, names=None):
+    """The book's picture of val crops (crops: (image, label) pairs; predictions: one list of class maps per net):
+    for one net three rows, image, prediction, ground truth; for several (`names`: their column titles) a row per
+    image: image, ground truth, then each net's prediction."""
+    images = [X.permute(1, 2, 0) for X, _ in crops]
+    truths = [label2image(y, colors) for _, y in crops]
+    drawn = [[label2image(p, colors) for p in preds] for preds in predictions]
+    if names is None:
+        save_image_grid(path, [images, drawn[0], truths], title, row_titles=['image', 'prediction', 'ground truth'])
+    else:
+        rows = [[images[i], truths[i]] + [d[i] for d in drawn] for i in range(len(crops))]
+        save_image_grid(path, rows, title, col_titles=['image', 'ground truth'] + list(names))
+    log(f'wrote {path}')
 
 
 def val_crops(dataset, n, crop, min_share=0.02):
@@ -2079,7 +2096,7 @@ def add_recipe_args(parser, epochs, lr, weight_decay, batch_size, crop_size, sav
     g.add_argument('--weight-decay', type=float, default=weight_decay, help=default('weight_decay', weight_decay))
     g.add_argument('--batch-size', type=int, default=batch_size, help='examples per update, over all processes ('
                    + default('batch_size', batch_size) + ')')
-    g.add_argument('--crop-size', '--train-size', type=int, nargs=2, default=crop_size, metavar=('H', 'W'),
+    g.add_argument('--crop-size', type=int, nargs=2, default=crop_size, metavar=('H', 'W'),
                    help='random training crop (' + default('crop_size', ' '.join(map(str, crop_size))) + ')')
     g.add_argument('--no-pretrained', dest='pretrained', action='store_false', help='random backbone weights '
                    '(default: ImageNet weights; --demo: random)')
@@ -2133,13 +2150,13 @@ def add_predict_args(parser, checkpoint, picture):
 def check_training_flags(model, crop_size, batch_size, accum_steps, epochs, outputs=()):
     """Fail before hours of training, not after: the flags that cannot work together, and the outputs' folders."""
     check_writable(*outputs)
-    if model == 'fcn' and any(side % 32 for side in crop_size):
-        raise UserError(f'--crop-size {crop_size[0]} {crop_size[1]}: the FCN needs multiples of 32 (its transposed '
-                        'conv upsamples exactly 32x; the book uses 320 480)')
+    if model == 'fcn' and any(side % NET_STRIDE for side in crop_size):
+        raise UserError(f'--crop-size {crop_size[0]} {crop_size[1]}: the FCN needs multiples of {NET_STRIDE} (its '
+                        'transposed conv upsamples exactly 32x; the book uses 320 480)')
     for flag, value, least in (('--epochs', epochs, 0), ('--batch-size', batch_size, 1),
                                ('--accum-steps', accum_steps, 1)):
         if value < least:
-            raise UserError(f'{flag} must be positive')
+            raise UserError(f'{flag} {value}: it must be {least} or more')
     if batch_size % (accum_steps * world_size()):
         raise UserError(f'--batch-size {batch_size} must be a multiple of --accum-steps times the number of '
                         f'processes ({accum_steps} x {world_size()})')
@@ -2317,24 +2334,25 @@ class Checkpoint:
     history, the config, model_args to rebuild the model, the class table. Plain types only, so that
     torch.load(weights_only=True) opens it; written atomically after every epoch, with the training curves.
 
-    resume=True continues an existing file (its weights are loaded into `model` now, the optimizer's state when
-    train_ch13 starts); otherwise an existing file is kept as *.prev.pt. `earlier`: the history of the stage before
-    (the fine-tune's curves continue the first stage's).
+    Made before the model: `resuming` says whether an existing file is continued (then its weights replace the
+    ImageNet ones, which need not be loaded), and train_ch13 loads them with the optimizer's state (start). Without
+    --resume an existing file is kept as *.prev.pt. `earlier`: the history of the stage before (the fine-tune's
+    curves and epoch count continue the first stage's).
     """
 
-    def __init__(self, path, model, model_args, config, classes, resume=False, curves=None, earlier=()):
-        self.path, self.model, self.curves, self.earlier = Path(path), model, curves, list(earlier)
+    def __init__(self, path, model_args, config, classes, resume=False, curves=None, earlier=()):
+        self.path, self.model, self.curves, self.earlier = Path(path), None, curves, list(earlier)
         self.first_epoch = len(self.earlier)    # the run's epoch number of this stage's first
         self.title = f'{recipe_title(config)} - {config["data_title"]}'
         self.state = dict(epoch=0, history=[], model_args=model_args, num_classes=model_args['num_classes'])
+        self.resuming = resume and self.path.exists()
         self.saved = 0      # the epochs the file on disk holds
-        if resume and self.path.exists():
+        if self.resuming:
             self.state = load_torch_file(self.path)
             self.saved = self.state['epoch']
             if self.state.get('model_args') != model_args:
                 raise UserError(f'{path} was written for {self.state.get("model_args")}, this run builds '
                                 f'{model_args}: pass the same flags, or another --save')
-            model.load_state_dict(self.state['model'])
         elif self.path.exists() and is_main_process():
             prev = self.path.with_name(self.path.stem + '.prev' + self.path.suffix)
             try:
@@ -2353,8 +2371,11 @@ class Checkpoint:
     def history(self):
         return self.state['history']
 
-    def start(self, trainer, scaler, num_epochs, examples, amp):
-        """The optimizer's (and GradScaler's) state when resuming, and the stage's first line."""
+    def start(self, model, trainer, scaler, num_epochs, examples, amp):
+        """The model's weights, the optimizer's (and GradScaler's) state when resuming; the stage's first line."""
+        self.model = model
+        if self.resuming:
+            model.load_state_dict(self.state['model'])
         if self.state.get('optimizer'):
             trainer.load_state_dict(self.state['optimizer'])
         if scaler is not None and self.state.get('scaler'):
@@ -2392,9 +2413,10 @@ def open_model(path, device=None, amp=None):
 def load_model(path, device):
     """A model rebuilt from its checkpoint alone: (net in eval mode on device, checkpoint dict)."""
     ckpt = load_torch_file(path)
-    if not isinstance(ckpt, dict) or 'model_args' not in ckpt or 'model' not in ckpt:
-        raise UserError(f'{path} is not a checkpoint written by these scripts (no model_args): pass one from '
-                        'origin_train.py or my_train.py')
+    missing = [key for key in ('model_args', 'model', 'classes', 'config') if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        raise UserError(f'{path} is not a checkpoint written by these scripts (no {", ".join(missing)}): pass one '
+                        'from origin_train.py or my_train.py')
     args = ckpt['model_args']
     net = build_model(**args)
     try:
@@ -2411,7 +2433,7 @@ def checkpoint_data(path, ckpt, kind=None, data_dir=None, demo=None, void_as_bac
     cfg = ckpt['config']
     if not demo and data_dir is None:
         demo, data_dir = cfg.get('demo'), cfg.get('data_dir')
-    data = find_data(kind or cfg.get('dataset', 'voc'), data_dir, 'voc' if demo is True else demo, False,
+    data = find_data(kind or cfg.get('dataset', 'voc'), data_dir, demo, False,
                      void_as_background or bool(cfg.get('void_as_background')), classes)
     data = data if classes else data._replace(classes=checkpoint_classes(ckpt))
     if ckpt['num_classes'] != len(data.classes.names):
@@ -2421,10 +2443,8 @@ def checkpoint_data(path, ckpt, kind=None, data_dir=None, demo=None, void_as_bac
 
 
 def checkpoint_classes(ckpt):
-    """The class table a checkpoint predicts: its own, or for a checkpoint without one, its dataset's."""
-    if 'classes' in ckpt:
-        return Classes(**ckpt['classes'])
-    return CITYSCAPES if ckpt['config'].get('dataset') == 'cityscapes' else VOC
+    """The class table a checkpoint predicts (its names and colours)."""
+    return Classes(**ckpt['classes'])
 
 
 def segment_inputs(net, ckpt, inputs, out_dir, scales=None, amp=None, test_size=None):

@@ -348,7 +348,7 @@ def make_checkpoint(tmp_path):
     ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=1,
                 history=[dict(epoch=1, loss=2.5, train_acc=0.3, test_acc=0.4, test_miou=0.1, lr=1e-3,
                               seconds=1.0)],
-                config=config, num_classes=21,
+                config=config, num_classes=21, classes=sd.VOC._asdict(),
                 model_args=dict(name='fcn', num_classes=21, norm='batch', aux_loss=False))
     path = tmp_path / 'checkpoints' / 'fcn.pt'
     sd.save_checkpoint(ckpt, path)

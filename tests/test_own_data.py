@@ -68,9 +68,17 @@ def folder(tmp_path, folders):
 
 
 # ------------------------------------------------------------------------------------------------- class files
+BOOK_COLORMAP = [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128], [0, 128, 128],
+                 [128, 128, 128], [64, 0, 0], [192, 0, 0], [64, 128, 0], [192, 128, 0], [64, 0, 128], [192, 0, 128],
+                 [64, 128, 128], [192, 128, 128], [0, 64, 0], [128, 64, 0], [0, 192, 0], [128, 192, 0], [0, 64, 128]]
+
+
 def test_palette_colors_are_vocs():
-    assert sd.palette_colors(21) == sd.VOC_COLORMAP
-    assert sd.palette_colors(256)[255] == sd.VOID_COLOR
+    """The one palette: the book's VOC_COLORMAP literal, VOC's void colour, and the PIL palette of its PNGs."""
+    assert sd.VOC_COLORMAP == sd.palette_colors(21) == BOOK_COLORMAP
+    assert sd.palette_colors(256)[255] == sd.VOID_COLOR == [224, 224, 192]
+    table = sd.palette(BOOK_COLORMAP[:3]).tolist()
+    assert table[:3] == BOOK_COLORMAP[:3] and table[255] == [224, 224, 192] and table[21] == sd.palette_colors(22)[21]
 
 
 def test_class_file_formats(tmp_path):

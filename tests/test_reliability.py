@@ -436,8 +436,6 @@ def test_12b_unknown_names_raise_user_error():
     with pytest.raises(sd.UserError, match='nope'):
         sd.build_model('nope')
     with pytest.raises(sd.UserError, match='nope'):
-        sd.build_model('fcn', norm='nope')
-    with pytest.raises(sd.UserError, match='nope'):
         sd.make_loss('nope')
 
 
