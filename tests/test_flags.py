@@ -324,7 +324,7 @@ def test_mst_and_scales_through_the_script_beside_single_scale(fcn, tmp_path, mo
     res = run_ok(ORIGIN_PREDICT, ['--checkpoint', fcn, '--eval', '--mst', '--scales', '0.5', '1.0', '--workers', '0',
                                   '--picture', 'mst.png'], tmp_path)
     assert calls and all(tuple(c['scales']) == (0.5, 1.0) for c in calls if c['scales'])
-    assert sum(bool(c['scales']) for c in calls) == 6           # each val image once (the picture: single scale)
+    assert sum(len(c['X']) for c in calls if c['scales']) == 6      # each val image once (the picture: one scale)
     single = json.loads(sd.results_path(fcn, '.json').read_text())
     mst = json.loads(sd.results_path(fcn, '.json', mst=True).read_text())
     assert mst['mst'] is True and mst['scales'] == [0.5, 1.0] and mst['pixels'] == single['pixels']
@@ -341,7 +341,8 @@ def test_test_size_through_the_script(fcn, tmp_path, monkeypatch):
                             'p.png', '--num-images', '1'], tmp_path)
     sizes = [tuple(c['X'].shape[-2:]) for c in calls]
     labels = val_labels(Path(sd.load_torch_file(fcn)['config']['data_dir']))
-    assert sizes[:-1] and set(sizes[:-1]) == {(64, 96)}, sizes      # the last call: the picture, at its own size
+    assert sum(len(c['X']) for c in calls if tuple(c['X'].shape[-2:]) == (64, 96)) == len(labels) == 6
+    assert set(sizes) == {(64, 96), (32, 64)}, sizes            # (32, 64): the picture's crop, as trained
     assert {label.shape for label in labels} != {(64, 96)}
     result = json.loads(sd.results_path(fcn, '.json').read_text())
     assert result['pixels'] == sum(int((label != 255).sum()) for label in labels)
