@@ -1,6 +1,9 @@
-"""Cityscapes / MiniCity (the DeepLabV3 tutorial's data) on the real one-image sample in shared/cityscapes_sample:
-labelIds mapped to the 19 train ids, the labelTrainIds fallback, MiniCity's flat layout, the training crops, and a
-short my_train.py + my_predict.py run on it. CPU only; skipped when the sample is absent."""
+"""Cityscapes / MiniCity (the DeepLabV3 tutorial's data). Everywhere, on a small synthetic tree in the official
+layout written here: raw labelIds mapped to the 19 train ids (others -> 255) by the official table, the tutorial's
+training transform keeping image and label aligned, and --class-weights tutorial reaching the loss. Where the real
+one-image sample exists (shared/cityscapes_sample, not in a user's clone): the same mapping on a real frame, the
+labelTrainIds fallback, MiniCity's flat layout, the training crops, and a short my_train.py + my_predict.py run.
+CPU only."""
 import json
 import os
 import shutil
@@ -12,24 +15,155 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.nn import functional as F
 
 MAIN = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(MAIN))
 import some_define as sd  # noqa: E402
 from conftest import finish  # noqa: E402
+from test_reliability import MY_TRAIN, run_inprocess  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / 'shared' / 'cityscapes_sample'
 STEM = 'frankfurt_000000_000294'
 
-if not (SAMPLE / 'gtFine' / 'val' / 'frankfurt' / f'{STEM}_gtFine_labelIds.png').exists():
-    pytest.skip(f'no Cityscapes sample at {SAMPLE}', allow_module_level=True)
+
+def have_sample():
+    return (SAMPLE / 'gtFine' / 'val' / 'frankfurt' / f'{STEM}_gtFine_labelIds.png').exists()
+
+
+@pytest.fixture(autouse=True)
+def sample(request):
+    """The tests of the real sample (all but test_synthetic_*) skip where it is absent."""
+    if not request.node.name.startswith('test_synthetic') and not have_sample():
+        pytest.skip(f'no Cityscapes sample at {SAMPLE}')
 
 
 # The official Cityscapes table (cityscapesScripts' labels.py): the raw ids of the 19 train ids, in train-id order.
 TRAIN_ID_OF = {raw: train for train, raw in enumerate([7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28,
                                                        31, 32, 33])}
+# The tutorial's 19 class weights (its --class-weights tutorial), as published with it (the same list appears in
+# OCNet's and mmsegmentation's Cityscapes configs).
+TUTORIAL_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023, 0.9539, 0.9843,
+                    1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507]
 
 
+# ------------------------------------------------------------------------------------- a synthetic tree, everywhere
+# val: a grid of raw ids, mapped ones and ones the table sends to 255 (unlabeled, out of roi, ground, parking, guard
+# rail, polegroup, caravan, and 34, which is no Cityscapes id). train: a grey ramp brighter to the right and
+# downwards, labelled by quadrant (road, sidewalk / building, wall = train ids 0, 1 / 2, 3), for the alignment checks.
+RAW_IDS = [0, 3, 6, 7, 8, 9, 11, 14, 17, 18, 21, 23, 24, 26, 29, 31, 33, 34]
+H, W = 48, 64
+
+
+def ramp_pair(h=H, w=W):
+    """(uint8 3xHxW grey image increasing to the right and downwards, HxW quadrant classes 0 1 / 2 3)."""
+    y, x = torch.arange(h).view(h, 1).expand(h, w), torch.arange(w).view(1, w).expand(h, w)
+    image = (40 + 2 * x + y).to(torch.uint8).expand(3, h, w).contiguous()
+    return image, (2 * (y >= h // 2) + (x >= w // 2)).long()
+
+
+def write_synthetic(root):
+    for split, city in (('train', 'aachen'), ('val', 'bremen')):
+        stem = f'{city}_000000_000019'
+        images, labels = root / 'leftImg8bit' / split / city, root / 'gtFine' / split / city
+        images.mkdir(parents=True)
+        labels.mkdir(parents=True)
+        if split == 'train':
+            image, quadrant = ramp_pair()
+            raw = torch.tensor([7, 8, 11, 12])[quadrant]
+        else:
+            image = torch.randint(256, (3, H, W), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+            raw = torch.tensor(RAW_IDS)[torch.arange(H * W).view(H, W) // 7 % len(RAW_IDS)]
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(images / f'{stem}_leftImg8bit.png')
+        Image.fromarray(raw.numpy().astype(np.uint8), mode='L').save(labels / f'{stem}_gtFine_labelIds.png')
+    return root
+
+
+@pytest.fixture(scope='module')
+def synthetic(tmp_path_factory):
+    return write_synthetic(tmp_path_factory.mktemp('synthetic') / 'cityscapes')
+
+
+def test_synthetic_label_ids_map_to_train_ids(synthetic):
+    ds = sd.CityscapesSegDataset(False, None, synthetic)
+    assert len(ds) == 1 and ds.num_classes == 19 and ds.items[0][1].name.endswith('_gtFine_labelIds.png')
+    raw = torch.from_numpy(np.array(Image.open(ds.items[0][1]), dtype=np.int64))
+    image, label = ds[0]
+    expected = raw.clone().apply_(lambda v: TRAIN_ID_OF.get(v, 255))
+    assert torch.equal(label, expected)
+    assert set(raw.unique().tolist()) == set(RAW_IDS)
+    assert {0, 1, 2, 5, 8, 10, 11, 13, 16, 18, 255} == set(label.unique().tolist())
+    assert image.shape == (3, H, W) and image.dtype == torch.float32
+
+
+def check_aligned(image, label):
+    """A ramp_pair after any transform that moves image and label together (scale, crop, pad, flip) and changes the
+    image's values only monotonically (brightness, contrast; saturation leaves grey alone): in every row, each pixel
+    of a left-quadrant class is no brighter than each pixel of a right-quadrant class, and in every column the top
+    quadrants no brighter than the bottom ones, wherever the two meet. Returns (checked rows, rows seen flipped)."""
+    value, rows, flipped = image[0].int(), 0, 0
+    for v, l, classes in ((value, label, ((0, 2), (1, 3))), (value.T, label.T, ((0, 1), (2, 3)))):
+        for line_v, line_l in zip(v, l):
+            first, second = torch.isin(line_l, torch.tensor(classes[0])), torch.isin(line_l, torch.tensor(classes[1]))
+            if first.any() and second.any():
+                assert line_v[first].max() <= line_v[second].min(), (line_l.tolist(), line_v.tolist())
+                if classes == ((0, 2), (1, 3)):
+                    rows += 1
+                    cols = torch.arange(len(line_l)).float()
+                    flipped += bool(cols[first].mean() > cols[second].mean())
+    return rows, flipped
+
+
+def test_synthetic_tutorial_augment_keeps_image_and_label_aligned():
+    """The tutorial's transform (random scale, pad with void, crop, flip, colour jitter), 60 draws: image and label
+    stay aligned, flipped or not, scaled up or down, padded or not."""
+    image, label = ramp_pair()
+    rows = flipped = padded = 0
+    shapes = set()
+    for seed in range(60):
+        out, lab = sd.tutorial_augment(image, label, (40, 56), torch.Generator().manual_seed(seed))
+        assert out.shape == (3, 40, 56) and out.dtype == torch.uint8 and lab.shape == (40, 56)
+        assert set(lab.unique().tolist()) <= {0, 1, 2, 3, 255}
+        pad = out[0][lab == 255]                        # void padding: black, jittered like the rest
+        assert pad.numel() == 0 or (pad == pad[0]).all() and pad[0] <= out[0][lab != 255].min()
+        r, f = check_aligned(out, lab)
+        rows, flipped, padded = rows + r, flipped + f, padded + bool((lab == 255).any())
+        shapes.add(tuple(torch.bincount(lab.flatten(), minlength=256)[[0, 1, 2, 3, 255]].tolist()))
+    assert 0 < flipped < rows and padded > 0 and len(shapes) > 10, (rows, flipped, padded, len(shapes))
+
+
+def test_synthetic_training_items_are_aligned(synthetic):
+    """The same through the dataset (labelIds mapped, then the transform) as the training loop reads it."""
+    ds = sd.CityscapesSegDataset(True, (40, 56), synthetic, normalize=False)
+    assert ds.augment
+    rows = flipped = 0
+    for seed in range(12):
+        image, label = ds[(0, seed)]
+        assert image.shape == (3, 40, 56) and label.dtype == torch.uint8
+        r, f = check_aligned(image, label.long())
+        rows, flipped = rows + r, flipped + f
+    assert 0 < flipped < rows
+
+
+def test_synthetic_training_with_the_tutorials_class_weights(synthetic, tmp_path, monkeypatch):
+    """my_train.py --dataset cityscapes --loss weighted_ce --class-weights tutorial: the loss that trains is the
+    cross entropy weighted by the tutorial's 19 numbers."""
+    losses, train = [], sd.train_ch13
+    monkeypatch.setattr(sd, 'train_ch13', lambda net, train_iter, test_iter, loss, *args, **kwargs: (
+        losses.append(loss), train(net, train_iter, test_iter, loss, *args, **kwargs))[1])
+    res = run_inprocess(MY_TRAIN, ['--dataset', 'cityscapes', '--data-dir', synthetic, '--model', 'fcn', '--epochs', 1,
+                                   '--finetune-epochs', 0, '--batch-size', 1, '--crop-size', 32, 64,
+                                   '--no-pretrained', '--workers', 0, '--loss', 'weighted_ce', '--class-weights',
+                                   'tutorial', '--save', 'ckpt'], tmp_path)
+    assert res.code == 0, res.err + res.out
+    assert len(losses) == 1
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(2, 19, 5, 6, generator=g), torch.randint(19, (2, 5, 6), generator=g)
+    expected = F.cross_entropy(logits, target, weight=torch.tensor(TUTORIAL_WEIGHTS), reduction='none').mean((1, 2))
+    torch.testing.assert_close(losses[0](logits, target), expected)
+
+
+# ------------------------------------------------------------------------------------------ the real sample
 def read_png(name, root=SAMPLE):
     return torch.from_numpy(np.array(Image.open(root / 'gtFine' / 'val' / 'frankfurt' / f'{STEM}_gtFine_{name}.png'),
                                      dtype=np.int64))
@@ -48,6 +182,8 @@ def mapped_label_ids():
 @pytest.fixture(scope='module')
 def with_train(tmp_path_factory):
     """A copy of the sample with a 'train' split (the val image again) beside 'val'."""
+    if not have_sample():
+        pytest.skip(f'no Cityscapes sample at {SAMPLE}')
     root = tmp_path_factory.mktemp('cityscapes') / 'cityscapes'
     shutil.copytree(SAMPLE, root)
     for top in ('leftImg8bit', 'gtFine'):

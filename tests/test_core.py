@@ -442,8 +442,9 @@ def test_accum_steps_gives_the_same_update_as_the_whole_batch(demo_voc, tmp_path
 
 
 def test_my_train_with_the_tutorial_techniques(demo_voc, tmp_path, monkeypatch, capsys):
-    """The technique flags reach the training loop: focal loss with pixel-count weights, EvoNorm, CutMix and
-    CopyBlob (person pasted onto background) train, and the checkpoint records them."""
+    """The technique flags together: focal loss with pixel-count weights, EvoNorm, CutMix and CopyBlob (person
+    pasted onto background) train side by side, and the checkpoint records them. What each of them does to the
+    batch or the loss that trains is checked in test_flags.py."""
     run_script('my_train.py', ['--data-dir', demo_voc, '--model', 'fcn', '--epochs', 1, '--finetune-epochs', 0,
                                '--batch-size', 4, '--crop-size', 32, 64, '--no-pretrained', '--workers', 0,
                                '--loss', 'focal', '--class-weights', 'counts', '--norm', 'evo', '--cutmix', 1,

@@ -6,6 +6,7 @@ a single process's evaluation of the same weights. A helper run through torchrun
 itself, and a fast in-process check shows how make_loader deals the test items to ranks."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,7 @@ MAIN = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(MAIN))
 import some_define as sd  # noqa: E402
 from conftest import finish  # noqa: E402
+from test_reliability import run_inprocess  # noqa: E402
 
 CROP = (32, 64)
 BATCH = 4
@@ -109,9 +111,8 @@ def runs(demo, tmp_path_factory):
     evaluate = start_torchrun([eval_dir / 'helper.py', demo, eval_dir / 'weights.pt', eval_dir / 'cm.json', *CROP,
                                BATCH], eval_dir)
     unet_dir = tmp_path_factory.mktemp('ddp_unet')
-    unet = start_torchrun([MAIN / 'my_train.py', '--dataset', 'folder', '--data-dir', as_folder(demo, unet_dir),
-                           '--epochs', 1, '--finetune-epochs', 1, '--batch-size', BATCH, '--crop-size', *CROP,
-                           '--no-pretrained', '--workers', 0, '--save', 'ckpt'], unet_dir)
+    unet_args = UNET + ['--data-dir', as_folder(demo, unet_dir)]
+    unet = start_torchrun([MAIN / 'my_train.py'] + unet_args, unet_dir)
     first_dir = tmp_path_factory.mktemp('ddp_first')
     (first_dir / 'first.py').write_text(FIRST)
     first = start_torchrun([first_dir / 'first.py', first_dir / 'marker.txt'], first_dir)
@@ -123,7 +124,16 @@ def runs(demo, tmp_path_factory):
     predict = start_torchrun([MAIN / 'origin_predict.py', '--checkpoint', 'ckpt', '--eval', '--workers', 0, images,
                               '--out-dir', 'segmented'], train_dir)
     return dict(done, eval=(eval_dir,) + finish(evaluate), unet=(unet_dir,) + finish(unet),
-                predict=(train_dir,) + finish(predict), first=(first_dir,) + finish(first), state=state)
+                predict=(train_dir,) + finish(predict), first=(first_dir,) + finish(first), state=state,
+                unet_args=unet_args)
+
+
+# my_train.py's U-Net on the demo in the folder layout, both stages, one SGD update each (12 examples, a global batch
+# of 8: 4 per process): GroupNorm (no batch statistics, which differ with the batch each process sees) and SGD (its
+# step is proportional to the gradient, unlike Adam's), so that two processes must reach one process's weights.
+UNET = ['--dataset', 'folder', '--epochs', 1, '--finetune-epochs', 1, '--batch-size', 8, '--crop-size', *CROP,
+        '--no-pretrained', '--workers', 0, '--save', 'ckpt', '--norm', 'group', '--optimizer', 'sgd', '--lr', '1e-3',
+        '--finetune-lr', '1e-3']
 
 
 def as_folder(voc, dst):
@@ -170,28 +180,63 @@ def test_eval_items_dealt_to_ranks_are_those_of_one_process(demo, monkeypatch):
     assert sorted(dealt) == sorted(single)
 
 
-def test_two_process_training_runs(runs):
+def test_two_process_training_runs(runs, demo):
+    """origin_train.py under torchrun: rank 0 alone reports and writes, the report counts the whole training split
+    and both processes, and the saved weights are trained ones (moved from the seed's, finite)."""
     cwd, rc, out, err = runs['train']
     assert rc == 0, f'torchrun exited {rc}\n{out[-3000:]}\n{err[-4000:]}'
     lines = (out + err).splitlines()
     assert sum(line.startswith('epoch 1/1:') for line in lines) == 1, out     # rank 0 reports, rank 1 does not
     assert sum(line.startswith('read ') for line in lines) == 2               # train + test, once each
-    assert 'x2' in out                                                         # "device cpu x2"
+    train = sd.VOCSegDataset(True, CROP, demo)
+    assert f'{len(train)} training examples, device cpu x2' in out, out
+    assert re.search(r"examples/sec on \['cpu', 'cpu'\]", out), out
     ckpt = torch.load(cwd / 'ckpt', map_location='cpu', weights_only=True)
     assert ckpt['epoch'] == 1 and len(ckpt['history']) == 1
+    h = ckpt['history'][0]
+    assert h['loss'] > 0 and 0 <= h['train_acc'] <= 1 and 0 <= h['test_acc'] <= 1
+    torch.manual_seed(0)
+    initial = sd.build_model('fcn', num_classes=21).state_dict()
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
+    assert not torch.equal(ckpt['model']['final_conv.weight'], initial['final_conv.weight'])
+    assert not torch.equal(ckpt['model']['0.weight'], initial['0.weight'])    # the gradient reached the stem
     assert not list(cwd.glob('*.tmp'))
 
 
 def test_two_process_resnet_unet_on_a_folder_dataset(runs):
     """my_train.py's own model (whose registered resnet18 fc is unused: DDP must not wait for it), both stages, on
-    data in the folder layout."""
+    data in the folder layout: each stage reported once, its checkpoint with the folder's classes."""
     cwd, rc, out, err = runs['unet']
     assert rc == 0, f'torchrun exited {rc}\n{out[-3000:]}\n{err[-4000:]}'
     assert sum(line.startswith('epoch 1/1:') for line in out.splitlines()) == 2, out    # stage 1 and fine-tune
     for name in ('ckpt', 'ckpt_finetune'):
         ckpt = torch.load(cwd / name, map_location='cpu', weights_only=True)
         assert ckpt['epoch'] == 1 and ckpt['config']['dataset'] == 'folder'
-        assert ckpt['classes']['names'] == sd.VOC_CLASSES
+        assert ckpt['classes']['names'] == sd.VOC_CLASSES and ckpt['model_args']['name'] == 'resnet_unet'
+
+
+def test_two_processes_train_to_the_weights_of_one(runs, tmp_path):
+    """The same global batch in two processes (4 + 4, DDP) and in one (8): the same weights after each stage, within
+    float32 rounding. DDP averages the processes' gradients; train_batch_ch13 scales the summed loss by the number of
+    processes, so that the update is the book's sum over the whole batch, as in one process (averaged, every update
+    would be half as large). The tolerance is relative to how far each tensor moved: on an Intel Xeon the two runs
+    differ by at most 0.5% of it after the second update, a halved update by 50%."""
+    cwd, rc, out, err = runs['unet']
+    assert rc == 0, f'torchrun exited {rc}\n{out[-3000:]}\n{err[-4000:]}'
+    one = run_inprocess(MAIN / 'my_train.py', runs['unet_args'], tmp_path)
+    assert one.code == 0, one.err + one.out[-3000:]
+    torch.manual_seed(0)        # what my_train.py does before building the model
+    initial = sd.build_model('resnet_unet', num_classes=21, norm='group').state_dict()
+    for name in ('ckpt', 'ckpt_finetune'):
+        two = torch.load(cwd / name, map_location='cpu', weights_only=True)
+        single = torch.load(tmp_path / name, map_location='cpu', weights_only=True)
+        moved = [k for k, v in single['model'].items() if not torch.equal(v, initial[k])]
+        assert len(moved) > 10, moved
+        for key, value in single['model'].items():
+            step = float((value - initial[key]).abs().max())
+            torch.testing.assert_close(two['model'][key], value, rtol=0, atol=0.05 * step + 1e-7,
+                                       msg=lambda m: f'{name} {key}, moved by {step:.3g}: {m}')
+        assert two['history'][0]['loss'] == pytest.approx(single['history'][0]['loss'], rel=1e-5)
 
 
 def test_two_process_test_figures_equal_one_process_evaluation(runs, demo):

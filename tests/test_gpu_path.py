@@ -188,7 +188,12 @@ def test_deeplabv3_with_its_auxiliary_head(voc, tmp_path, gpu, device):
     res = run_ok(MY_TRAIN, ['--data-dir', voc, '--model', 'deeplabv3_resnet50', '--aux-loss', '--epochs', '1',
                             '--finetune-epochs', '0', '--save', save] + TINY + flags, tmp_path)
     check_fast_path(res, seen, device)
-    assert check_checkpoint(save, 1)['model_args']['aux_loss'] is True
+    ckpt = check_checkpoint(save, 1)
+    assert ckpt['model_args']['aux_loss'] is True
+    torch.manual_seed(0)    # what my_train.py does before building the model: the auxiliary head trained
+    initial = sd.build_model('deeplabv3_resnet50', num_classes=21, aux_loss=True).aux_classifier.state_dict()
+    moved = [k for k, v in initial.items() if not torch.equal(ckpt['model'][f'aux_classifier.{k}'], v)]
+    assert any(k.endswith('weight') for k in moved), 'the auxiliary head did not train'
     run_ok(MY_PREDICT, ['--checkpoint', save, '--eval', '--workers', '0'] + predict_flags, tmp_path)
     check_results(save)
 

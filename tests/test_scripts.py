@@ -5,6 +5,7 @@ Every run happens once, in one module fixture: the two trainings side by side (o
 origin prediction as soon as its checkpoint is there, then my_predict.py, which evaluates and compares all three
 checkpoints. The --help checks run the script files in this process (runpy, as __main__), importing torch once.
 """
+import argparse
 import contextlib
 import io
 import json
@@ -23,6 +24,9 @@ import torch
 from PIL import Image
 
 MAIN = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(MAIN))
+import some_define as sd  # noqa: E402
+
 ORIGIN_TRAIN, ORIGIN_PREDICT = MAIN / 'origin_train.py', MAIN / 'origin_predict.py'
 MY_TRAIN, MY_PREDICT = MAIN / 'my_train.py', MAIN / 'my_predict.py'
 FAST = ['--epochs', '1', '--batch-size', '4', '--crop-size', '32', '64', '--no-pretrained', '--workers', '0']
@@ -140,11 +144,28 @@ def runs_data_dir(runs):
     return Path(runs['origin_train'].cmd[runs['origin_train'].cmd.index('--data-dir') + 1]).resolve()
 
 
-def test_training_curves(runs):
+def pixels(path):
+    with Image.open(path) as img:
+        return np.asarray(img.convert('RGB'))
+
+
+def test_training_curves(runs, tmp_path):
+    """The curves picture of each run is the plot of its checkpoint's history (for my_train.py, stage 1's epochs
+    then the fine-tune's), titled with its recipe and data: redrawn here from the checkpoints, pixel for pixel."""
     get(runs, 'origin_train')
     get(runs, 'my_train')
-    assert_png(runs['cwd'] / 'pictures' / 'origin_curves.png')
-    assert_png(runs['cwd'] / 'pictures' / 'my_curves.png')
+    ck, pictures = runs['cwd'] / 'checkpoints', runs['cwd'] / 'pictures'
+    origin, first, second = (torch.load(ck / name, weights_only=True) for name in
+                             ('origin.pt', 'my.pt', 'my_finetune.pt'))
+    for picture, history, config in (('origin_curves.png', origin['history'], origin['config']),
+                                     ('my_curves.png', first['history'] + second['history'], second['config'])):
+        assert_png(pictures / picture)
+        title = f'{sd.recipe_title(config)} - {config["data_title"]}'
+        sd.plot_history(history, tmp_path / picture, title)
+        assert np.array_equal(pixels(pictures / picture), pixels(tmp_path / picture)), picture
+    assert len(first['history'] + second['history']) == 2
+    sd.plot_history(first['history'], tmp_path / 'stage1.png', title)      # the control: another history differs
+    assert not np.array_equal(pixels(pictures / 'my_curves.png'), pixels(tmp_path / 'stage1.png'))
 
 
 # ------------------------------------------------------------------------------------------------- prediction
@@ -181,13 +202,22 @@ def test_predict_on_image_folder(runs):
 
 
 def test_my_predict_pictures_and_results(runs):
+    """my_predict.py --eval with no other flag: the fine-tune's checkpoint draws my_out.png, and each checkpoint of
+    the default comparison (origin, my, my_finetune: all there) is evaluated on the whole val split, its figures
+    those of its own weights (evaluated again here)."""
     run = get(runs, 'my_predict')
     assert_png(runs['cwd'] / 'pictures' / 'my_out.png')
-    size, _ = assert_png(runs['cwd'] / 'pictures' / 'compare.png')
-    assert 'compare.png' in run.out
+    assert_png(runs['cwd'] / 'pictures' / 'compare.png')
+    assert 'wrote pictures/my_out.png' in run.out and 'wrote pictures/compare.png' in run.out
+    val = sd.VOCSegDataset(False, None, runs_data_dir(runs), normalize=False)
     for name in ('origin', 'my', 'my_finetune'):    # every checkpoint of the comparison is evaluated
-        check_results(runs['cwd'] / 'checkpoints' / f'{name}_results.json')
-        assert f'checkpoints/{name}.pt on ' in run.out
+        r = check_results(runs['cwd'] / 'checkpoints' / f'{name}_results.json')
+        assert f'checkpoints/{name}.pt on {len(val)} val images' in run.out
+        net, _ = sd.load_model(runs['cwd'] / 'checkpoints' / f'{name}.pt', torch.device('cpu'))
+        again = sd.evaluate_full(net, val, num_workers=0).compute()
+        assert r['images'] == len(val) and r['pixels'] == again['pixels'] > 0
+        for key in ('pixel_acc', 'miou', 'fwiou'):
+            assert r[key] == pytest.approx(again[key], abs=1e-12), (name, key)
 
 
 # ------------------------------------------------------------------------------------------------------- help
@@ -211,8 +241,77 @@ def script_help(script):
     return out.getvalue()
 
 
-@pytest.mark.parametrize('script,flags', [(ORIGIN_TRAIN, COMMON_FLAGS), (MY_TRAIN, COMMON_FLAGS + MY_FLAGS)])
-def test_help_mentions_every_flag(script, flags):
+def script_parser(script, monkeypatch):
+    """The ArgumentParser the script builds (caught when it parses, before anything runs)."""
+    parsers = []
+
+    def caught(self, *args, **kwargs):
+        parsers.append(self)
+        raise SystemExit(0)
+    monkeypatch.setattr(argparse.ArgumentParser, 'parse_args', caught)
+    monkeypatch.setattr(sys, 'argv', [str(script)])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(script), run_name='__main__')
+    monkeypatch.undo()
+    return parsers[0]
+
+
+@pytest.mark.parametrize('script,flags', [(ORIGIN_TRAIN, COMMON_FLAGS), (MY_TRAIN, COMMON_FLAGS + MY_FLAGS),
+                                          (ORIGIN_PREDICT, []), (MY_PREDICT, ['--compare'])])
+def test_help_mentions_every_flag(script, flags, monkeypatch):
+    """`python SCRIPT --help` lists every flag the script accepts (every option string of its parser, and those the
+    README names), each with its default; the README's flag table names every flag."""
     text = script_help(script)
-    missing = [f for f in flags if not re.search(re.escape(f) + r'(?![\w-])', text)]
+    actions = [a for a in script_parser(script, monkeypatch)._actions if not isinstance(a, argparse._HelpAction)]
+    accepted = [o for a in actions for o in a.option_strings]
+    assert set(flags) <= set(accepted)
+    missing = [f for f in accepted if not re.search(re.escape(f) + r'(?![\w-])', text)]
     assert not missing, f'{script.name} --help lacks {missing}'
+    assert not [a.dest for a in actions if 'default' not in (a.help or '')], 'help without its default'
+    readme = (MAIN / 'README.md').read_text()
+    undocumented = [a.option_strings or a.dest for a in actions if a.option_strings and not any(
+        re.search(re.escape(o) + r'(?![\w-])', readme) for o in a.option_strings)]
+    assert not undocumented, f'the README does not name {undocumented}'
+
+
+# ------------------------------------------------------------------------------------- the README's first command
+def test_the_readmes_first_command(tmp_path, monkeypatch):
+    """`python origin_train.py --demo && python origin_predict.py && python my_train.py --demo && python my_predict.py
+    --eval`, shortened (1 epoch, + 1 of fine-tune; a 12 + 6 image demo written beforehand where --demo looks, which
+    it then reuses), in a copy of the scripts and of some_define.py (whose data/, checkpoints/ and pictures/ are the
+    copy's), run in this process. The --demo recipe applies where no flag overrides it; the predict scripts need no
+    flag; my_predict.py evaluates the fine-tune and compares the three checkpoints; every picture says DEMO."""
+    import importlib.util
+    from test_reliability import run_inprocess
+    app = tmp_path / 'clone'
+    app.mkdir()
+    for name in ('some_define.py', 'origin_train.py', 'origin_predict.py', 'my_train.py', 'my_predict.py'):
+        shutil.copy(MAIN / name, app / name)
+    spec = importlib.util.spec_from_file_location('some_define', app / 'some_define.py')
+    clone = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(clone)
+    monkeypatch.setitem(sys.modules, 'some_define', clone)          # what the copied scripts import
+    assert clone.DEMO_DIR == app / 'data' / 'demo' / 'VOC2012'
+    clone.make_demo_voc(clone.DEMO_DIR, num_train=12, num_val=6)
+    titles, grid = [], clone.save_image_grid
+    monkeypatch.setattr(clone, 'save_image_grid', lambda path, rows, title, **kw: (
+        titles.append((Path(path).name, title)), grid(path, rows, title, **kw))[1])
+    for script, args in (('origin_train.py', ['--demo', '--epochs', '1']), ('origin_predict.py', []),
+                         ('my_train.py', ['--demo', '--epochs', '1', '--finetune-epochs', '1']),
+                         ('my_predict.py', ['--eval'])):
+        res = run_inprocess(app / script, args, app)
+        assert res.code == 0, f'{script} {args}\n{res.err}\n{res.out[-3000:]}'
+    ck = app / 'checkpoints'
+    origin, mine, tuned = (torch.load(ck / n, weights_only=True) for n in ('origin.pt', 'my.pt', 'my_finetune.pt'))
+    for c, lr in ((origin, 1e-3), (mine, 1e-3), (tuned, 1e-3)):
+        cfg = c['config']
+        assert (cfg['crop_size'], cfg['batch_size'], cfg['pretrained'], cfg['lr']) == ([64, 96], 8, False, lr)
+        assert Path(cfg['data_dir']) == clone.DEMO_DIR and cfg['data_title'] == 'DEMO data (synthetic)'
+    assert tuned['config']['stage'] == 'finetune' and tuned['config']['finetune_lr'] == 1e-4
+    assert (origin['model_args']['name'], mine['model_args']['name']) == ('fcn', 'resnet_unet')
+    assert [name for name, _ in titles] == ['origin_out.png', 'my_out.png', 'compare.png']
+    assert all('DEMO data (synthetic)' in title for _, title in titles), titles
+    for name in ('origin', 'my', 'my_finetune'):
+        assert json.loads((ck / f'{name}_results.json').read_text())['images'] == 6
+    for picture in ('origin_out.png', 'my_out.png', 'compare.png', 'origin_curves.png', 'my_curves.png'):
+        assert_png(app / 'pictures' / picture)

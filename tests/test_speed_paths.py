@@ -9,12 +9,32 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import some_define as sd  # noqa: E402
 from test_reliability import MY_TRAIN, ORIGIN_TRAIN, one_error_line, run_inprocess  # noqa: E402
 
 FAST = ['--epochs', '1', '--batch-size', '4', '--crop-size', '32', '64', '--no-pretrained', '--workers', '0']
+aten = torch.ops.aten
+
+
+class Kernels(TorchDispatchMode):
+    """The aten ops that actually run (forward and backward), with whether each convolution is a transposed one:
+    what a module does, whatever class it is an instance of."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.transposed = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        if func in (aten.convolution.default, aten.convolution_backward.default):
+            self.transposed += bool(args[6] if func is aten.convolution.default else args[7])
+        return func(*args, **(kwargs or {}))
+
+    def count(self, *funcs):
+        return sum(op in funcs for op in self.ops)
 
 
 @pytest.mark.parametrize('channels, kernel, stride, padding, size', [(21, 64, 32, 16, (3, 4)), (5, 8, 4, 2, (5, 7)),
@@ -47,6 +67,45 @@ def test_fcn_keeps_the_books_layer_and_initialisation():
     x = torch.randn(1, 21, 4, 6)
     with torch.no_grad():
         torch.testing.assert_close(t(x), book(x), rtol=1e-5, atol=1e-5)     # float32: rounding only
+
+
+def test_the_fcn_runs_the_fast_kernel_not_a_transposed_conv():
+    """The FCN's 64/32 upsample runs as a 2x2 convolution and pixel_shuffle, forward and backward: no transposed
+    convolution runs at all (an isinstance check would pass with the fallback too)."""
+    torch.manual_seed(0)
+    net = sd.fcn_resnet18(21)
+    x = torch.randn(2, 3, 64, 96)
+    with Kernels() as k:
+        out = net(x)
+        out.sum().backward()
+    assert out.shape == (2, 21, 64, 96)
+    assert k.count(aten.pixel_shuffle.default) == 1, 'the fast path did not run'
+    assert k.transposed == 0, f'{k.transposed} transposed convolution kernel(s) ran'
+    # the control: a plain nn.ConvTranspose2d does run one, so the count above can see it
+    book = nn.ConvTranspose2d(21, 21, 64, stride=32, padding=16)
+    with Kernels() as k:
+        book(torch.randn(1, 21, 2, 3))
+    assert k.transposed == 1 and k.count(aten.pixel_shuffle.default) == 0
+
+
+def test_the_unet_takes_the_matrix_upsample_where_asked(monkeypatch):
+    """On CUDA (forced here by Upsample2x.everywhere) each of the U-Net's five upsamples is two matrix products,
+    forward and backward, and no bilinear kernel runs; on the CPU it is F.interpolate's kernel."""
+    torch.manual_seed(0)
+    net = sd.ResNetUNet(21)
+    x = torch.randn(1, 3, 64, 64)
+    bilinear = (aten.upsample_bilinear2d.default, aten.upsample_bilinear2d.vec,
+                aten.upsample_bilinear2d_backward.default)
+    with Kernels() as k:
+        net(x).sum().backward()
+    assert k.count(*bilinear) == 10       # five upsamples, forward and backward
+    monkeypatch.setattr(sd.Upsample2x, 'everywhere', True)
+    calls, real = [], sd.upsample2x
+    monkeypatch.setattr(sd, 'upsample2x', lambda t: calls.append(t.shape) or real(t))
+    with Kernels() as k:
+        net(x).sum().backward()
+    assert len(calls) == 5 and k.count(*bilinear) == 0, (calls, k.count(*bilinear))
+    assert k.count(aten.mm.default, aten.bmm.default) >= 10
 
 
 @pytest.mark.parametrize('channels_last', [False, True])

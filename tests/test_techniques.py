@@ -361,6 +361,42 @@ def test_multiscale_flip_averages_flipped_pass():
     assert torch.allclose(probs, ref, atol=1e-6)
 
 
+class ScaleProbe(nn.Module):
+    """A net whose scores depend on the scale it sees (3x3 convs), recording the input sizes it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 5, 3, padding=1))
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape[-2:]))
+        return self.body(x)
+
+
+def test_multiscale_averages_the_softmax_of_every_scale_and_its_flip():
+    """Against the tutorial's recipe written out here: each scale (and its flip) through the net, scores resized
+    back bilinearly, softmax, averaged. Sizes are multiples of 32, so no padding enters."""
+    torch.manual_seed(0)
+    net = ScaleProbe().eval()
+    image = torch.randn(1, 3, 64, 64)
+    scales = (0.5, 1.0, 1.5)
+    probs = predict_scores(net, image, scales=scales, flip=True)
+    assert net.seen == [(32, 32), (32, 32), (64, 64), (64, 64), (96, 96), (96, 96)]
+    expected = 0
+    with torch.no_grad():
+        for s in scales:
+            x = F.interpolate(image, size=(round(64 * s),) * 2, mode='bilinear', align_corners=False)
+            for flip in (False, True):
+                scores = net.body(x.flip(-1) if flip else x)
+                p = F.interpolate(scores, size=(64, 64), mode='bilinear', align_corners=False).softmax(1)
+                expected = expected + (p.flip(-1) if flip else p)
+    torch.testing.assert_close(probs, expected / 6, atol=1e-6, rtol=0)
+    # several scales change the scores: the single-scale result is another one
+    single = predict_scores(net, image, scales=(1.0,), flip=True)
+    assert (probs - single).abs().max() > 1e-3
+
+
 def test_multiscale_low_resolution_output():
     # an output stride-8 net that does not upsample: the crop must scale with the output resolution
     net = nn.Sequential(nn.AvgPool2d(8), nn.Conv2d(3, 2, 1)).eval()
@@ -419,6 +455,40 @@ def test_build_deeplabv3_resnet50_forward(aux_loss):
         assert "aux" not in out and aux is None
 
 
+class TwoHeads(nn.Module):
+    """torchvision's segmentation output: {'out': main scores, 'aux': auxiliary scores}."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.main, self.aux = nn.Conv2d(3, classes, 3, padding=1), nn.Conv2d(3, classes, 1)
+
+    def forward(self, x):
+        return {'out': self.main(x), 'aux': self.aux(x)}
+
+
+def test_the_training_step_adds_the_auxiliary_loss_at_weight_0_4():
+    """--aux-loss: the step back-propagates sum(main loss + 0.4 * auxiliary loss) over the batch (torchvision's
+    reference weighting), so the auxiliary head trains; the reported loss is that sum, the accuracy the main head's."""
+    torch.manual_seed(0)
+    net = TwoHeads()
+    X = torch.randn(3, 3, 8, 10)
+    _, y = _seg_batch(n=3, c=5, h=8, w=10, seed=5)
+    l_sum, correct, labelled = some_define.train_batch_ch13(net, X, y, some_define.cross_entropy_loss)
+    ref = TwoHeads()
+    ref.load_state_dict(net.state_dict())
+    out = ref(X)
+    expected = (F.cross_entropy(out['out'], y, reduction='none', ignore_index=IGNORE_INDEX).mean((1, 2))
+                + 0.4 * F.cross_entropy(out['aux'], y, reduction='none', ignore_index=IGNORE_INDEX).mean((1, 2))).sum()
+    expected.backward()
+    torch.testing.assert_close(l_sum, expected.detach())
+    for (name, p), q in zip(net.named_parameters(), ref.parameters()):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    valid = y != IGNORE_INDEX
+    assert int(labelled) == int(valid.sum())
+    assert int(correct) == int(((out['out'].argmax(1) == y) & valid).sum())
+
+
 def test_make_loss_focal_gamma0_and_weighted_ones_equal_ce():
     logits, target = _seg_batch(n=3, c=21, h=9, w=11, seed=4)
     ce = some_define.make_loss("ce")(logits, target)
@@ -439,21 +509,21 @@ def test_make_loss_focal_gamma0_and_weighted_ones_equal_ce():
         some_define.make_loss("dice")
 
 
-def test_fcn_training_crop_not_a_multiple_of_32(tmp_path, monkeypatch):
-    """The book's FCN only gives the input's size for multiples of 32. A --crop-size that is not must either train
-    (padded inside) or end in one clear line naming --crop-size, never a size-mismatch traceback from the loss."""
+def test_fcn_training_crop_not_a_multiple_of_32(tmp_path):
+    """The book's FCN only gives the input's size for multiples of 32: a --crop-size that is not ends, before any
+    data is read or checkpoint written, in one clear line naming --crop-size and the book's 320 480, never in a
+    size-mismatch traceback from the loss. The U-Net pads inside: the same crop trains with my_train.py."""
+    from test_reliability import MY_TRAIN, ORIGIN_TRAIN, one_error_line, run_inprocess
     voc = some_define.make_demo_voc(tmp_path / 'VOC2012', num_train=8, num_val=4, num_small=0)
-    monkeypatch.chdir(tmp_path)
-    script = Path(some_define.__file__).parent / 'origin_train.py'
-    monkeypatch.setattr(sys, 'argv', [str(script), '--data-dir', str(voc), '--epochs', '1', '--batch-size', '4',
-                                      '--crop-size', '48', '80', '--no-pretrained', '--workers', '0', '--save',
-                                      'ckpt.pt'])
-    try:
-        runpy.run_path(str(script))['main']()     # the script's main, without run_main's one-line exit
-    except some_define.UserError as err:
-        assert '--crop-size' in str(err)
-    else:
-        assert (tmp_path / 'ckpt.pt').exists()
+    args = ['--data-dir', voc, '--epochs', '1', '--batch-size', '4', '--crop-size', '48', '80', '--no-pretrained',
+            '--workers', '0', '--save', tmp_path / 'ckpt.pt']
+    for script, extra in ((ORIGIN_TRAIN, []), (MY_TRAIN, ['--model', 'fcn', '--finetune-epochs', '0'])):
+        line = one_error_line(run_inprocess(script, args + extra, tmp_path), '--crop-size 48 80', 'multiples of 32')
+        assert '320 480' in line
+        assert not (tmp_path / 'ckpt.pt').exists()
+    res = run_inprocess(MY_TRAIN, args + ['--finetune-epochs', '0'], tmp_path)     # the U-Net
+    assert res.code == 0, res.err + res.out
+    assert some_define.load_torch_file(tmp_path / 'ckpt.pt')['config']['crop_size'] == [48, 80]
 
 
 def test_infer_test_size_runs_the_net_resized_and_returns_scores_at_the_input_size():

@@ -1,0 +1,299 @@
+"""Break the code on purpose, one line at a time, and check that a test fails.
+
+    python tests/mutations.py                  # every break (about 6 minutes on 2 CPU cores)
+    python tests/mutations.py cutmix focal     # the breaks whose names contain one of these words
+    python tests/mutations.py --list           # the breaks and their tests, nothing run
+
+Each break names a file, the exact text of one line of it (matched after stripping indentation, which the broken
+form keeps), its broken form (one or more lines), and the tests that must catch it. For each break the tracked and
+untracked-but-not-ignored files of the repository are copied to a temporary folder, the line is replaced there (the
+real files are never touched), and only the listed tests run in the copy (`python -m pytest -q -x`, cwd the copy:
+its tests import the copy's some_define.py). A break is CAUGHT when a test fails, SURVIVED when all pass; a line
+that is not found, or found more than once, is an ERROR (the code moved: update the break). Before the breaks, the
+listed tests run once on the unbroken copy: a test that fails there catches nothing. Exits 1 when any break
+survived or erred.
+
+Not part of the default test run (too slow). Run it after changing a mechanism it covers, and add a break when you
+add a mechanism with a "same as" claim.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SD = 'some_define.py'
+
+
+@dataclass
+class Break:
+    name: str
+    file: str
+    line: str           # the exact text of the line (indentation aside)
+    broken: str         # what replaces it ('\n' between lines; each line gets the original's indentation)
+    tests: tuple        # pytest node ids, relative to the repository root
+
+
+BREAKS = [
+    # -------------------------------------------------------------------------------- the transposed conv
+    Break('transposed conv: the fast path never runs', SD,
+          'if output_size is not None or self.kernel_size != (2 * s, 2 * s) or self.stride != (s, s) \\',
+          'if True or output_size is not None or self.kernel_size != (2 * s, 2 * s) or self.stride != (s, s) \\',
+          ('tests/test_speed_paths.py::test_the_fcn_runs_the_fast_kernel_not_a_transposed_conv',)),
+    Break('transposed conv: the kernel not flipped', SD,
+          'weight = self.weight.view(cin, cout, 2, s, 2, s).permute(1, 3, 5, 0, 2, 4).flip(4, 5)',
+          'weight = self.weight.view(cin, cout, 2, s, 2, s).permute(1, 3, 5, 0, 2, 4)',
+          ('tests/test_speed_paths.py::test_shuffle_conv_transpose_is_the_transposed_conv',)),
+    # -------------------------------------------------------------------------------------- the upsample
+    Break('upsample: the matrix path never taken', SD,
+          'if x.is_cuda or self.everywhere:',
+          'if False:',
+          ('tests/test_speed_paths.py::test_the_unet_takes_the_matrix_upsample_where_asked',)),
+    Break('upsample: the matrices wrong', SD,
+          'matrix[rows, (low + 1).clamp(max=n - 1)] += frac',
+          'matrix[rows, low] += frac',
+          ('tests/test_speed_paths.py::test_upsample2x_is_bilinear_align_corners',)),
+    # ---------------------------------------------------------------------------------- data on the device
+    Break('data on the device: another crop than the streamed one', SD,
+          'generator=torch.Generator().manual_seed(int(seed)))',
+          'generator=torch.Generator().manual_seed(int(seed) + 1))',
+          ('tests/test_speed_paths.py::test_device_data_gives_the_streaming_batches',)),
+    # ------------------------------------------------------------------------------------------------ resume
+    Break("resume: the optimizer's state not restored", SD,
+          "trainer.load_state_dict(self.state['optimizer'])",
+          'pass',
+          ('tests/test_reliability.py::test_15_resume_is_exact',)),
+    Break('restart: the old checkpoint not kept as *.prev.pt', SD,
+          'os.replace(self.path, prev)',
+          'pass',
+          ('tests/test_flags.py::test_a_restart_keeps_the_old_checkpoint_as_prev',)),
+    # -------------------------------------------------------------------------------- the confusion matrix
+    Break('confusion matrix: rows and columns swapped', SD,
+          'idx = torch.where(counted, n * target + pred, n * n)        # the pixels not counted: one more bin, dropped',
+          'idx = torch.where(counted, n * pred + target, n * n)',
+          ('tests/test_core.py::test_confusion_matrix_matches_brute_force',)),
+    # ------------------------------------------------------------------------------------------------ CutMix
+    Break('CutMix: the label box from another sample than the image box', SD,
+          'labels[i, y0:y1, x0:x1] = src_labels[j, y0:y1, x0:x1]',
+          'labels[i, y0:y1, x0:x1] = src_labels[(j + 1) % n, y0:y1, x0:x1]',
+          ('tests/test_techniques.py::test_cutmix_consistency',)),
+    Break('CutMix: never applied in training', SD,
+          'X, y = cutmix_segmentation(X, y, cutmix)',
+          'pass',
+          ('tests/test_flags.py::test_cutmix_changes_the_batch_that_reaches_the_loss',)),
+    # ---------------------------------------------------------------------------------------------- CopyBlob
+    Break('CopyBlob: the whole box pasted, not the blob', SD,
+          'paste = inside & (donor_labels == src) & (pastes & (count > 0)).view(n, 1, 1)',
+          'paste = inside & (pastes & (count > 0)).view(n, 1, 1)',
+          ('tests/test_techniques.py::test_copyblob_pastes_exact_blob',)),
+    Break('CopyBlob: never applied in training', SD,
+          'X, y = copyblob(X, y, pairs, copyblob_prob)',
+          'pass',
+          ('tests/test_flags.py::test_copyblob_changes_the_batch_that_reaches_the_loss',)),
+    Break('my_train.py: no batch augmentation reaches train_ch13', 'my_train.py',
+          'augment = sd.batch_augment(args.cutmix, args.copyblob, pairs)',
+          'augment = None',
+          ('tests/test_flags.py::test_cutmix_changes_the_batch_that_reaches_the_loss',
+           'tests/test_flags.py::test_copyblob_changes_the_batch_that_reaches_the_loss')),
+    # --------------------------------------------------------------------------------------------- the losses
+    Break('focal: class weights ignored', SD,
+          'loss = loss * self.weight[safe_target]',
+          'loss = loss',
+          ('tests/test_techniques.py::test_focal_matches_brute_force',)),
+    Break('my_train.py: focal without its class weights, gamma 0', 'my_train.py',
+          'loss = sd.make_loss(args.loss, weights, args.focal_gamma, device)',
+          'loss = sd.make_loss(args.loss, None, 0.0, device)',
+          ('tests/test_flags.py::test_focal_with_class_weights_is_the_loss_that_trains',)),
+    Break('auxiliary loss: left out of the step', SD,
+          'l = l + 0.4 * loss(aux, y)',
+          'l = l',
+          ('tests/test_techniques.py::test_the_training_step_adds_the_auxiliary_loss_at_weight_0_4',)),
+    # --------------------------------------------------------------------------------------- accumulation
+    Break('accumulation: an update after every micro-batch', SD,
+          'last = (i + 1) % accum_steps == 0',
+          'last = True',
+          ('tests/test_core.py::test_accum_steps_gives_the_same_update_as_the_whole_batch',)),
+    # ------------------------------------------------------------------------------------------ DDP scaling
+    Break('DDP: gradients averaged, not summed, over the processes', SD,
+          'l_sum, correct, labelled = train_batch_ch13(net, X, y, loss, amp, scaler, world)',
+          'l_sum, correct, labelled = train_batch_ch13(net, X, y, loss, amp, scaler, 1)',
+          ('tests/test_distributed.py::test_two_processes_train_to_the_weights_of_one',)),
+    # ------------------------------------------------------------------------------------------- inference
+    Break('multi-scale: one scale only', SD,
+          'for s in scales:',
+          'for s in (1.0,):',
+          ('tests/test_techniques.py::test_multiscale_averages_the_softmax_of_every_scale_and_its_flip',)),
+    Break('origin_predict.py: --mst ignored', 'origin_predict.py',
+          'scales = args.scales if args.mst else None',
+          'scales = None',
+          ('tests/test_flags.py::test_mst_and_scales_through_the_script_beside_single_scale',)),
+    Break('origin_predict.py: --test-size not passed to the evaluation', 'origin_predict.py',
+          'sd.evaluate_checkpoint(net, path, val, data.title, scales, amp, args.test_size, args.workers)',
+          'sd.evaluate_checkpoint(net, path, val, data.title, scales, amp, None, args.workers)',
+          ('tests/test_flags.py::test_test_size_through_the_script',)),
+    # --------------------------------------------------------------------------------------- the scripts' data
+    Break('void as background: 255 kept', SD,
+          'label[label == IGNORE_INDEX] = 0',
+          'pass',
+          ('tests/test_flags.py::test_void_as_background_trains_and_evaluates_on_void_pixels',)),
+    Break("predict scripts: --void-as-background not taken from the checkpoint", SD,
+          "void_as_background or bool(cfg.get('void_as_background')), classes)",
+          'void_as_background, classes)',
+          ('tests/test_flags.py::test_void_as_background_trains_and_evaluates_on_void_pixels',)),
+    Break("own data: RGB masks read with VOC's colours", SD,
+          'self.label_lut, self.colormap2label = files.label_lut, voc_colormap2label(classes.colors)',
+          'self.label_lut, self.colormap2label = files.label_lut, voc_colormap2label()',
+          ('tests/test_own_data.py::test_folder_dataset_reads_both_mask_kinds_alike',)),
+    Break('Cityscapes: raw ids not mapped to train ids', SD,
+          'lut[c.id] = c.train_id',
+          'lut[c.id] = min(c.id, 18)',
+          ('tests/test_cityscapes.py::test_synthetic_label_ids_map_to_train_ids',)),
+    Break("Cityscapes: the tutorial's flip moves the image only", SD,
+          'image, label = image.flip(-1), label.flip(-1)',
+          'image, label = image.flip(-1), label',
+          ('tests/test_cityscapes.py::test_synthetic_tutorial_augment_keeps_image_and_label_aligned',)),
+    Break("the tutorial's class weights altered", SD,
+          '0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507]',
+          '0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.5070]',
+          ('tests/test_cityscapes.py::test_synthetic_training_with_the_tutorials_class_weights',)),
+    # ------------------------------------------------------------------------------------------ my_train.py
+    Break('fine-tune: starts from fresh weights, not stage 1', 'my_train.py',
+          'if args.finetune_epochs:',
+          'if args.finetune_epochs:\n    model.load_state_dict(sd.build_model(**model_args).state_dict())',
+          ('tests/test_flags.py::test_the_fine_tune_starts_from_stage_1s_weights',)),
+    Break('--compile: the compiled wrapper saved', 'my_train.py',
+          'ckpt = sd.Checkpoint(args.save, model, model_args, config, data.classes, args.resume, CURVES)',
+          'ckpt = sd.Checkpoint(args.save, net, model_args, config, data.classes, args.resume, CURVES)',
+          ('tests/test_flags.py::test_a_compiled_run_saves_a_checkpoint_that_loads_without_compile',)),
+    Break('--sync-bn: BatchNorm never converted', SD,
+          'nn.SyncBatchNorm.convert_sync_batchnorm(model)',
+          'pass',
+          ('tests/test_flags.py::test_sync_bn_turns_batch_norm_into_sync_batch_norm_under_torchrun_on_gpus',)),
+    Break("curves: the fine-tune's picture without stage 1's epochs", SD,
+          'plot_history(self.earlier + self.history, self.curves, self.title)',
+          'plot_history(self.history, self.curves, self.title)',
+          ('tests/test_scripts.py::test_training_curves',)),
+    Break('--demo: its recipe not applied', SD,
+          'parser.set_defaults(**demo)',
+          'pass',
+          ('tests/test_scripts.py::test_the_readmes_first_command',)),
+    # ---------------------------------------------------------------------------------------- my_predict.py
+    Break('--compare: a checkpoint of other classes kept', 'my_predict.py',
+          'if sd.checkpoint_classes(c) == data.classes:',
+          'if True:',
+          ('tests/test_flags.py::test_compare_columns_and_a_checkpoint_of_other_classes_left_out',)),
+    Break('--write-split ignored', 'my_predict.py',
+          'if args.write_split:',
+          'if False:',
+          ('tests/test_flags.py::test_write_split_segments_every_val_image',)),
+]
+
+
+def repository_files():
+    """Tracked files and untracked ones git does not ignore (new tests not yet committed), relative to ROOT."""
+    out = subprocess.run(['git', 'ls-files', '--cached', '--others', '--exclude-standard', '-z'], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return sorted({p for p in out.split('\0') if p and (ROOT / p).is_file()})
+
+
+def copy_repository(files, dest):
+    for rel in files:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+
+
+def find_line(lines, b):
+    """The index of the one line whose stripped text is b.line; LookupError if there is not exactly one."""
+    hits = [i for i, text in enumerate(lines) if text.strip() == b.line.strip()]
+    if len(hits) != 1:
+        raise LookupError(f'{b.file}: the line {b.line!r} is found {len(hits)} times (expected once): the code '
+                          'moved, update this break')
+    return hits[0]
+
+
+def apply_break(copy, b):
+    """Replaces the line b.line of b.file in the copy by b.broken, with the line's indentation."""
+    path = copy / b.file
+    lines = path.read_text().split('\n')
+    i = find_line(lines, b)
+    indent = lines[i][:len(lines[i]) - len(lines[i].lstrip())]
+    lines[i:i + 1] = [indent + part for part in b.broken.split('\n')]
+    path.write_text('\n'.join(lines))
+
+
+def run_tests(copy, tests, timeout):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONDONTWRITEBYTECODE='1')
+    env.pop('PYTHONPATH', None)
+    cmd = [sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider', *tests]
+    try:
+        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 'timeout', ''
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def summary_line(output):
+    lines = [line for line in output.splitlines() if line.strip()]
+    failed = [line for line in lines if line.startswith(('FAILED', 'ERROR'))]
+    return (failed[0] if failed else lines[-1] if lines else '(no output)')[:160]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('names', nargs='*', help='run only the breaks whose names contain one of these words')
+    parser.add_argument('--list', action='store_true', help='list the breaks and their tests')
+    parser.add_argument('--timeout', type=int, default=600, help='seconds for one break\'s tests (default: 600)')
+    args = parser.parse_args()
+    breaks = [b for b in BREAKS if not args.names or any(n.lower() in b.name.lower() for n in args.names)]
+    if args.list or not breaks:
+        missing = 0
+        for b in breaks:
+            try:
+                where = f'line {find_line((ROOT / b.file).read_text().split(chr(10)), b) + 1}'
+            except LookupError as err:
+                where, missing = f'NOT FOUND: {err}', missing + 1
+            print(f'{b.name}\n    {b.file} ({where}): {b.line}\n    -> {b.broken!r}\n    ' + '\n    '.join(b.tests))
+        return 0 if breaks and not missing else 2
+    start, files = time.time(), repository_files()
+    results = []
+    with tempfile.TemporaryDirectory(prefix='mutations_') as tmp:
+        clean = Path(tmp) / 'clean'
+        copy_repository(files, clean)
+        tests = sorted({t for b in breaks for t in b.tests})
+        print(f'{len(breaks)} breaks; first the {len(tests)} tests on the unbroken copy ...', flush=True)
+        code, output = run_tests(clean, tests, args.timeout * 2)
+        if code != 0:
+            print(f'the tests fail on the unbroken code (exit {code}): fix them first\n{output[-3000:]}')
+            return 1
+        print(f'  all pass ({time.time() - start:.0f} s)', flush=True)
+        for k, b in enumerate(breaks, 1):
+            t0 = time.time()
+            copy = Path(tmp) / f'break_{k}'
+            copy_repository(files, copy)
+            try:
+                apply_break(copy, b)
+            except LookupError as err:
+                verdict, detail = 'ERROR', str(err)
+            else:
+                code, output = run_tests(copy, b.tests, args.timeout)
+                verdict = {0: 'SURVIVED', 1: 'CAUGHT'}.get(code, 'ERROR')
+                detail = summary_line(output) if verdict != 'ERROR' else f'pytest exit {code}: {output[-1500:]}'
+            shutil.rmtree(copy, ignore_errors=True)
+            results.append((b, verdict))
+            print(f'[{k}/{len(breaks)}] {verdict:8} {b.name} ({time.time() - t0:.0f} s)\n    {b.file}: '
+                  f'{b.line.strip()}\n    {detail}', flush=True)
+    bad = [(b, v) for b, v in results if v != 'CAUGHT']
+    print(f'\n{len(results) - len(bad)} of {len(results)} breaks caught in {time.time() - start:.0f} s')
+    for b, v in bad:
+        print(f'  {v}: {b.name}')
+    return 1 if bad else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
