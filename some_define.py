@@ -2274,7 +2274,7 @@ def write_atomically(path, write, fix):
     zip writer raises its own RuntimeError while an OSError is handled), is one UserError line: the file, the
     reason, `fix`."""
     path = Path(path)
-    tmp = path.with_name(path.name + '.tmp')
+    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')      # two runs writing one file do not collide
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, 'wb') as f:

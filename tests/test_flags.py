@@ -99,7 +99,7 @@ def finetuned(demo_voc, tmp_path_factory):
 
     def recorded(*args, **kwargs):
         a = signature.bind(*args, **kwargs).arguments
-        starts.append(dict(weights={k: v.clone() for k, v in a['checkpoint'].model.state_dict().items()},
+        starts.append(dict(weights={k: v.clone() for k, v in sd.unwrapped(a['net']).state_dict().items()},
                            trainer=a['trainer'], lr=a['trainer'].param_groups[0]['lr'],
                            state=len(a['trainer'].state), path=Path(a['checkpoint'].path)))
         return train(*args, **kwargs)
@@ -336,12 +336,12 @@ def test_mst_and_scales_through_the_script_beside_single_scale(fcn, tmp_path, mo
 def test_test_size_through_the_script(fcn, tmp_path, monkeypatch):
     """--test-size 64 96: the net sees every val image at 64x96, and the figures are still over every labelled pixel
     at the original size."""
-    calls = record(monkeypatch, 'forward_padded')
+    calls = record(monkeypatch, 'run_padded')
     run_ok(ORIGIN_PREDICT, ['--checkpoint', fcn, '--eval', '--test-size', '64', '96', '--workers', '0', '--picture',
                             'p.png', '--num-images', '1'], tmp_path)
-    sizes = [tuple(c['X'].shape[-2:]) for c in calls]
+    sizes = [tuple(c['x'].shape[-2:]) for c in calls]
     labels = val_labels(Path(sd.load_torch_file(fcn)['config']['data_dir']))
-    assert sum(len(c['X']) for c in calls if tuple(c['X'].shape[-2:]) == (64, 96)) == len(labels) == 6
+    assert sum(len(c['x']) for c in calls if tuple(c['x'].shape[-2:]) == (64, 96)) == len(labels) == 6
     assert set(sizes) == {(64, 96), (32, 64)}, sizes            # (32, 64): the picture's crop, as trained
     assert {label.shape for label in labels} != {(64, 96)}
     result = json.loads(sd.results_path(fcn, '.json').read_text())
