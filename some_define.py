@@ -1,8 +1,9 @@
 """Named building blocks for the d2l semantic-segmentation chapter, its ResNetUNet improvement and a segmentation
 tutorial's techniques: this project's d2l/torch.py. It holds no recipe; the four scripts do.
 
-Read top to bottom, it follows the data: constants -> data -> models -> losses -> augmentation -> training ->
-evaluation and inference -> pictures -> utilities (flags, device, checkpoints, errors) -> the demo-data generator.
+Read top to bottom, it follows the data: constants -> what every section uses (errors, logging, torchrun's
+processes, stops, seeds, file writes) -> data -> models -> losses -> augmentation -> training (device, the loop,
+checkpoints) -> evaluation and inference -> pictures -> flags -> the demo-data generator.
 Names from the book ("Semantic Segmentation and the Dataset", "Transposed Convolution", "Fully Convolutional
 Networks") are kept where the book has one. Where the book is wasteful (the whole split as float32 in memory, a
 256**3-entry lookup table) the names and the results stay, the waste does not.
@@ -37,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
 
 # ----------------------------------------------------------------------------------------------------- constants
 VOC_CLASSES = ['background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
@@ -118,13 +120,6 @@ LOSSES = ('ce', 'weighted_ce', 'focal')
 # uninterrupted one did.
 CROP_DRAWS, MODEL_DRAWS, AUGMENT_DRAWS = 0, 1, 2   # the items' crops, the model's own (dropout), CutMix/CopyBlob
 
-
-def seed_for(*keys):
-    """One 63-bit seed from several whole numbers (NumPy's SeedSequence mixes them: nearby keys give unrelated
-    seeds)."""
-    return int(np.random.SeedSequence([k % 2 ** 64 for k in keys]).generate_state(1, np.uint64)[0] >> 1)
-
-
 # A class table: names, and one RGB colour per class (drawn in pictures; in an RGB label, the colour of the class).
 Classes = collections.namedtuple('Classes', 'names colors')
 VOC = Classes(VOC_CLASSES, VOC_COLORMAP)
@@ -134,6 +129,153 @@ Data = collections.namedtuple('Data', 'kind root classes void_as_background titl
 # What a dataset lister finds: (image, label) path pairs, where they were listed (for messages), what to tell a user
 # whose file is broken, and a 256-entry table from stored label values to classes (None: values are the classes).
 Files = collections.namedtuple('Files', 'items source fix label_lut', defaults=(None,))
+
+
+# ----------------------------------------------- what every section uses: errors, processes, stops, seeds, files
+class UserError(Exception):
+    """A mistake the user can fix. The scripts print its single line and exit with status 2."""
+
+
+def error_line(err):
+    """The one line worth showing: DataLoader workers re-raise our error wrapped in their traceback text."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    line = lines[-1].strip() if lines else type(err).__name__
+    for prefix in ('some_define.UserError: ', 'UserError: '):
+        if line.startswith(prefix):
+            line = line[len(prefix):]
+    return line
+
+
+def rank():
+    """This process's number among torchrun's (RANK, set before its process group starts); 0 without torchrun."""
+    return int(os.environ.get('RANK', '0'))
+
+
+def is_main_process():
+    return rank() == 0
+
+
+def world_size():
+    """The number of processes of this run: torchrun's WORLD_SIZE (rank's source too), set before its process group
+    starts; 1 without torchrun."""
+    return int(os.environ.get('WORLD_SIZE', '1'))
+
+
+def log(*args, **kwargs):
+    """print, from rank 0 only: with torchrun every rank runs the same script."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def dist_device():
+    return torch.device('cuda', torch.cuda.current_device()) if torch.distributed.get_backend() == 'nccl' \
+        else torch.device('cpu')
+
+
+def all_reduce_sum(values):
+    """Sums a list of numbers over all processes (no-op in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=dist_device())
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def main_process_first(work, timeout=None):
+    """Runs work() in rank 0 while the other processes wait, then all go on (writing the demo data, a download).
+    The wait goes through a gloo group of its own, with `timeout` when the work may outlast the process group's.
+    When work() fails, every process stops: rank 0 with its error, the others quietly (exit status 2)."""
+    failure = None
+    if is_main_process():
+        try:
+            work()
+        except BaseException as err:     # noqa: BLE001 - re-raised below, once the others know
+            failure = err
+    if torch.distributed.is_initialized():
+        group = torch.distributed.new_group(backend='gloo', **({'timeout': timeout} if timeout else {}))
+        failed = torch.tensor([failure is not None], dtype=torch.int32)
+        torch.distributed.all_reduce(failed, group=group)
+        if failed.item() and failure is None:
+            raise SystemExit(2)
+    if failure is not None:
+        raise failure
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what SLURM and Kubernetes send before they kill a job: stops a run exactly as Ctrl-C does."""
+    received = False    # also checked between training steps: a raise that lands in a __del__ is swallowed there
+    hold = False        # True while a batch is handed over (handed_over): the stop waits for it
+
+
+def raise_terminated(signum, frame):
+    Terminated.received = True
+    if not Terminated.hold:
+        raise Terminated()
+
+
+def quiet_unraisable(unraisable, default=sys.unraisablehook):
+    """A stop that lands while Python runs a finaliser (a DataLoader iterator's __del__) would print "Exception
+    ignored in ..." with a traceback: the stop is reported once, by the script, instead."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        default(unraisable)
+
+
+def stop_name(stop):
+    return 'terminated (SIGTERM)' if isinstance(stop, Terminated) else 'interrupted'
+
+
+def stop_status(stop):
+    """The shell's exit status of a process stopped by that signal: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+
+
+def seed_for(*keys):
+    """One 63-bit seed from several whole numbers (NumPy's SeedSequence mixes them: nearby keys give unrelated
+    seeds)."""
+    return int(np.random.SeedSequence([k % 2 ** 64 for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def write_atomically(path, write, fix):
+    """Every file the scripts write goes through here: write(f) fills a temporary file beside `path` (f: binary),
+    which is flushed to disk and renamed over it, so that a kill, a full disk or a read-only folder at any moment
+    leaves the old file whole (or none), and never a partial one. A failure, whatever a writer raises for it (torch's
+    zip writer raises its own RuntimeError while an OSError is handled), is one UserError line: the file, the
+    reason, `fix`."""
+    path = Path(path)
+    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')      # two runs writing one file do not collide
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:    # noqa: BLE001 - the partial file goes, whatever stopped the write
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if not isinstance(err, Exception):
+            raise
+        cause = next((e for e in (err, err.__context__, err.__cause__) if isinstance(e, OSError)), err)
+        raise UserError(f'cannot write {path} ({getattr(cause, "strerror", None) or error_line(cause)}): {fix}') \
+            from None
+
+
+def load_torch_file(path, what='checkpoint'):
+    """torch.load with weights_only=True: plain tensors and numbers only, a pickle that runs code is refused."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f'{what} {path} does not exist: train first, or pass the right path')
+    try:
+        with warnings.catch_warnings():     # torch warns about old pickle protocols before refusing: one line only
+            warnings.simplefilter('ignore')
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:
+        text = str(err)
+        if 'Weights only load failed' in text or 'Unsupported global' in text:
+            raise UserError(f'{path} holds Python objects, not only tensors and numbers: refused for safety '
+                            '(weights_only=True); use a checkpoint written by these scripts') from None
+        raise UserError(f'{path} is not a readable {what} (truncated or corrupt: {error_line(err)}): '
+                        'use another file, or retrain') from None
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -1127,9 +1269,8 @@ def deeplabv3(name, num_classes=21, pretrained=False, weights_path=None, aux_los
         net.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith('fc.')})
     return net
 
+
 # Normalisation swaps (the tutorial's BatchNorm / InstanceNorm / GroupNorm / EvoNorm comparison)
-
-
 def num_groups(channels, max_groups=32):
     """The largest divisor of `channels` that is <= max_groups (32 when it divides, as in GroupNorm's paper)."""
     return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
@@ -1464,6 +1605,55 @@ def batch_augment(cutmix=0.0, copyblob_prob=0.0, pairs=()):
 
 
 # ------------------------------------------------------------------------------------------------------ training
+def pick_device(name=None):
+    """--device, else the GPU of this process (torchrun's LOCAL_RANK), else the CPU. A GPU becomes the current one,
+    so that nothing lands on GPU 0 by default (a CUDA context there costs every process memory)."""
+    try:
+        device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError:
+        raise UserError(f'--device {name!r} is not a device name: use cpu, cuda or cuda:N') from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UserError(f'--device {name} asked for a GPU but PyTorch sees none: use --device cpu')
+        if device.index is None:
+            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+        torch.cuda.set_device(device)
+    return device
+
+
+def setup_distributed(device=None):
+    """torchrun sets WORLD_SIZE: one process per GPU (nccl), or per CPU slot (gloo), by the device this process
+    runs on (`--device cpu` on a GPU machine is gloo: nccl has no CPU tensors)."""
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torch.distributed.is_initialized():
+        device = pick_device(device)
+        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    elif torch.cuda.device_count() > 1 and world_size() == 1:
+        log(f'note: {torch.cuda.device_count()} GPUs here, this run uses one; use them all with '
+            f'torchrun --nproc_per_node={torch.cuda.device_count()} {Path(sys.argv[0]).name} ...')
+
+
+def amp_dtype(device, amp=None):
+    """Mixed precision on CUDA by default: bf16 from compute capability 8.0 on (A100, RTX 30xx and later: no scaler
+    needed), fp16 with a GradScaler below it (T4, V100, P100: cuDNN runs no bf16 convolutions there, and
+    torch.cuda.is_bf16_supported() counts the slow emulation as support). On the CPU, bf16."""
+    if amp is None:
+        amp = device.type == 'cuda'
+    if not amp:
+        return None
+    if device.type != 'cuda':
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def autocast(device, dtype):
+    """Mixed precision in `dtype`, or nothing at all when it is None (a device without autocast then works too)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def net_device(net):
+    return next(net.parameters()).device
+
+
 def setup_run(device=None, amp=None, channels_last=None, cudnn_benchmark=True, detect_anomaly=False, seed=0):
     """torchrun's process group (when it started this process) and the seed of the model's initial weights (batches
     and crops draw from (seed, epoch) on their own); returns (device, mixed-precision dtype or None, channels_last),
@@ -1620,6 +1810,92 @@ def evaluate_crops(net, data_iter, amp=None):
             cm.update(model_output(net(X))[0].argmax(1), y)
     cm.all_reduce()
     return cm.compute()
+
+
+def save_checkpoint(obj, path):
+    """torch.save through write_atomically: a failed save leaves the previous checkpoint whole and says so."""
+    kept = f'{path} still holds the last finished epoch, ' if Path(path).exists() else ''
+    write_atomically(path, lambda f: torch.save(obj, f), f'{kept}free some disk space and run the same command with '
+                     '--resume, or pass --save a path on a disk with room')
+
+
+class Checkpoint:
+    """One training stage's file: the model's state_dict, the optimizer's (and GradScaler's), epoch, the per-epoch
+    history, the config, model_args to rebuild the model, the class table. Plain types only, so that
+    torch.load(weights_only=True) opens it; written atomically after every epoch, with the training curves.
+
+    Made before the model: `resuming` says whether an existing file is continued (then its weights replace the
+    ImageNet ones, which need not be loaded), and train_ch13 loads them with the optimizer's state (start). Without
+    --resume an existing file is kept as *.prev.pt. `earlier`: the history of the stage before (the fine-tune's
+    curves and epoch count continue the first stage's).
+    """
+
+    def __init__(self, path, model_args, config, classes, resume=False, curves=None, earlier=()):
+        self.path, self.model, self.curves, self.earlier = Path(path), None, curves, list(earlier)
+        self.first_epoch = len(self.earlier)    # the run's epoch number of this stage's first
+        self.title = f'{recipe_title(config)} - {config["data_title"]}'
+        self.state = dict(epoch=0, history=[], model_args=model_args, num_classes=model_args['num_classes'])
+        self.resuming = resume and self.path.exists()
+        self.saved = 0      # the epochs the file on disk holds
+        if self.resuming:
+            self.state = load_torch_file(self.path)
+            self.saved = self.state['epoch']
+            if self.state.get('model_args') != model_args:
+                raise UserError(f'{path} was written for {self.state.get("model_args")}, this run builds '
+                                f'{model_args}: pass the same flags, or another --save')
+        elif self.path.exists() and is_main_process():
+            prev = self.path.with_name(self.path.stem + '.prev' + self.path.suffix)
+            try:
+                os.replace(self.path, prev)
+            except OSError as err:
+                raise UserError(f'cannot rename {path} to {prev} ({err.strerror or err}): pass --resume to continue '
+                                'it, or another --save') from None
+            log(f'{path} existed: kept as {prev} (use --resume to continue it instead)')
+        self.state.update(config=config, classes=classes._asdict())
+
+    @property
+    def epoch(self):
+        return self.state['epoch']
+
+    @property
+    def history(self):
+        return self.state['history']
+
+    def start(self, model, trainer, scaler, num_epochs, examples, amp):
+        """The model's weights, the optimizer's (and GradScaler's) state when resuming; the stage's first line."""
+        self.model = model
+        if self.resuming:
+            model.load_state_dict(self.state['model'])
+        if self.state.get('optimizer'):
+            trainer.load_state_dict(self.state['optimizer'])
+        if scaler is not None and self.state.get('scaler'):
+            scaler.load_state_dict(self.state['scaler'])
+        if self.epoch:
+            log(f'resuming {self.path} at epoch {self.epoch} of {num_epochs}')
+        world = world_size()
+        log(f'{self.state["config"]["stage"]}: {self.title.replace(" - ", " on ", 1)}, {examples} training '
+            f'examples, device {net_device(self.model)}{" x" + str(world) if world > 1 else ""}, '
+            f'amp {amp if amp is None else str(amp).replace("torch.", "")}')
+        if self.epoch >= num_epochs:
+            log(f'{self.path} has finished its {num_epochs} epochs')
+        self.state['epochs'] = num_epochs
+
+    def end_epoch(self, trainer, scaler, record):
+        """Adds the epoch's figures and writes the file (rank 0) and the curves."""
+        self.history.append(record)
+        self.state.update(epoch=record['epoch'], model=self.model.state_dict(), optimizer=trainer.state_dict(),
+                          scaler=scaler.state_dict() if scaler is not None else None)
+        if is_main_process():
+            save_checkpoint(self.state, self.path)
+            self.saved = self.epoch
+            if self.curves:
+                plot_history(self.earlier + self.history, self.curves, self.title)
+
+
+def finetune_path(save):
+    """The fine-tune stage's checkpoint beside the first stage's: my.pt -> my_finetune.pt."""
+    save = Path(save)
+    return save.with_name(save.stem + '_finetune' + save.suffix)
 
 
 # ------------------------------------------------------------------------------------------ evaluation/inference
@@ -1784,6 +2060,51 @@ def known_metrics(ckpt_path, ckpt):
     return 'untrained'
 
 
+def open_model(path, device=None, amp=None):
+    """A predict script's start: (net in eval mode, its checkpoint, the device, the mixed-precision dtype or None).
+    Under torchrun the processes share the work: each evaluates its part of the split, the figures are summed."""
+    device = pick_device(device)
+    setup_distributed(device)
+    return load_model(path, device) + (device, amp_dtype(device, amp))
+
+
+def load_model(path, device):
+    """A model rebuilt from its checkpoint alone: (net in eval mode on device, checkpoint dict)."""
+    ckpt = load_torch_file(path)
+    missing = [key for key in ('model_args', 'model', 'classes', 'config') if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        raise UserError(f'{path} is not a checkpoint written by these scripts (no {", ".join(missing)}): pass one '
+                        'from origin_train.py or my_train.py')
+    args = ckpt['model_args']
+    net = build_model(**args)
+    try:
+        net.load_state_dict(ckpt['model'])
+    except RuntimeError:
+        raise UserError(f'{path}: its weights do not fit a {args["name"]} with {args["num_classes"]} classes '
+                        '(an edited or foreign checkpoint): retrain, or pass the right file') from None
+    return net.to(device).eval(), ckpt
+
+
+def checkpoint_data(path, ckpt, kind=None, data_dir=None, demo=None, void_as_background=False, classes=None):
+    """The Data a checkpoint was trained on, with its class table, unless flags say otherwise (so `python
+    my_predict.py` after `my_train.py --demo` needs none), checked against the classes the checkpoint predicts."""
+    cfg = ckpt['config']
+    if not demo and data_dir is None:
+        demo, data_dir = cfg.get('demo'), cfg.get('data_dir')
+    data = find_data(kind or cfg.get('dataset', 'voc'), data_dir, demo, False,
+                     void_as_background or bool(cfg.get('void_as_background')), classes)
+    data = data if classes else data._replace(classes=checkpoint_classes(ckpt))
+    if ckpt['num_classes'] != len(data.classes.names):
+        raise UserError(f'{path} predicts {ckpt["num_classes"]} classes, {data.kind} has {len(data.classes.names)}: '
+                        'pass the matching --dataset, --classes or checkpoint')
+    return data
+
+
+def checkpoint_classes(ckpt):
+    """The class table a checkpoint predicts (its names and colours)."""
+    return Classes(**ckpt['classes'])
+
+
 def image_files(inputs):
     """The image files among `inputs` (files, and the images directly inside folders)."""
     for item in inputs:
@@ -1822,6 +2143,12 @@ def segment_files(net, files, out_dir, colors, scales=None, amp=None, test_size=
         done += 1
     done, skipped = (int(n) for n in all_reduce_sum([done, skipped]))
     log(f'segmented {done} image(s) into {out_dir}' + (f', skipped {skipped} unreadable' if skipped else ''))
+
+
+def segment_inputs(net, ckpt, inputs, out_dir, scales=None, amp=None, test_size=None):
+    """Your own images (files, or the images in folders) -> colour, overlay and label-id PNGs in out_dir, in the
+    checkpoint's class colours. Needs no dataset."""
+    segment_files(net, image_files(inputs), out_dir, checkpoint_classes(ckpt).colors, scales, amp, test_size)
 
 
 # ------------------------------------------------------------------------------------------------------ pictures
@@ -1983,49 +2310,7 @@ def recipe_title(config):
     return text + (f' ({", ".join(extras)})' if extras else '')
 
 
-# ----------------------------------------------------------------------------------------------------- utilities
-class UserError(Exception):
-    """A mistake the user can fix. The scripts print its single line and exit with status 2."""
-
-
-def error_line(err):
-    """The one line worth showing: DataLoader workers re-raise our error wrapped in their traceback text."""
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    line = lines[-1].strip() if lines else type(err).__name__
-    for prefix in ('some_define.UserError: ', 'UserError: '):
-        if line.startswith(prefix):
-            line = line[len(prefix):]
-    return line
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, what SLURM and Kubernetes send before they kill a job: stops a run exactly as Ctrl-C does."""
-    received = False    # also checked between training steps: a raise that lands in a __del__ is swallowed there
-    hold = False        # True while a batch is handed over (handed_over): the stop waits for it
-
-
-def raise_terminated(signum, frame):
-    Terminated.received = True
-    if not Terminated.hold:
-        raise Terminated()
-
-
-def quiet_unraisable(unraisable, default=sys.unraisablehook):
-    """A stop that lands while Python runs a finaliser (a DataLoader iterator's __del__) would print "Exception
-    ignored in ..." with a traceback: the stop is reported once, by the script, instead."""
-    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
-        default(unraisable)
-
-
-def stop_name(stop):
-    return 'terminated (SIGTERM)' if isinstance(stop, Terminated) else 'interrupted'
-
-
-def stop_status(stop):
-    """The shell's exit status of a process stopped by that signal: 143 for SIGTERM, 130 for Ctrl-C."""
-    return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
-
-
+# -------------------------------------------------------------------------- flags and the scripts' start and end
 def run_main(main):
     """Every script ends with run_main(main): a user mistake becomes one line on stderr, not a traceback; Ctrl-C
     and SIGTERM stop it with one line too; torchrun's process group is closed at the end."""
@@ -2162,161 +2447,6 @@ def check_training_flags(model, crop_size, batch_size, accum_steps, epochs, outp
                         f'processes ({accum_steps} x {world_size()})')
 
 
-def rank():
-    """This process's number among torchrun's (RANK, set before its process group starts); 0 without torchrun."""
-    return int(os.environ.get('RANK', '0'))
-
-
-def is_main_process():
-    return rank() == 0
-
-
-def log(*args, **kwargs):
-    """print, from rank 0 only: with torchrun every rank runs the same script."""
-    if is_main_process():
-        print(*args, **kwargs, flush=True)
-
-
-def world_size():
-    """The number of processes of this run: torchrun's WORLD_SIZE, also before its process group starts."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return int(os.environ.get('WORLD_SIZE', '1'))
-
-
-def setup_distributed(device=None):
-    """torchrun sets WORLD_SIZE: one process per GPU (nccl), or per CPU slot (gloo), by the device this process
-    runs on (`--device cpu` on a GPU machine is gloo: nccl has no CPU tensors)."""
-    if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torch.distributed.is_initialized():
-        device = pick_device(device)
-        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    elif torch.cuda.device_count() > 1 and world_size() == 1:
-        log(f'note: {torch.cuda.device_count()} GPUs here, this run uses one; use them all with '
-            f'torchrun --nproc_per_node={torch.cuda.device_count()} {Path(sys.argv[0]).name} ...')
-
-
-def main_process_first(work, timeout=None):
-    """Runs work() in rank 0 while the other processes wait, then all go on (writing the demo data, a download).
-    The wait goes through a gloo group of its own, with `timeout` when the work may outlast the process group's.
-    When work() fails, every process stops: rank 0 with its error, the others quietly (exit status 2)."""
-    failure = None
-    if is_main_process():
-        try:
-            work()
-        except BaseException as err:     # noqa: BLE001 - re-raised below, once the others know
-            failure = err
-    if torch.distributed.is_initialized():
-        group = torch.distributed.new_group(backend='gloo', **({'timeout': timeout} if timeout else {}))
-        failed = torch.tensor([failure is not None], dtype=torch.int32)
-        torch.distributed.all_reduce(failed, group=group)
-        if failed.item() and failure is None:
-            raise SystemExit(2)
-    if failure is not None:
-        raise failure
-
-
-def dist_device():
-    return torch.device('cuda', torch.cuda.current_device()) if torch.distributed.get_backend() == 'nccl' \
-        else torch.device('cpu')
-
-
-def all_reduce_sum(values):
-    """Sums a list of numbers over all processes (no-op in a single process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=dist_device())
-    torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
-def pick_device(name=None):
-    """--device, else the GPU of this process (torchrun's LOCAL_RANK), else the CPU. A GPU becomes the current one,
-    so that nothing lands on GPU 0 by default (a CUDA context there costs every process memory)."""
-    try:
-        device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    except RuntimeError:
-        raise UserError(f'--device {name!r} is not a device name: use cpu, cuda or cuda:N') from None
-    if device.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise UserError(f'--device {name} asked for a GPU but PyTorch sees none: use --device cpu')
-        if device.index is None:
-            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
-        torch.cuda.set_device(device)
-    return device
-
-
-def amp_dtype(device, amp=None):
-    """Mixed precision on CUDA by default: bf16 from compute capability 8.0 on (A100, RTX 30xx and later: no scaler
-    needed), fp16 with a GradScaler below it (T4, V100, P100: cuDNN runs no bf16 convolutions there, and
-    torch.cuda.is_bf16_supported() counts the slow emulation as support). On the CPU, bf16."""
-    if amp is None:
-        amp = device.type == 'cuda'
-    if not amp:
-        return None
-    if device.type != 'cuda':
-        return torch.bfloat16
-    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-
-
-def autocast(device, dtype):
-    """Mixed precision in `dtype`, or nothing at all when it is None (a device without autocast then works too)."""
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
-
-def net_device(net):
-    return next(net.parameters()).device
-
-
-def write_atomically(path, write, fix):
-    """Every file the scripts write goes through here: write(f) fills a temporary file beside `path` (f: binary),
-    which is flushed to disk and renamed over it, so that a kill, a full disk or a read-only folder at any moment
-    leaves the old file whole (or none), and never a partial one. A failure, whatever a writer raises for it (torch's
-    zip writer raises its own RuntimeError while an OSError is handled), is one UserError line: the file, the
-    reason, `fix`."""
-    path = Path(path)
-    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')      # two runs writing one file do not collide
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:    # noqa: BLE001 - the partial file goes, whatever stopped the write
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if not isinstance(err, Exception):
-            raise
-        cause = next((e for e in (err, err.__context__, err.__cause__) if isinstance(e, OSError)), err)
-        raise UserError(f'cannot write {path} ({getattr(cause, "strerror", None) or error_line(cause)}): {fix}') \
-            from None
-
-
-def save_checkpoint(obj, path):
-    """torch.save through write_atomically: a failed save leaves the previous checkpoint whole and says so."""
-    kept = f'{path} still holds the last finished epoch, ' if Path(path).exists() else ''
-    write_atomically(path, lambda f: torch.save(obj, f), f'{kept}free some disk space and run the same command with '
-                     '--resume, or pass --save a path on a disk with room')
-
-
-def load_torch_file(path, what='checkpoint'):
-    """torch.load with weights_only=True: plain tensors and numbers only, a pickle that runs code is refused."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f'{what} {path} does not exist: train first, or pass the right path')
-    try:
-        with warnings.catch_warnings():     # torch warns about old pickle protocols before refusing: one line only
-            warnings.simplefilter('ignore')
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:
-        text = str(err)
-        if 'Weights only load failed' in text or 'Unsupported global' in text:
-            raise UserError(f'{path} holds Python objects, not only tensors and numbers: refused for safety '
-                            '(weights_only=True); use a checkpoint written by these scripts') from None
-        raise UserError(f'{path} is not a readable {what} (truncated or corrupt: {error_line(err)}): '
-                        'use another file, or retrain') from None
-
-
 def check_writable(*paths):
     """Fail before hours of training, not after: the folders of the checkpoint and the pictures must be writable."""
     for folder in {Path(path).parent for path in paths}:
@@ -2329,137 +2459,7 @@ def check_writable(*paths):
             raise UserError(f'cannot write to {folder} ({err.strerror or err}): pass a writable path') from None
 
 
-class Checkpoint:
-    """One training stage's file: the model's state_dict, the optimizer's (and GradScaler's), epoch, the per-epoch
-    history, the config, model_args to rebuild the model, the class table. Plain types only, so that
-    torch.load(weights_only=True) opens it; written atomically after every epoch, with the training curves.
-
-    Made before the model: `resuming` says whether an existing file is continued (then its weights replace the
-    ImageNet ones, which need not be loaded), and train_ch13 loads them with the optimizer's state (start). Without
-    --resume an existing file is kept as *.prev.pt. `earlier`: the history of the stage before (the fine-tune's
-    curves and epoch count continue the first stage's).
-    """
-
-    def __init__(self, path, model_args, config, classes, resume=False, curves=None, earlier=()):
-        self.path, self.model, self.curves, self.earlier = Path(path), None, curves, list(earlier)
-        self.first_epoch = len(self.earlier)    # the run's epoch number of this stage's first
-        self.title = f'{recipe_title(config)} - {config["data_title"]}'
-        self.state = dict(epoch=0, history=[], model_args=model_args, num_classes=model_args['num_classes'])
-        self.resuming = resume and self.path.exists()
-        self.saved = 0      # the epochs the file on disk holds
-        if self.resuming:
-            self.state = load_torch_file(self.path)
-            self.saved = self.state['epoch']
-            if self.state.get('model_args') != model_args:
-                raise UserError(f'{path} was written for {self.state.get("model_args")}, this run builds '
-                                f'{model_args}: pass the same flags, or another --save')
-        elif self.path.exists() and is_main_process():
-            prev = self.path.with_name(self.path.stem + '.prev' + self.path.suffix)
-            try:
-                os.replace(self.path, prev)
-            except OSError as err:
-                raise UserError(f'cannot rename {path} to {prev} ({err.strerror or err}): pass --resume to continue '
-                                'it, or another --save') from None
-            log(f'{path} existed: kept as {prev} (use --resume to continue it instead)')
-        self.state.update(config=config, classes=classes._asdict())
-
-    @property
-    def epoch(self):
-        return self.state['epoch']
-
-    @property
-    def history(self):
-        return self.state['history']
-
-    def start(self, model, trainer, scaler, num_epochs, examples, amp):
-        """The model's weights, the optimizer's (and GradScaler's) state when resuming; the stage's first line."""
-        self.model = model
-        if self.resuming:
-            model.load_state_dict(self.state['model'])
-        if self.state.get('optimizer'):
-            trainer.load_state_dict(self.state['optimizer'])
-        if scaler is not None and self.state.get('scaler'):
-            scaler.load_state_dict(self.state['scaler'])
-        if self.epoch:
-            log(f'resuming {self.path} at epoch {self.epoch} of {num_epochs}')
-        world = world_size()
-        log(f'{self.state["config"]["stage"]}: {self.title.replace(" - ", " on ", 1)}, {examples} training '
-            f'examples, device {net_device(self.model)}{" x" + str(world) if world > 1 else ""}, '
-            f'amp {amp if amp is None else str(amp).replace("torch.", "")}')
-        if self.epoch >= num_epochs:
-            log(f'{self.path} has finished its {num_epochs} epochs')
-        self.state['epochs'] = num_epochs
-
-    def end_epoch(self, trainer, scaler, record):
-        """Adds the epoch's figures and writes the file (rank 0) and the curves."""
-        self.history.append(record)
-        self.state.update(epoch=record['epoch'], model=self.model.state_dict(), optimizer=trainer.state_dict(),
-                          scaler=scaler.state_dict() if scaler is not None else None)
-        if is_main_process():
-            save_checkpoint(self.state, self.path)
-            self.saved = self.epoch
-            if self.curves:
-                plot_history(self.earlier + self.history, self.curves, self.title)
-
-
-def open_model(path, device=None, amp=None):
-    """A predict script's start: (net in eval mode, its checkpoint, the device, the mixed-precision dtype or None).
-    Under torchrun the processes share the work: each evaluates its part of the split, the figures are summed."""
-    device = pick_device(device)
-    setup_distributed(device)
-    return load_model(path, device) + (device, amp_dtype(device, amp))
-
-
-def load_model(path, device):
-    """A model rebuilt from its checkpoint alone: (net in eval mode on device, checkpoint dict)."""
-    ckpt = load_torch_file(path)
-    missing = [key for key in ('model_args', 'model', 'classes', 'config') if not isinstance(ckpt, dict) or key not in ckpt]
-    if missing:
-        raise UserError(f'{path} is not a checkpoint written by these scripts (no {", ".join(missing)}): pass one '
-                        'from origin_train.py or my_train.py')
-    args = ckpt['model_args']
-    net = build_model(**args)
-    try:
-        net.load_state_dict(ckpt['model'])
-    except RuntimeError:
-        raise UserError(f'{path}: its weights do not fit a {args["name"]} with {args["num_classes"]} classes '
-                        '(an edited or foreign checkpoint): retrain, or pass the right file') from None
-    return net.to(device).eval(), ckpt
-
-
-def checkpoint_data(path, ckpt, kind=None, data_dir=None, demo=None, void_as_background=False, classes=None):
-    """The Data a checkpoint was trained on, with its class table, unless flags say otherwise (so `python
-    my_predict.py` after `my_train.py --demo` needs none), checked against the classes the checkpoint predicts."""
-    cfg = ckpt['config']
-    if not demo and data_dir is None:
-        demo, data_dir = cfg.get('demo'), cfg.get('data_dir')
-    data = find_data(kind or cfg.get('dataset', 'voc'), data_dir, demo, False,
-                     void_as_background or bool(cfg.get('void_as_background')), classes)
-    data = data if classes else data._replace(classes=checkpoint_classes(ckpt))
-    if ckpt['num_classes'] != len(data.classes.names):
-        raise UserError(f'{path} predicts {ckpt["num_classes"]} classes, {data.kind} has {len(data.classes.names)}: '
-                        'pass the matching --dataset, --classes or checkpoint')
-    return data
-
-
-def checkpoint_classes(ckpt):
-    """The class table a checkpoint predicts (its names and colours)."""
-    return Classes(**ckpt['classes'])
-
-
-def segment_inputs(net, ckpt, inputs, out_dir, scales=None, amp=None, test_size=None):
-    """Your own images (files, or the images in folders) -> colour, overlay and label-id PNGs in out_dir, in the
-    checkpoint's class colours. Needs no dataset."""
-    segment_files(net, image_files(inputs), out_dir, checkpoint_classes(ckpt).colors, scales, amp, test_size)
-
-
-def finetune_path(save):
-    """The fine-tune stage's checkpoint beside the first stage's: my.pt -> my_finetune.pt."""
-    save = Path(save)
-    return save.with_name(save.stem + '_finetune' + save.suffix)
-
-
-# -------------------------------------------------------------------------------------- the demo-data generator
+# --------------------------------------------------------------------------------------- the demo-data generator
 # Five VOC classes drawn as simple shapes with their own colours and textures, so that a small net learns them from
 # scratch in minutes on a CPU.
 DEMO_CLASSES = (1, 3, 7, 8, 15)  # aeroplane, bird, car, cat, person

@@ -55,15 +55,15 @@ class FullDisk(io.FileIO):
 
 @pytest.fixture
 def fill_disk(monkeypatch):
-    """fill_disk(suffix, after=0): writes of files whose name ends with `suffix` (+ '.tmp') fail with ENOSPC, from
-    the (after+1)-th such file on. Returns the names that failed."""
+    """fill_disk(suffix, after=0): writes of files whose name ends with `suffix` (their temporary file: + '.<pid>.tmp')
+    fail with ENOSPC, from the (after+1)-th such file on. Returns the names that failed."""
     failed = []
 
     def arm(suffix, after=0):
         seen = []
 
         def opener(file, mode='r', *args, **kwargs):
-            if 'w' in mode and str(file).endswith(suffix + '.tmp'):
+            if 'w' in mode and str(file).endswith('.tmp') and str(file).rsplit('.', 2)[0].endswith(suffix):
                 seen.append(file)
                 if len(seen) > after:
                     failed.append(Path(file))
