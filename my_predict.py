@@ -45,7 +45,8 @@ def main():
     for p, n, _ in columns if args.eval else []:
         sd.evaluate_checkpoint(n, p, val, data.title, scales, amp, args.test_size, args.workers)
     if args.write_split:
-        sd.segment_files(net, [image for image, _ in val.items], args.out_dir, colors, scales, amp, args.test_size)
+        sd.segment_files(net, [image for image, _ in val.items], args.out_dir, data.classes, scales, amp,
+                         args.test_size)
     if not sd.is_main_process():
         return
 

@@ -65,7 +65,7 @@ def class_weights(args, train_ds, data):
         return torch.tensor(sd.TUTORIAL_CITYSCAPES_WEIGHTS)
     if args.class_weights not in (None, 'counts'):
         return sd.read_class_weights(args.class_weights, len(names))
-    counts = sd.class_pixel_counts(train_ds, data.root)
+    counts, _ = sd.class_pixel_counts(train_ds, data.root)
     weights = sd.class_pixel_weights(counts)
     sd.log('class           pixels      share   weight')
     for name, c, w in zip(names, counts.tolist(), weights.tolist()):

@@ -30,7 +30,8 @@ def main():
     if args.eval:
         sd.evaluate_checkpoint(net, path, val, data.title, scales, amp, args.test_size, args.workers)
     if args.write_split:
-        sd.segment_files(net, [image for image, _ in val.items], args.out_dir, colors, scales, amp, args.test_size)
+        sd.segment_files(net, [image for image, _ in val.items], args.out_dir, data.classes, scales, amp,
+                         args.test_size)
     if sd.is_main_process():    # the book's picture: three rows, image, prediction, ground truth
         crops = sd.val_crops(val, args.num_images, sd.picture_crop(ckpt['config']))
         title = f'{sd.recipe_title(ckpt["config"])}\n{sd.known_metrics(path, ckpt)} - {data.title}'

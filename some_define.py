@@ -63,6 +63,7 @@ def palette_colors(n):
 
 VOC_COLORMAP = palette_colors(21)   # [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], ..., [0, 64, 128]]
 IGNORE_INDEX = 255              # VOC's 'void' border and Cityscapes' unlabelled pixels: no loss, no metric
+UNLABELLED_WARNING = 0.01       # a class without pixels while this share or more is 255: masks saved as 0/255?
 VOID_COLOR = palette_colors(256)[IGNORE_INDEX]      # how VOC draws it: 224, 224, 192
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -611,9 +612,16 @@ def cityscapes_files(root, is_train=True):
 def cityscapes_id_to_trainid():
     """A 256-entry lookup: raw labelId -> train id, every other id (and 'ignore in eval') -> 255."""
     lut = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
-    for c in torchvision.datasets.Cityscapes.classes:
-        if c.id >= 0 and 0 <= c.train_id < 19:
-            lut[c.id] = c.train_id
+    for c in CITYSCAPES_TRAIN_CLASSES:
+        lut[c.id] = c.train_id
+    return lut
+
+
+def cityscapes_trainid_to_id():
+    """The way back, for predictions: train id -> labelId (uint8; 255 -> 0, 'unlabeled')."""
+    lut = torch.zeros(256, dtype=torch.uint8)
+    for c in CITYSCAPES_TRAIN_CLASSES:
+        lut[c.train_id] = c.id
     return lut
 
 
@@ -1023,6 +1031,8 @@ def load_data_voc(batch_size, crop_size, data, seed=0, num_workers=None, device=
     data = data if isinstance(data, Data) else Data('voc', Path(data), VOC, False, 'VOC2012')
     train = open_dataset(data, True, crop_size, normalize=device is None)
     test = open_dataset(data, False, crop_size, normalize=device is None)
+    if data.classes not in (VOC, CITYSCAPES):      # a user's own classes: is every one labelled?
+        check_labelled_classes(train, data.root)
     train_iter = make_loader(train, batch_size, True, seed, num_workers)
     test_iter = make_loader(test, batch_size, False, seed, num_workers)
     if device is None:
@@ -1036,24 +1046,36 @@ def load_data_voc(batch_size, crop_size, data, seed=0, num_workers=None, device=
 
 
 def class_pixel_counts(dataset, cache_dir):
-    """Labelled pixels per class over a whole split at full size (void excluded): counted once, then read from a
+    """(labelled pixels per class, ignored pixels) over a whole split at full size: counted once, then read from a
     JSON file in cache_dir (or checkpoints/, where cache_dir is read-only) named after what it depends on."""
+    n = dataset.num_classes
     key = json.dumps([dataset.classes, [str(p) for p in dataset.items[0]], len(dataset), dataset.void_as_background,
-                      dataset.label_lut is not None])
+                      dataset.label_lut is not None, 'and the ignored pixels'])
     name = f'class_pixels_{hashlib.sha1(key.encode()).hexdigest()[:10]}.json'
     candidates = (Path(cache_dir) / name, Path('checkpoints') / name)
-    for path in candidates:
-        if path.exists():
-            return torch.tensor(json.loads(path.read_text()), dtype=torch.float64)
-    counts = torch.zeros(dataset.num_classes, dtype=torch.float64)
-    for i in range(len(dataset)):
-        label = dataset.read(i)[1]
-        counts += torch.bincount(label[label != IGNORE_INDEX].reshape(-1), minlength=dataset.num_classes).double()
-    for path in candidates:     # a cache: where none can be written, the counts are simply counted again
+    cached = [json.loads(path.read_text()) for path in candidates if path.exists()]
+    counts = torch.tensor(cached[0] if cached else [0] * (n + 1), dtype=torch.float64)
+    for i in range(0 if cached else len(dataset)):
+        label = dataset.read(i)[1].reshape(-1)
+        counts += torch.bincount(torch.where(label == IGNORE_INDEX, n, label), minlength=n + 1).double()
+    for path in [] if cached else candidates:   # a cache: where none can be written, it is counted again next time
         with contextlib.suppress(UserError):
             write_atomically(path, lambda f: f.write(json.dumps(counts.tolist()).encode()), '')
             break
-    return counts
+    return counts[:n], float(counts[n])
+
+
+def check_labelled_classes(dataset, cache_dir):
+    """A user's masks saved as 0/255 (a common way for one class) train background only: 255 is 'ignore' here. A
+    class without one labelled pixel in the training masks while ignored pixels cover a large share of them is
+    that, almost always; one line says so before the first epoch."""
+    counts, ignored = class_pixel_counts(dataset, cache_dir)
+    missing = [name for name, c in zip(dataset.classes.names, counts.tolist()) if c == 0]
+    share = ignored / max(float(counts.sum()) + ignored, 1)
+    if missing and share >= UNLABELLED_WARNING:
+        log(f'warning: {", ".join(missing)} {"has" if len(missing) == 1 else "have"} no labelled pixel in the '
+            f'training masks, while 255 (ignored) covers {share:.1%} of them: masks saved as 0/255 mean "background '
+            '/ ignore" here; save them as 0/1 (class indices) or in the classes\' colours')
 
 
 # -------------------------------------------------------------------------------------------------------- models
@@ -1889,7 +1911,7 @@ class Checkpoint:
             save_checkpoint(self.state, self.path)
             self.saved = self.epoch
             if self.curves:
-                plot_history(self.earlier + self.history, self.curves, self.title)
+                plot_history(self.earlier + self.history, self.curves, self.title, self.first_epoch)
 
 
 def finetune_path(save):
@@ -2117,9 +2139,9 @@ def image_files(inputs):
             raise UserError(f'{path} does not exist: pass image files or folders')
 
 
-def segment_files(net, files, out_dir, colors, scales=None, amp=None, test_size=None):
-    """Each image -> <stem>_color.png, <stem>_overlay.png and <stem>_labels.png (class ids, a palette PNG) in
-    out_dir, one image in memory at a time (under torchrun, each process its share). An unreadable file is skipped
+def segment_files(net, files, out_dir, classes, scales=None, amp=None, test_size=None):
+    """Each image -> <stem>_color.png, <stem>_overlay.png and <stem>_labels.png (class ids, a palette PNG; for
+    Cityscapes also <stem>_labelIds.png) in out_dir, one image in memory at a time (under torchrun, each process its share). An unreadable file is skipped
     with a warning and counted; no output may replace any of the inputs; a failed write stops the run (the next
     would fail too)."""
     files, out_dir, done, skipped = list(files), Path(out_dir), 0, 0
@@ -2133,7 +2155,7 @@ def segment_files(net, files, out_dir, colors, scales=None, amp=None, test_size=
             continue
         with autocast(net_device(net), amp):
             pred = predict(net, image, scales, test_size)
-        outs = {f'{Path(path).stem}_{kind}.png': pic for kind, pic in segmentation_pictures(image, pred, colors)}
+        outs = {f'{Path(path).stem}_{kind}.png': pic for kind, pic in segmentation_pictures(image, pred, classes)}
         for name in outs:
             if (out_dir / name).resolve() in inputs:
                 raise UserError(f'{out_dir / name} is an input image: pass another --out-dir')
@@ -2148,7 +2170,7 @@ def segment_files(net, files, out_dir, colors, scales=None, amp=None, test_size=
 def segment_inputs(net, ckpt, inputs, out_dir, scales=None, amp=None, test_size=None):
     """Your own images (files, or the images in folders) -> colour, overlay and label-id PNGs in out_dir, in the
     checkpoint's class colours. Needs no dataset."""
-    segment_files(net, image_files(inputs), out_dir, checkpoint_classes(ckpt).colors, scales, amp, test_size)
+    segment_files(net, image_files(inputs), out_dir, checkpoint_classes(ckpt), scales, amp, test_size)
 
 
 # ------------------------------------------------------------------------------------------------------ pictures
@@ -2162,16 +2184,20 @@ def label2image(pred, colormap=VOC_COLORMAP):
     return palette(colormap)[pred.long().clamp(0, 255).cpu()]
 
 
-def segmentation_pictures(image, pred, colors):
+def segmentation_pictures(image, pred, classes):
     """(kind, PIL image) for a uint8 image and its prediction: the colours, the colours over the image (torchvision's
-    draw_segmentation_masks, half and half) and the class ids as a palette PNG."""
+    draw_segmentation_masks, half and half) and the class ids as a palette PNG; for Cityscapes also the label ids
+    (*_labelIds.png, what Cityscapes' evaluation scripts and the tutorial's challenge read)."""
+    colors = classes.colors
+    pictures = [('labelIds', Image.fromarray(cityscapes_trainid_to_id()[pred.long()].numpy()))] \
+        if classes == CITYSCAPES else []
     classes = torch.arange(len(colors))
     overlay = torchvision.utils.draw_segmentation_masks(image, pred[None] == classes[:, None, None], alpha=0.5,
                                                         colors=[tuple(c) for c in colors])
     ids = Image.frombytes('P', (pred.shape[1], pred.shape[0]), pred.to(torch.uint8).numpy().tobytes())
     ids.putpalette(palette(colors).reshape(-1).tolist())
     return [('color', Image.fromarray(label2image(pred, colors).numpy())),
-            ('overlay', Image.fromarray(overlay.permute(1, 2, 0).numpy())), ('labels', ids)]
+            ('overlay', Image.fromarray(overlay.permute(1, 2, 0).numpy())), ('labels', ids)] + pictures
 
 
 def show_predictions(path, crops, predictions, colors, title, names=None):
@@ -2252,11 +2278,19 @@ def save_image_grid(path, rows, title, row_titles=None, col_titles=None, scale=2
     save_figure(fig, path, 'free some disk space, or pass another --picture')
 
 
-def plot_history(history, path, title):
-    """Training curves, redrawn after every epoch so an interrupted run still has its picture."""
+def plot_history(history, path, title, stage_start=0):
+    """Training curves, redrawn after every epoch so an interrupted run still has its picture. A fine-tune stage
+    continues the first stage's axis after its first `stage_start` epochs, behind a dashed line labelled with its
+    lr: the jump it gives shows."""
     plt = pyplot()
-    x = list(range(1, len(history) + 1))     # a fine-tune stage continues the first stage's axis
+    x = list(range(1, len(history) + 1))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    if stage_start:
+        for ax in (ax1, ax2):
+            ax.axvline(stage_start + 0.5, color='grey', linestyle='--', linewidth=1)
+        if len(history) > stage_start:
+            ax2.text(stage_start + 0.5, 0.03, f' fine-tune, lr {history[stage_start]["lr"]:g}', color='grey',
+                     fontsize=8)
     ax1.plot(x, [h['loss'] for h in history], label='train loss (per example)')
     ax1.set_xlabel('epoch')
     ax1.legend()

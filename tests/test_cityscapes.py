@@ -21,7 +21,7 @@ MAIN = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(MAIN))
 import some_define as sd  # noqa: E402
 from conftest import finish  # noqa: E402
-from test_reliability import MY_TRAIN, run_inprocess  # noqa: E402
+from test_reliability import MY_PREDICT, MY_TRAIN, run_inprocess  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / 'shared' / 'cityscapes_sample'
 STEM = 'frankfurt_000000_000294'
@@ -161,6 +161,37 @@ def test_synthetic_training_with_the_tutorials_class_weights(synthetic, tmp_path
     logits, target = torch.randn(2, 19, 5, 6, generator=g), torch.randint(19, (2, 5, 6), generator=g)
     expected = F.cross_entropy(logits, target, weight=torch.tensor(TUTORIAL_WEIGHTS), reduction='none').mean((1, 2))
     torch.testing.assert_close(losses[0](logits, target), expected)
+
+
+def test_synthetic_train_ids_back_to_label_ids(synthetic):
+    """Predictions go back to Cityscapes' label ids (its evaluation scripts' format): a frame mapped to train ids
+    and back is the frame itself wherever its id is one of the 19 classes, and 0 (unlabeled) elsewhere."""
+    ds = sd.CityscapesSegDataset(False, None, synthetic)
+    raw = torch.from_numpy(np.array(Image.open(ds.items[0][1]), dtype=np.int64))
+    back = sd.cityscapes_trainid_to_id()[ds.read(0)[1]].long()
+    official = torch.tensor(list(TRAIN_ID_OF))
+    assert torch.equal(back, torch.where(torch.isin(raw, official), raw, 0))
+    assert set(back.unique().tolist()) == set(RAW_IDS) & set(TRAIN_ID_OF) | {0}
+
+
+def test_synthetic_predictions_in_the_official_format(synthetic, tmp_path):
+    """--eval --write-split and own images, on a Cityscapes checkpoint: each prediction also as *_labelIds.png,
+    the train ids of *_labels.png mapped back to label ids."""
+    res = run_inprocess(MY_TRAIN, ['--dataset', 'cityscapes', '--data-dir', synthetic, '--model', 'fcn', '--epochs', 1,
+                                   '--finetune-epochs', 0, '--batch-size', 1, '--crop-size', 32, 64,
+                                   '--no-pretrained', '--workers', 0, '--save', 'ckpt'], tmp_path)
+    assert res.code == 0, res.err + res.out
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(photos / 'street.png')
+    res = run_inprocess(MY_PREDICT, ['--checkpoint', 'ckpt', '--eval', '--write-split', '--workers', 0, photos,
+                                     '--out-dir', 'predictions'], tmp_path)
+    assert res.code == 0, res.err + res.out
+    out = tmp_path / 'predictions'
+    for stem in ('bremen_000000_000019_leftImg8bit', 'street'):
+        train_ids = torch.from_numpy(np.array(Image.open(out / f'{stem}_labels.png'), dtype=np.int64))
+        label_ids = torch.from_numpy(np.array(Image.open(out / f'{stem}_labelIds.png'), dtype=np.int64))
+        assert torch.equal(label_ids, torch.tensor(list(TRAIN_ID_OF))[train_ids])
 
 
 # ------------------------------------------------------------------------------------------ the real sample

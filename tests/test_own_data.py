@@ -236,3 +236,32 @@ def test_folder_demo_writes_a_layout_users_can_copy(tmp_path, monkeypatch):
     with Image.open(val.items[0][1]) as mask:
         assert mask.mode == 'RGB'
     assert len(val) == 40 and set(val.read(0)[1].unique().tolist()) <= set(range(6)) | {255}
+
+
+@pytest.mark.parametrize('foreground', [255, 1])
+def test_masks_saved_as_0_255_are_named_before_training(tmp_path, foreground):
+    """One class, its masks saved as 0/255 (common for binary masks): here 255 means "ignore", so the class never
+    reaches the loss. One line says so before the first epoch, with the class, the share of 255 and the fix; masks
+    saved as 0/1 train without it."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / 'cracks'
+    for split, n in (('train', 6), ('val', 2)):
+        for folder in ('images', 'masks'):
+            (root / folder / split).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (48, 72, 3), dtype=np.uint8)).save(root / 'images' / split / f'{i}.jpg')
+            mask = np.zeros((48, 72), np.uint8)
+            mask[10:30, 20:50] = foreground
+            Image.fromarray(mask).save(root / 'masks' / split / f'{i}.png')
+    (root / 'classes.txt').write_text('background\ncrack\n')
+    res = run_inprocess(MY_TRAIN, ['--dataset', 'folder', '--data-dir', root, '--model', 'fcn', '--finetune-epochs', '0',
+                                   '--save', 'c.pt'] + FAST + ['--batch-size', '2'], tmp_path)
+    assert res.code == 0, res.err
+    warnings = [line for line in res.out.splitlines() if line.startswith('warning:')]
+    if foreground == 1:
+        assert warnings == []
+    else:
+        share = 600 / (48 * 72)
+        assert len(warnings) == 1 and 'crack has no labelled pixel' in warnings[0], res.out
+        assert f'{share:.1%}' in warnings[0] and '0/1' in warnings[0] and 'colours' in warnings[0]
+        assert res.out.index('warning:') < res.out.index('epoch 1/1')

@@ -157,15 +157,19 @@ def test_training_curves(runs, tmp_path):
     ck, pictures = runs['cwd'] / 'checkpoints', runs['cwd'] / 'pictures'
     origin, first, second = (torch.load(ck / name, weights_only=True) for name in
                              ('origin.pt', 'my.pt', 'my_finetune.pt'))
-    for picture, history, config in (('origin_curves.png', origin['history'], origin['config']),
-                                     ('my_curves.png', first['history'] + second['history'], second['config'])):
+    for picture, history, config, start in (('origin_curves.png', origin['history'], origin['config'], 0),
+                                            ('my_curves.png', first['history'] + second['history'], second['config'],
+                                             len(first['history']))):
         assert_png(pictures / picture)
         title = f'{sd.recipe_title(config)} - {config["data_title"]}'
-        sd.plot_history(history, tmp_path / picture, title)
+        sd.plot_history(history, tmp_path / picture, title, start)
         assert np.array_equal(pixels(pictures / picture), pixels(tmp_path / picture)), picture
     assert len(first['history'] + second['history']) == 2
     sd.plot_history(first['history'], tmp_path / 'stage1.png', title)      # the control: another history differs
     assert not np.array_equal(pixels(pictures / 'my_curves.png'), pixels(tmp_path / 'stage1.png'))
+    # the fine-tune is marked where it starts, with its lr: without the mark the picture differs
+    sd.plot_history(first['history'] + second['history'], tmp_path / 'unmarked.png', title)
+    assert not np.array_equal(pixels(pictures / 'my_curves.png'), pixels(tmp_path / 'unmarked.png'))
 
 
 # ------------------------------------------------------------------------------------------------- prediction
