@@ -2093,7 +2093,8 @@ def open_model(path, device=None, amp=None):
 def load_model(path, device):
     """A model rebuilt from its checkpoint alone: (net in eval mode on device, checkpoint dict)."""
     ckpt = load_torch_file(path)
-    missing = [key for key in ('model_args', 'model', 'classes', 'config') if not isinstance(ckpt, dict) or key not in ckpt]
+    missing = [key for key in ('model_args', 'model', 'classes', 'config')
+               if not isinstance(ckpt, dict) or key not in ckpt]
     if missing:
         raise UserError(f'{path} is not a checkpoint written by these scripts (no {", ".join(missing)}): pass one '
                         'from origin_train.py or my_train.py')
@@ -2141,9 +2142,9 @@ def image_files(inputs):
 
 def segment_files(net, files, out_dir, classes, scales=None, amp=None, test_size=None):
     """Each image -> <stem>_color.png, <stem>_overlay.png and <stem>_labels.png (class ids, a palette PNG; for
-    Cityscapes also <stem>_labelIds.png) in out_dir, one image in memory at a time (under torchrun, each process its share). An unreadable file is skipped
-    with a warning and counted; no output may replace any of the inputs; a failed write stops the run (the next
-    would fail too)."""
+    Cityscapes also <stem>_labelIds.png) in out_dir, one image in memory at a time (under torchrun, each process
+    its share). An unreadable file is skipped with a warning and counted; no output may replace any of the inputs;
+    a failed write stops the run (the next would fail too)."""
     files, out_dir, done, skipped = list(files), Path(out_dir), 0, 0
     inputs = {Path(p).resolve() for p in files}
     for path in files[rank()::world_size()]:

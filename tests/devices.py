@@ -24,8 +24,9 @@ torch.tensor/as_tensor/new_tensor(data, device='meta') build an empty meta tenso
 TorchFunctionMode builds them on the CPU and uploads them); torch.autocast('meta', enabled=False) raises (a disabled
 CPU autocast stands in); nn.init and load_state_dict skip or warn on `x.is_meta` (False here: it has values).
 Not handled: in-place ops that change shape or strides (unsqueeze_, t_, resize_, out= of another size) raise
-NotImplementedError; enabled autocast raises; no device generator exists (device draws use the global CPU RNG, where CUDA
-has its own); .numpy() refuses, as on CUDA; torch.save writes CPU tensors (counted host reads); x.is_cuda is False.
+NotImplementedError; enabled autocast raises; no device generator exists (device draws use the global CPU RNG,
+where CUDA has its own); .numpy() refuses, as on CUDA; torch.save writes CPU tensors (counted host reads);
+x.is_cuda is False.
 """
 import sys
 

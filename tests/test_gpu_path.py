@@ -114,7 +114,7 @@ def test_the_improved_recipe_with_its_fine_tune_then_eval(voc, tmp_path, gpu, de
     check_checkpoint(save, 1)
     finetuned = check_checkpoint(sd.finetune_path(save), 1)
     assert finetuned['config']['stage'] == 'finetune'
-    run_ok(MY_PREDICT, ['--eval', '--workers', '0'] + SCALES + predict_flags, tmp_path)     # the fine-tune's, by default
+    run_ok(MY_PREDICT, ['--eval', '--workers', '0'] + SCALES + predict_flags, tmp_path)     # the fine-tune's
     check_results(sd.finetune_path(save), mst=True)
 
 

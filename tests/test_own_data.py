@@ -249,13 +249,14 @@ def test_masks_saved_as_0_255_are_named_before_training(tmp_path, foreground):
         for folder in ('images', 'masks'):
             (root / folder / split).mkdir(parents=True)
         for i in range(n):
-            Image.fromarray(rng.integers(0, 256, (48, 72, 3), dtype=np.uint8)).save(root / 'images' / split / f'{i}.jpg')
+            image = rng.integers(0, 256, (48, 72, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / 'images' / split / f'{i}.jpg')
             mask = np.zeros((48, 72), np.uint8)
             mask[10:30, 20:50] = foreground
             Image.fromarray(mask).save(root / 'masks' / split / f'{i}.png')
     (root / 'classes.txt').write_text('background\ncrack\n')
-    res = run_inprocess(MY_TRAIN, ['--dataset', 'folder', '--data-dir', root, '--model', 'fcn', '--finetune-epochs', '0',
-                                   '--save', 'c.pt'] + FAST + ['--batch-size', '2'], tmp_path)
+    res = run_inprocess(MY_TRAIN, ['--dataset', 'folder', '--data-dir', root, '--model', 'fcn', '--finetune-epochs',
+                                   '0', '--save', 'c.pt'] + FAST + ['--batch-size', '2'], tmp_path)
     assert res.code == 0, res.err
     warnings = [line for line in res.out.splitlines() if line.startswith('warning:')]
     if foreground == 1:
