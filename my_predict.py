@@ -27,7 +27,7 @@ def main():
     net, ckpt, device, amp = sd.open_model(path, args.device, args.amp)
     scales = args.scales if args.mst else None
     if args.inputs:
-        sd.segment_inputs(net, ckpt, args.inputs, args.out_dir, scales, amp, args.test_size)
+        sd.segment_inputs(net, ckpt, args.inputs, args.out_dir, scales, amp, args.test_size, args.mst_mode)
     if args.inputs and not (args.eval or args.write_split):
         return              # your own images only: no dataset needed
 
@@ -43,10 +43,10 @@ def main():
             sd.log(f'{p} is left out of the comparison: it predicts other classes than {path}')
     columns = columns or [(path, net, ckpt)]
     for p, n, _ in columns if args.eval else []:
-        sd.evaluate_checkpoint(n, p, val, data.title, scales, amp, args.test_size, args.workers)
+        sd.evaluate_checkpoint(n, p, val, data.title, scales, amp, args.test_size, args.workers, args.mst_mode)
     if args.write_split:
         sd.segment_files(net, [image for image, _ in val.items], args.out_dir, data.classes, scales, amp,
-                         args.test_size)
+                         args.test_size, args.mst_mode)
     if not sd.is_main_process():
         return
 

@@ -19,7 +19,7 @@ def main():
     net, ckpt, _, amp = sd.open_model(path, args.device, args.amp)
     scales = args.scales if args.mst else None
     if args.inputs:
-        sd.segment_inputs(net, ckpt, args.inputs, args.out_dir, scales, amp, args.test_size)
+        sd.segment_inputs(net, ckpt, args.inputs, args.out_dir, scales, amp, args.test_size, args.mst_mode)
         if not (args.eval or args.write_split):
             return          # your own images only: no dataset needed
 
@@ -28,10 +28,10 @@ def main():
     val = sd.open_dataset(data, is_train=False, normalize=False)    # whole images: metrics at the original size
     colors = data.classes.colors
     if args.eval:
-        sd.evaluate_checkpoint(net, path, val, data.title, scales, amp, args.test_size, args.workers)
+        sd.evaluate_checkpoint(net, path, val, data.title, scales, amp, args.test_size, args.workers, args.mst_mode)
     if args.write_split:
         sd.segment_files(net, [image for image, _ in val.items], args.out_dir, data.classes, scales, amp,
-                         args.test_size)
+                         args.test_size, args.mst_mode)
     if sd.is_main_process():    # the book's picture: three rows, image, prediction, ground truth
         crops = sd.val_crops(val, args.num_images, sd.picture_crop(ckpt['config']))
         title = f'{sd.recipe_title(ckpt["config"])}\n{sd.known_metrics(path, ckpt)} - {data.title}'

@@ -86,6 +86,7 @@ TUTORIAL_CITYSCAPES_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9
 COPYBLOB_PAIRS = {'cityscapes': ['wall:sidewalk', 'fence:sidewalk', 'bus:road', 'train:road'],
                   'voc': ['bottle:diningtable', 'pottedplant:background', 'chair:background', 'boat:background']}
 MST_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.2)     # multi-scale inference, each also flipped
+MST_MODES = ('softmax', 'tutorial')     # how multi-scale inference combines its passes (predict_scores)
 NET_STRIDE = 32         # every net's coarsest feature map is 1/32 of its input: sizes are padded to multiples of it
 AUX_WEIGHT = 0.4        # DeepLabV3's auxiliary loss, as torchvision's references weight it
 EVAL_BATCH_FACTOR = 2   # evaluation keeps no gradients: its batches are this many times the training batch
@@ -1963,11 +1964,13 @@ class ConfusionMatrix:
 
 
 @torch.inference_mode()
-def predict_scores(net, X, scales=None, test_size=None, flip=True):
+def predict_scores(net, X, scales=None, test_size=None, flip=True, mode='softmax'):
     """Class scores (N,C,H,W) at the size of normalised images X (N,3,H,W): the logits of one pass, or with `scales`
-    the softmax probabilities of every scale (and its horizontal flip) resized to H,W and averaged. test_size: the
-    net sees X resized to it first, the scores come back to H,W (the tutorial's Cityscapes evaluation). The caller
-    sets net.eval()."""
+    the softmax probabilities of every scale (and its horizontal flip) resized to H,W and averaged. mode='tutorial'
+    combines them as the tutorial's code does: the raw scores averaged (its sum over the passes, divided by their
+    number), every resize with align_corners=True and the scaled sizes rounded down (its scale_factor); a pass with
+    large scores then outvotes the others. test_size: the net sees X resized to it first, the scores come back to
+    H,W (the tutorial's Cityscapes evaluation). The caller sets net.eval()."""
     h, w = X.shape[-2:]
     if test_size:
         X = F.interpolate(X, size=tuple(test_size), mode='bilinear', align_corners=False)
@@ -1977,14 +1980,16 @@ def predict_scores(net, X, scales=None, test_size=None, flip=True):
         out = scores_of(X)
     else:
         sh, sw = X.shape[-2:]
+        tutorial = mode == 'tutorial'
         out, passes = 0, 0
         for s in scales:
-            size = (max(1, round(sh * s)), max(1, round(sw * s)))
-            x = X if size == (sh, sw) else F.interpolate(X, size=size, mode='bilinear', align_corners=False)
+            size = tuple(max(1, math.floor(side * s) if tutorial else round(side * s)) for side in (sh, sw))
+            x = X if size == (sh, sw) else F.interpolate(X, size=size, mode='bilinear', align_corners=tutorial)
             for flipped in ((False, True) if flip else (False,)):
                 scores = scores_of(x.flip(-1) if flipped else x)
-                prob = F.interpolate(scores.float(), size=(sh, sw), mode='bilinear', align_corners=False).softmax(1)
-                out = out + (prob.flip(-1) if flipped else prob)
+                scores = F.interpolate(scores.float(), size=(sh, sw), mode='bilinear', align_corners=tutorial)
+                scores = scores if tutorial else scores.softmax(1)
+                out = out + (scores.flip(-1) if flipped else scores)
                 passes += 1
         out = out / passes
     if test_size:
@@ -1992,16 +1997,17 @@ def predict_scores(net, X, scales=None, test_size=None, flip=True):
     return out
 
 
-def predict(net, img, scales=None, test_size=None):
+def predict(net, img, scales=None, test_size=None, mst_mode='softmax'):
     """The book's predict: a uint8 image 3xHxW (or a batch Nx3xHxW) -> class indices HxW (NxHxW), at any size;
-    `scales` for multi-scale + flip (predict_scores)."""
+    `scales` for multi-scale + flip, combined by `mst_mode` (predict_scores)."""
     X = normalize_image(img.to(net_device(net)))
     batch = X if X.ndim == 4 else X.unsqueeze(0)
-    pred = predict_scores(net, batch, scales, test_size).argmax(dim=1).cpu()
+    pred = predict_scores(net, batch, scales, test_size, mode=mst_mode).argmax(dim=1).cpu()
     return pred if X.ndim == 4 else pred[0]
 
 
-def evaluate_full(net, dataset, scales=None, amp=None, test_size=None, num_workers=None, batch_size=8):
+def evaluate_full(net, dataset, scales=None, amp=None, test_size=None, num_workers=None, batch_size=8,
+                  mst_mode='softmax'):
     """Confusion matrix over a whole split at each image's original size (labels are never resized).
 
     `dataset` gives whole uint8 images (crop_size=None, normalize=False). Workers decode; images of the same size
@@ -2021,7 +2027,7 @@ def evaluate_full(net, dataset, scales=None, amp=None, test_size=None, num_worke
             for image, label in batch:
                 by_size.setdefault(tuple(image.shape), []).append((image, label))
             for items in by_size.values():
-                preds = predict(net, torch.stack([image for image, _ in items]), scales, test_size)
+                preds = predict(net, torch.stack([image for image, _ in items]), scales, test_size, mst_mode)
                 for pred, (_, label) in zip(preds, items):
                     cm.update(pred, label)
     cm.all_reduce()
@@ -2047,13 +2053,14 @@ def metrics_table(results, class_names):
     return '\n'.join(lines)
 
 
-def evaluate_checkpoint(net, ckpt_path, dataset, title, scales=None, amp=None, test_size=None, num_workers=None):
+def evaluate_checkpoint(net, ckpt_path, dataset, title, scales=None, amp=None, test_size=None, num_workers=None,
+                        mst_mode='softmax'):
     """--eval: a whole split at original size (evaluate_full); the table to stdout, beside the single-scale (or
     multi-scale) one when that exists, and *_results.txt/.json and *_confusion.png beside the checkpoint."""
-    cm = evaluate_full(net, dataset, scales, amp, test_size, num_workers)
+    cm = evaluate_full(net, dataset, scales, amp, test_size, num_workers, mst_mode=mst_mode)
     names = dataset.classes.names
-    result = dict(cm.compute(), checkpoint=str(ckpt_path), mst=bool(scales), scales=scales, data=title,
-                  images=len(dataset), class_names=names)
+    result = dict(cm.compute(), checkpoint=str(ckpt_path), mst=bool(scales), scales=scales,
+                  mst_mode=mst_mode if scales else None, data=title, images=len(dataset), class_names=names)
     if not is_main_process():
         return result
     other_path = results_path(ckpt_path, '.json', not scales)
@@ -2140,7 +2147,7 @@ def image_files(inputs):
             raise UserError(f'{path} does not exist: pass image files or folders')
 
 
-def segment_files(net, files, out_dir, classes, scales=None, amp=None, test_size=None):
+def segment_files(net, files, out_dir, classes, scales=None, amp=None, test_size=None, mst_mode='softmax'):
     """Each image -> <stem>_color.png, <stem>_overlay.png and <stem>_labels.png (class ids, a palette PNG; for
     Cityscapes also <stem>_labelIds.png) in out_dir, one image in memory at a time (under torchrun, each process
     its share). An unreadable file is skipped with a warning and counted; no output may replace any of the inputs;
@@ -2155,7 +2162,7 @@ def segment_files(net, files, out_dir, classes, scales=None, amp=None, test_size
             skipped += 1
             continue
         with autocast(net_device(net), amp):
-            pred = predict(net, image, scales, test_size)
+            pred = predict(net, image, scales, test_size, mst_mode)
         outs = {f'{Path(path).stem}_{kind}.png': pic for kind, pic in segmentation_pictures(image, pred, classes)}
         for name in outs:
             if (out_dir / name).resolve() in inputs:
@@ -2168,10 +2175,10 @@ def segment_files(net, files, out_dir, classes, scales=None, amp=None, test_size
     log(f'segmented {done} image(s) into {out_dir}' + (f', skipped {skipped} unreadable' if skipped else ''))
 
 
-def segment_inputs(net, ckpt, inputs, out_dir, scales=None, amp=None, test_size=None):
+def segment_inputs(net, ckpt, inputs, out_dir, scales=None, amp=None, test_size=None, mst_mode='softmax'):
     """Your own images (files, or the images in folders) -> colour, overlay and label-id PNGs in out_dir, in the
     checkpoint's class colours. Needs no dataset."""
-    segment_files(net, image_files(inputs), out_dir, checkpoint_classes(ckpt), scales, amp, test_size)
+    segment_files(net, image_files(inputs), out_dir, checkpoint_classes(ckpt), scales, amp, test_size, mst_mode)
 
 
 # ------------------------------------------------------------------------------------------------------ pictures
@@ -2457,6 +2464,10 @@ def add_predict_args(parser, checkpoint, picture):
     parser.add_argument('--mst', action='store_true', help='multi-scale + flip inference (default: off)')
     parser.add_argument('--scales', type=float, nargs='+', default=list(MST_SCALES),
                         help=f'scales for --mst (default: {" ".join(map(str, MST_SCALES))})')
+    parser.add_argument('--mst-mode', choices=MST_MODES, default=MST_MODES[0], help='how --mst combines its passes: '
+                        'softmax (probabilities averaged) or tutorial (raw scores averaged, resized with '
+                        "align_corners=True, as the tutorial's code does; the README has the difference) "
+                        f'(default: {MST_MODES[0]})')
     parser.add_argument('--test-size', type=int, nargs=2, metavar=('H', 'W'), help='run the net on images resized '
                         "to H W, scores resized back to the label size (the tutorial's Cityscapes evaluation; "
                         'default: original size)')

@@ -174,13 +174,24 @@ BREAKS = [
           'for s in scales:',
           'for s in (1.0,):',
           ('tests/test_techniques.py::test_multiscale_averages_the_softmax_of_every_scale_and_its_flip',)),
+    Break("multi-scale --mst-mode tutorial: probabilities, not the tutorial's raw scores", SD,
+          'scores = scores if tutorial else scores.softmax(1)',
+          'scores = scores.softmax(1)',
+          ('tests/test_techniques.py::'
+           'test_multiscale_tutorial_mode_averages_the_raw_scores_resized_with_align_corners',)),
+    Break('origin_predict.py: --mst-mode not passed to the evaluation', 'origin_predict.py',
+          'sd.evaluate_checkpoint(net, path, val, data.title, scales, amp, args.test_size, args.workers, '
+          'args.mst_mode)',
+          'sd.evaluate_checkpoint(net, path, val, data.title, scales, amp, args.test_size, args.workers)',
+          ('tests/test_flags.py::test_mst_and_scales_through_the_script_beside_single_scale',)),
     Break('origin_predict.py: --mst ignored', 'origin_predict.py',
           'scales = args.scales if args.mst else None',
           'scales = None',
           ('tests/test_flags.py::test_mst_and_scales_through_the_script_beside_single_scale',)),
     Break('origin_predict.py: --test-size not passed to the evaluation', 'origin_predict.py',
-          'sd.evaluate_checkpoint(net, path, val, data.title, scales, amp, args.test_size, args.workers)',
-          'sd.evaluate_checkpoint(net, path, val, data.title, scales, amp, None, args.workers)',
+          'sd.evaluate_checkpoint(net, path, val, data.title, scales, amp, args.test_size, args.workers, '
+          'args.mst_mode)',
+          'sd.evaluate_checkpoint(net, path, val, data.title, scales, amp, None, args.workers, args.mst_mode)',
           ('tests/test_flags.py::test_test_size_through_the_script',)),
     # --------------------------------------------------------------------------------------- the scripts' data
     Break('void as background: 255 kept', SD,

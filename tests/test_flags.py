@@ -331,6 +331,12 @@ def test_mst_and_scales_through_the_script_beside_single_scale(fcn, tmp_path, mo
     assert re.search(r'IoU single\s+acc single\s+IoU mst\s+acc mst', res.out), res.out
     assert mst_table_values(res.out, 'mIoU') == [round(single['miou'], 4), round(mst['miou'], 4)]
     assert mst_table_values(res.out, 'pixel acc') == [round(single['pixel_acc'], 4), round(mst['pixel_acc'], 4)]
+    assert all(c['mode'] == 'softmax' for c in calls) and mst['mst_mode'] == 'softmax'
+    calls.clear()       # --mst-mode tutorial reaches the multi-scale passes and is recorded with the figures
+    run_ok(ORIGIN_PREDICT, ['--checkpoint', fcn, '--eval', '--mst', '--mst-mode', 'tutorial', '--scales', '0.5',
+                            '1.0', '--workers', '0', '--picture', 'mst.png'], tmp_path)
+    assert calls and all(c['mode'] == 'tutorial' for c in calls if c['scales'])
+    assert json.loads(sd.results_path(fcn, '.json', mst=True).read_text())['mst_mode'] == 'tutorial'
 
 
 def test_test_size_through_the_script(fcn, tmp_path, monkeypatch):

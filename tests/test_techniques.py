@@ -397,6 +397,30 @@ def test_multiscale_averages_the_softmax_of_every_scale_and_its_flip():
     assert (probs - single).abs().max() > 1e-3
 
 
+def test_multiscale_tutorial_mode_averages_the_raw_scores_resized_with_align_corners():
+    """--mst-mode tutorial against the tutorial's predict written out here: each scale through F.interpolate's
+    scale_factor with align_corners=True, and its flip, through the net; the raw scores resized back with
+    align_corners=True and summed. Sides that do not scale to whole numbers (50x70 at 0.75 and 1.25) check the
+    rounding down. The softmax mode, on the same passes, gives other scores."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 5, 1)).eval()    # 1x1: padding adds nothing
+    image = torch.randn(1, 3, 50, 70)
+    scales = (0.5, 0.75, 1.25, 2.2)
+    scores = predict_scores(net, image, scales=scales, flip=True, mode='tutorial')
+    expected = 0
+    with torch.no_grad():
+        for s in scales:
+            x = F.interpolate(image, scale_factor=s, mode='bilinear', align_corners=True)
+            for flip in (False, True):
+                out = net(x.flip(-1) if flip else x)
+                out = F.interpolate(out.flip(-1) if flip else out, size=(50, 70), mode='bilinear', align_corners=True)
+                expected = expected + out
+    torch.testing.assert_close(scores * 2 * len(scales), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(scores.sum(1), torch.ones(1, 50, 70), atol=1e-2)      # scores, not probabilities
+    softmax = predict_scores(net, image, scales=scales, flip=True)
+    assert (softmax - scores.softmax(1)).abs().max() > 1e-3
+
+
 def test_multiscale_low_resolution_output():
     # an output stride-8 net that does not upsample: the crop must scale with the output resolution
     net = nn.Sequential(nn.AvgPool2d(8), nn.Conv2d(3, 2, 1)).eval()
