@@ -63,8 +63,8 @@ def palette_colors(n):
 
 VOC_COLORMAP = palette_colors(21)   # [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], ..., [0, 64, 128]]
 IGNORE_INDEX = 255              # VOC's 'void' border and Cityscapes' unlabelled pixels: no loss, no metric
-UNLABELLED_WARNING = 0.01       # a class without pixels while this share or more is 255: masks saved as 0/255?
 VOID_COLOR = palette_colors(256)[IGNORE_INDEX]      # how VOC draws it: 224, 224, 192
+UNLABELLED_WARNING = 0.01       # a class without pixels while this share or more is 255: masks saved as 0/255?
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Cityscapes / MiniCity (the tutorial's data): torchvision's class table gives the 19 train ids, names and colours.
@@ -2357,6 +2357,7 @@ def run_main(main):
     """Every script ends with run_main(main): a user mistake becomes one line on stderr, not a traceback; Ctrl-C
     and SIGTERM stop it with one line too; torchrun's process group is closed at the end."""
     previous, sys.unraisablehook = signal.signal(signal.SIGTERM, raise_terminated), quiet_unraisable
+    Terminated.received = False     # a stop belongs to the run it stopped (several runs in one process: the tests)
     try:
         main()
     except UserError as err:
