@@ -1019,8 +1019,8 @@ def data_on_device(choice, device, datasets):
     if device.type != 'cuda':
         return False, 'auto: no GPU'
     free = torch.cuda.mem_get_info(device)[0]
-    return need <= free / DEVICE_DATA_SHARE, f'auto: the decoded splits take {need / 2 ** 30:.2f} GiB, the GPU has ' \
-                             f'{free / 2 ** 30:.1f} GiB free'
+    return need <= free / DEVICE_DATA_SHARE, (f'auto: the decoded splits take {need / 2 ** 30:.2f} GiB, the GPU '
+                                              f'has {free / 2 ** 30:.1f} GiB free')
 
 
 def load_data_voc(batch_size, crop_size, data, seed=0, num_workers=None, device=None, channels_last=False,
@@ -1032,8 +1032,8 @@ def load_data_voc(batch_size, crop_size, data, seed=0, num_workers=None, device=
     data = data if isinstance(data, Data) else Data('voc', Path(data), VOC, False, 'VOC2012')
     train = open_dataset(data, True, crop_size, normalize=device is None)
     test = open_dataset(data, False, crop_size, normalize=device is None)
-    if data.classes not in (VOC, CITYSCAPES):      # a user's own classes: is every one labelled?
-        check_labelled_classes(train, data.root)
+    if data.classes not in (VOC, CITYSCAPES):      # a user's own classes: is every one labelled? (counted once)
+        main_process_first(functools.partial(check_labelled_classes, train, data.root))
     train_iter = make_loader(train, batch_size, True, seed, num_workers)
     test_iter = make_loader(test, batch_size, False, seed, num_workers)
     if device is None:
@@ -1228,6 +1228,8 @@ def run_padded(forward, x):
     to a multiple of NET_STRIDE, the output cropped back by the same fraction (an output may have a lower resolution
     than its input). The U-Net runs itself this way; prediction runs every net this way."""
     h, w = x.shape[-2:]
+    if not (h % NET_STRIDE or w % NET_STRIDE):      # F.pad would copy the batch for nothing
+        return forward(x)
     padded = F.pad(x, (0, -w % NET_STRIDE, 0, -h % NET_STRIDE))
     out = forward(padded)
     (ph, pw), (oh, ow) = padded.shape[-2:], out.shape[-2:]
@@ -1647,7 +1649,7 @@ def pick_device(name=None):
 def setup_distributed(device=None):
     """torchrun sets WORLD_SIZE: one process per GPU (nccl), or per CPU slot (gloo), by the device this process
     runs on (`--device cpu` on a GPU machine is gloo: nccl has no CPU tensors)."""
-    if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torch.distributed.is_initialized():
+    if world_size() > 1 and not torch.distributed.is_initialized():
         device = pick_device(device)
         torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     elif torch.cuda.device_count() > 1 and world_size() == 1:
