@@ -1,12 +1,22 @@
 """Named building blocks for the d2l semantic-segmentation chapter, its ResNetUNet improvement and a segmentation
 tutorial's techniques: this project's d2l/torch.py. It holds no recipe; the four scripts do.
 
-Read top to bottom, it follows the data: constants -> what every section uses (errors, logging, torchrun's
-processes, stops, seeds, file writes) -> data -> models -> losses -> augmentation -> training (device, the loop,
-checkpoints) -> evaluation and inference -> pictures -> flags -> the demo-data generator.
-Names from the book ("Semantic Segmentation and the Dataset", "Transposed Convolution", "Fully Convolutional
-Networks") are kept where the book has one. Where the book is wasteful (the whole split as float32 in memory, a
-256**3-entry lookup table) the names and the results stay, the waste does not.
+It reads in five parts, the book first, as d2l/torch.py runs in chapter order:
+  1. The book, in chapter order: "Semantic Segmentation and the Dataset" (VOC_CLASSES, VOC_COLORMAP,
+     read_voc_images, voc_colormap2label, voc_label_indices, voc_rand_crop, VOCSegDataset, load_data_voc),
+     "Transposed Convolution" (bilinear_kernel), "Fully Convolutional Networks" (fcn_resnet18, the loss,
+     train_batch_ch13, train_ch13, predict, label2image, the picture).
+  2. The improvement: ResNetUNet, and its fine-tune's checkpoint.
+  3. The tutorial's techniques: Cityscapes data and augmentation, DeepLabV3, BatchNorm/InstanceNorm/GroupNorm/
+     EvoNorm, focal and class-weighted losses, CutMix, CopyBlob, the confusion matrix and mIoU, multi-scale
+     inference, evaluation at the original size.
+  4. Your own data: class files, the images/ + masks/ folders, segmenting your photos.
+  5. The machinery: errors and stops, torchrun's processes and seeds, speed paths (the fast equivalents of the
+     book's layers, data kept on the device, mixed precision), finding and downloading data, weights files, file
+     writes and checkpoints, devices, pictures, flags, the demo-data generator.
+Python looks names up when a function runs, so a book block may call machinery defined further down. Where the book
+is wasteful (the whole split as float32 in memory, a 256**3-entry lookup table) the names and the results stay, the
+waste does not.
 """
 import argparse
 import collections
@@ -40,7 +50,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 
-# ----------------------------------------------------------------------------------------------------- constants
+# ======================================================================================================================
+# 1. The book, in chapter order
+# ======================================================================================================================
+# -------------------------------------------------------------------------------- Semantic Segmentation and the Dataset
 VOC_CLASSES = ['background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
                'diningtable', 'dog', 'horse', 'motorbike', 'person', 'potted plant', 'sheep', 'sofa', 'train',
                'tv/monitor']
@@ -64,76 +77,1352 @@ def palette_colors(n):
 VOC_COLORMAP = palette_colors(21)   # [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], ..., [0, 64, 128]]
 IGNORE_INDEX = 255              # VOC's 'void' border and Cityscapes' unlabelled pixels: no loss, no metric
 VOID_COLOR = palette_colors(256)[IGNORE_INDEX]      # how VOC draws it: 224, 224, 192
-UNLABELLED_WARNING = 0.01       # a class without pixels while this share or more is 255: masks saved as 0/255?
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+NET_STRIDE = 32         # every net's coarsest feature map is 1/32 of its input: sizes are padded to multiples of it
+# A class table: names, and one RGB colour per class (drawn in pictures; in an RGB label, the colour of the class).
+Classes = collections.namedtuple('Classes', 'names colors')
+VOC = Classes(VOC_CLASSES, VOC_COLORMAP)
+# What a dataset lister finds: (image, label) path pairs, where they were listed (for messages), what to tell a user
+# whose file is broken, and a 256-entry table from stored label values to classes (None: values are the classes).
+Files = collections.namedtuple('Files', 'items source fix label_lut', defaults=(None,))
+
+
+def read_voc_images(voc_dir, is_train=True):
+    """The book's reader: every image and RGB label image of a split, as uint8 tensors (the pictures and the
+    benchmark's copy of the book's dataset use it; training reads lazily)."""
+    files = voc_files(voc_dir, is_train)
+    features = [read_image(img, 'RGB', files.fix) for img, _ in files.items]
+    labels = [read_image(label, 'RGB', files.fix) for _, label in files.items]
+    return features, labels
+
+
+def voc_files(voc_dir, is_train=True):
+    """The (image, label) pairs of a VOC split, each checked to exist."""
+    split, ids = read_split(voc_dir, is_train)
+    items = [voc_paths(voc_dir, name) for name in ids]
+    for name, pair in zip(ids, items):
+        for path in pair:
+            if not path.exists():
+                raise UserError(f'{path} is missing (id {name} of {split}): restore it or remove the id')
+    return Files(items, split, f'remove its id from {split}')
+
+
+def read_split(voc_dir, is_train=True):
+    txt = Path(voc_dir) / 'ImageSets' / 'Segmentation' / ('train.txt' if is_train else 'val.txt')
+    if not txt.exists():
+        raise UserError(f'split file {txt} is missing: the VOC2012 folder is incomplete, unpack the dataset again')
+    ids = [line.strip() for line in txt.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise UserError(f'split file {txt} lists no ids: the VOC2012 folder is incomplete, unpack the dataset again')
+    return txt, ids
+
+
+def voc_paths(voc_dir, name):
+    return Path(voc_dir) / 'JPEGImages' / f'{name}.jpg', Path(voc_dir) / 'SegmentationClass' / f'{name}.png'
+
+
+def read_image(path, mode='RGB', fix='remove it'):
+    """A file as a uint8 CxHxW tensor: mode 'RGB' gives 3 channels, 'UNCHANGED' what is stored (a palette PNG gives
+    its indices). PIL decodes: torchvision.io's decoders are deprecated from torchvision 0.29 on. A missing or broken
+    file ends in one line naming it and `fix`."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f'{path} is missing: restore it or {fix}')
+    try:
+        with Image.open(path) as img:
+            array = torch.from_numpy(np.array(img.convert('RGB') if mode == 'RGB' else img))
+    except Exception as err:
+        raise UserError(f'{path} cannot be read ({error_line(err)}): replace it or {fix}') from None
+    return array.permute(2, 0, 1).contiguous() if array.ndim == 3 else array[None]
+
+
+def voc_colormap2label(colormap=VOC_COLORMAP):
+    """Colour -> class, as sorted packed RGB codes and their classes (one entry a colour and one for VOC's void colour,
+    not the book's 256**3 table)."""
+    colors = torch.tensor(list(colormap) + [VOID_COLOR], dtype=torch.int64)
+    codes = (colors[:, 0] * 256 + colors[:, 1]) * 256 + colors[:, 2]
+    classes = torch.tensor(list(range(len(colormap))) + [IGNORE_INDEX])
+    order = codes.argsort()
+    return codes[order], classes[order]
+
+
+def voc_label_indices(colormap, colormap2label):
+    """RGB label image (3xHxW) -> class indices (HxW int64); colours outside the palette give -1."""
+    codes, classes = colormap2label
+    c = colormap.to(torch.int64)
+    idx = (c[0] * 256 + c[1]) * 256 + c[2]
+    pos = torch.searchsorted(codes, idx).clamp(max=len(codes) - 1)
+    return torch.where(codes[pos] == idx, classes[pos], torch.full_like(idx, -1))
+
+
+def read_label(path, colormap2label=None, fix='remove it'):
+    """Class indices (HxW int64) of a label PNG. Palette and greyscale labels (VOC's are palette PNGs) hold the
+    indices themselves; an RGB label goes through the colour lookup, and a colour of no class is an error naming
+    the colour and where it is."""
+    label = read_image(path, 'UNCHANGED', fix)
+    if label.shape[0] <= 2:         # palette or grey (with alpha): the values are the classes
+        return label[0].long()
+    indices = voc_label_indices(label[:3], colormap2label or voc_colormap2label())
+    if (indices < 0).any():
+        y, x = (int(v) for v in (indices < 0).nonzero()[0])
+        raise UserError(f'{path} has the colour {tuple(label[:3, y, x].tolist())} at x={x}, y={y}, which is no '
+                        "class's colour: correct the label, or give the colour a class")
+    return indices
+
+
+def check_pair(image, label, img_path, label_path, num_classes):
+    if image.shape[1:] != label.shape:
+        raise UserError(f'{label_path} is {label.shape[0]}x{label.shape[1]} but {img_path} is '
+                        f'{image.shape[1]}x{image.shape[2]}: image and label must have the same size')
+    bad = ((label < 0) | (label >= num_classes)) & (label != IGNORE_INDEX)
+    if bad.any():
+        values = sorted(set(label[bad].unique().tolist()))[:5]
+        raise UserError(f'{label_path} holds label values {values} outside 0..{num_classes - 1} and '
+                        f'{IGNORE_INDEX}: is it a label of this dataset?')
+
+
+def voc_rand_crop(feature, label, height, width, generator=None):
+    """The book's random crop, the same rectangle for image and label; `generator` makes it reproducible."""
+    if generator is None:
+        rect = torchvision.transforms.RandomCrop.get_params(feature, (height, width))
+    else:
+        h, w = feature.shape[-2:]
+        top = int(torch.randint(0, h - height + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - width + 1, (1,), generator=generator))
+        rect = (top, left, height, width)
+    feature = torchvision.transforms.functional.crop(feature, *rect)
+    label = torchvision.transforms.functional.crop(label, *rect)
+    return feature, label
+
+
+@functools.lru_cache(maxsize=8)
+def imagenet_stats(device):
+    """ImageNet's mean and std as 3x1x1 float32 tensors on `device`, made once per device: a copy from the host for
+    every batch would make each step wait for it. Made outside inference_mode, so that evaluation's first call
+    still serves training."""
+    with torch.inference_mode(False):
+        return tuple(torch.tensor(v, device=device).view(-1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
+def normalize_image(img):
+    """uint8 or [0,1] float image(s) -> ImageNet-normalised float32, on whatever device they are on. The one place
+    images are normalised (dataset items of the book's path, batches on the device, prediction)."""
+    x = img.float() / 255 if img.dtype == torch.uint8 else img.float()
+    mean, std = imagenet_stats(x.device)
+    return (x - mean) / std
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """The one dataset mechanism (VOC, Cityscapes, a user's folders): Files and a class table in, the book's items
+    out, read lazily: only file names are kept, a DataLoader worker decodes an item when it is asked for.
+
+    crop_size=None gives whole images (evaluation at the original size). With a crop, images smaller than it are
+    dropped, as the book does, unless `augment` (the tutorial's transform) pads them. normalize=False gives uint8
+    images and labels for the training loop, which normalises and widens them on the device. Items may be asked for
+    as (index, seed): the crop then comes from that seed, so a run is reproducible whatever the number of workers
+    (see SeededSampler).
+    """
+
+    def __init__(self, files, classes, crop_size=None, normalize=True, void_as_background=False, augment=False):
+        self.classes, self.num_classes, self.fix = classes, len(classes.names), files.fix
+        self.crop_size = None if crop_size is None else tuple(int(s) for s in crop_size)
+        self.normalize, self.void_as_background, self.augment = normalize, void_as_background, augment
+        self.label_lut, self.colormap2label = files.label_lut, voc_colormap2label(classes.colors)
+        self.items, self.sizes = files.items, None
+        if self.crop_size is not None and not augment:
+            self.items, self.sizes = self.large_enough(files)
+        log(f'read {len(self.items)} examples')
+
+    def large_enough(self, files):
+        """The items at least as large as the crop, and their (height, width), judged from the image headers
+        (nothing is decoded)."""
+        kept, sizes, largest = [], [], (0, 0)
+        for img_path, label_path in files.items:
+            try:
+                with Image.open(img_path) as img:
+                    w, h = img.size
+            except Exception as err:
+                raise UserError(f'{img_path} cannot be read ({error_line(err)}): replace it or {files.fix}') from None
+            largest = max(largest, (h, w))
+            if h >= self.crop_size[0] and w >= self.crop_size[1]:
+                kept.append((img_path, label_path))
+                sizes.append((h, w))
+        if not kept:
+            raise UserError(f'every image listed in {files.source} is smaller than the crop {self.crop_size[0]}x'
+                            f'{self.crop_size[1]} (largest {largest[0]}x{largest[1]}): pass a smaller --crop-size')
+        return kept, sizes
+
+    def __len__(self):
+        return len(self.items)
+
+    def read(self, idx):
+        """(uint8 3xHxW image, int64 HxW label) at full size, checked."""
+        img_path, label_path = self.items[idx]
+        image = read_image(img_path, 'RGB', self.fix)
+        label = read_label(label_path, self.colormap2label, self.fix)
+        if self.label_lut is not None:
+            label = self.label_lut[label.clamp(0, 255)]
+        check_pair(image, label, img_path, label_path, self.num_classes)
+        if self.void_as_background:
+            label[label == IGNORE_INDEX] = 0
+        return image, label
+
+    def __getitem__(self, item):
+        idx, seed = item if isinstance(item, tuple) else (item, None)
+        image, label = self.read(idx)
+        if self.crop_size is not None:
+            gen = None if seed is None else torch.Generator().manual_seed(int(seed))   # None: the global RNG
+            if self.augment:
+                image, label = tutorial_augment(image, label, self.crop_size, gen)
+            else:
+                image, label = voc_rand_crop(image, label, *self.crop_size, generator=gen)
+        if self.normalize:      # the book's pair: float32 image, int64 label
+            return normalize_image(image), label
+        return image, label.to(torch.uint8)     # 8x fewer label bytes to move: every class and 255 fit in a byte
+
+
+class VOCSegDataset(SegDataset):
+    """The book's dataset: a VOC split (ImageSets/Segmentation/{train,val}.txt), read lazily. `classes`: another
+    class table for data in the VOC layout."""
+
+    def __init__(self, is_train, crop_size, voc_dir, void_as_background=False, normalize=True, classes=VOC):
+        super().__init__(voc_files(voc_dir, is_train), classes, crop_size, normalize, void_as_background)
+
+
+def load_data_voc(batch_size, crop_size, data, seed=0, num_workers=None, device=None, channels_last=False,
+                  on_device='auto'):
+    """The book's two loaders of random crops: (train_iter, test_iter). `data`: a Data (find_data: VOC, Cityscapes,
+    a folder) or, as in the book, the VOC2012 folder. Without `device`, the book's float32 images and int64 labels;
+    with it, batches arrive on the device, from splits kept there (DeviceData, see data_on_device) or streamed from
+    the workers (DeviceLoader)."""
+    data = data if isinstance(data, Data) else Data('voc', Path(data), VOC, False, 'VOC2012')
+    train = open_dataset(data, True, crop_size, normalize=device is None)
+    test = open_dataset(data, False, crop_size, normalize=device is None)
+    if data.classes not in (VOC, CITYSCAPES):      # a user's own classes: is every one labelled? (counted once)
+        main_process_first(functools.partial(check_labelled_classes, train, data.root))
+    train_iter = make_loader(train, batch_size, True, seed, num_workers)
+    test_iter = make_loader(test, batch_size, False, seed, num_workers)
+    if device is None:
+        return train_iter, test_iter
+    keep, why = data_on_device(on_device, device, (train, test))
+    workers = train_iter.num_workers
+    log(f'data: decoded once and kept on {device} ({why})' if keep else
+        f'data: streamed, {f"{workers} DataLoader workers" if workers else "read in the main process"} ({why})')
+    loader = DeviceData if keep else DeviceLoader
+    return loader(train_iter, device, channels_last), loader(test_iter, device, channels_last)
+
+
+# ----------------------------------------------------------------------------------------------- Transposed Convolution
+def bilinear_kernel(in_channels, out_channels, kernel_size):
+    """The book's bilinear-interpolation weights for a transposed convolution: channel i -> channel i only."""
+    factor = (kernel_size + 1) // 2
+    center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
+    og = (torch.arange(kernel_size).reshape(-1, 1), torch.arange(kernel_size).reshape(1, -1))
+    filt = (1 - torch.abs(og[0] - center) / factor) * (1 - torch.abs(og[1] - center) / factor)
+    weight = torch.zeros((in_channels, out_channels, kernel_size, kernel_size))
+    weight[range(in_channels), range(out_channels), :, :] = filt
+    return weight
+
+
+# ----------------------------------------------------------------------------------------- Fully Convolutional Networks
+def resnet18_backbone(pretrained=False, weights_path=None):
+    net = torchvision.models.resnet18(weights=None)
+    if pretrained:
+        net.load_state_dict(backbone_state_dict('resnet18', weights_path))
+    return net
+
+
+def fcn_resnet18(num_classes=21, pretrained=False, weights_path=None):
+    """The book's FCN, layer for layer: resnet18 minus avgpool and fc, a 1x1 conv, a bilinear transposed conv."""
+    pretrained_net = resnet18_backbone(pretrained, weights_path)
+    net = nn.Sequential(*list(pretrained_net.children())[:-2])
+    net.add_module('final_conv', nn.Conv2d(512, num_classes, kernel_size=1))
+    net.add_module('transpose_conv', ShuffleConvTranspose2d(num_classes, num_classes, kernel_size=64, padding=16,
+                                                            stride=32))
+    nn.init.xavier_uniform_(net.final_conv.weight)     # the book's text asks for it; its code leaves it out
+    net.transpose_conv.weight.data.copy_(bilinear_kernel(num_classes, num_classes, 64))
+    return net
+
+
+def cross_entropy_loss(inputs, targets, weight=None):
+    """The book's loss: per-pixel cross entropy averaged over height and width, one value per example; ignored
+    pixels count as 0. `weight`: per-class weights (the tutorial's weighted cross entropy), on the inputs' device
+    (make_loss puts them there once: a copy in every step would make the step wait for it)."""
+    return F.cross_entropy(inputs, targets, weight=weight, reduction='none', ignore_index=IGNORE_INDEX).mean(1).mean(1)
+
+
+def train_batch_ch13(net, X, y, loss, amp=None, scaler=None, scale=1):
+    """Forward and backward of one (micro-)batch. Like the book, back-propagates the SUM of the per-example losses;
+    `scale` multiplies it (DDP averages gradients over its processes: scale=world size makes the update the sum over
+    the global batch). Returns (loss sum, correct pixels, labelled pixels) as tensors on the device."""
+    with autocast(X.device, amp):
+        out, aux = model_output(net(X))
+        l = loss(out, y)
+        if aux is not None:     # torchvision's DeepLabV3 auxiliary head, weighted as torchvision's references do
+            l = l + AUX_WEIGHT * loss(aux, y)
+    l_sum = l.float().sum()
+    scaled = l_sum * scale
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    with torch.no_grad():
+        valid = y != IGNORE_INDEX
+        return l_sum.detach(), ((out.argmax(1) == y) & valid).sum(), valid.sum()
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step):
+        super().__init__(f'step {step}')
+        self.step = step
+
+
+def train_epoch_ch13(net, batches, loss, trainer, amp=None, scaler=None, accum_steps=1, augment=None, seed=0):
+    """One epoch of updates, each from accum_steps micro-batches (an incomplete last group is dropped, as the book
+    drops a partial batch). Nothing waits for the device inside the loop: the sums stay there and the loss is
+    checked once, at the end. `augment` draws from seed_for(seed, micro-batch, rank): a resumed epoch draws what an
+    uninterrupted one did. Returns [loss sum, examples, correct pixels, labelled pixels] over all processes."""
+    world, steps = world_size(), len(batches) // accum_steps
+    sums, examples, first_bad = 0, 0, None     # first_bad: the first step whose loss was not finite, on the device
+    trainer.zero_grad(set_to_none=True)
+    for i, (X, y) in enumerate(batches):
+        if i >= steps * accum_steps:
+            break
+        if Terminated.received:
+            raise Terminated()
+        if augment is not None:
+            X, y = augment(X, y, torch.Generator().manual_seed(seed_for(seed, i, rank())))
+        last = (i + 1) % accum_steps == 0
+        sync = net.no_sync() if (not last and hasattr(net, 'no_sync')) else contextlib.nullcontext()
+        with sync:
+            l_sum, correct, labelled = train_batch_ch13(net, X, y, loss, amp, scaler, world)
+        sums = sums + torch.stack([l_sum.double(), correct.double(), labelled.double()])
+        examples += y.shape[0]
+        step = torch.where(l_sum.isfinite(), steps + 1, i // accum_steps + 1)
+        first_bad = step if first_bad is None else torch.minimum(first_bad, step)
+        if last:
+            if scaler is not None:
+                scaler.step(trainer)
+                scaler.update()
+            else:
+                trainer.step()
+            trainer.zero_grad(set_to_none=True)
+    if first_bad is not None and int(first_bad) <= steps:
+        raise NonFiniteLoss(int(first_bad))
+    if not bool(torch.stack([v.isfinite().all() for v in net.state_dict().values() if v.is_floating_point()]).all()):
+        raise NonFiniteLoss(steps)    # a finite loss but broken weights: the last checkpoint stays
+    l_total, correct, labelled = sums.tolist()
+    return all_reduce_sum([l_total, examples, correct, labelled])
+
+
+def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint, amp=None, accum_steps=1,
+               augment=None):
+    """The book's train_ch13 (loss per example, train acc, test acc each epoch; examples/sec at the end), plus what
+    hours of GPU time need: a Checkpoint after every epoch, mixed precision, accumulation, several processes, a stop
+    on a non-finite loss, a clean Ctrl-C or SIGTERM. `net` may be compiled or wrapped in DDP; the checkpoint loads
+    and saves the model inside."""
+    from tqdm import tqdm
+    ckpt, scaler = checkpoint, torch.amp.GradScaler(net_device(net).type) if amp == torch.float16 else None
+    if len(train_iter) // accum_steps == 0:
+        raise UserError(f'--accum-steps {accum_steps} is more than the {len(train_iter)} batches of an epoch')
+    ckpt.start(unwrapped(net), trainer, scaler, num_epochs, len(train_iter.dataset), amp)
+    seen, train_time, run_seed = 0, 0.0, train_iter.sampler.seed
+    try:
+        for epoch in range(ckpt.epoch, num_epochs):
+            run_epoch = ckpt.first_epoch + epoch    # a fine-tune continues the first stage's epochs, and its draws
+            train_iter.sampler.set_epoch(run_epoch)
+            torch.manual_seed(seed_for(run_seed, run_epoch, MODEL_DRAWS))     # the model's own (dropout)
+            net.train()
+            start = time.time()
+            batches = tqdm(train_iter, desc=f'epoch {epoch + 1}/{num_epochs}', leave=False,
+                           disable=not is_main_process() or None)
+            l_total, n, correct, pixels = train_epoch_ch13(net, batches, loss, trainer, amp, scaler, accum_steps,
+                                                           augment, seed_for(run_seed, run_epoch, AUGMENT_DRAWS))
+            trained = time.time()
+            train_time += trained - start
+            seen += n
+            test = evaluate_crops(net, test_iter, amp)
+            ckpt.end_epoch(trainer, scaler, {
+                'epoch': epoch + 1, 'loss': l_total / n, 'train_acc': correct / max(pixels, 1),
+                'test_acc': test['pixel_acc'], 'test_miou': test['miou'], 'lr': trainer.param_groups[0]['lr'],
+                'seconds': time.time() - start, 'train_seconds': trained - start,
+                'eval_seconds': time.time() - trained})
+            h = ckpt.history[-1]
+            log(f'epoch {epoch + 1}/{num_epochs}: loss {h["loss"]:.3f}, train acc {h["train_acc"]:.3f}, '
+                f'test acc {h["test_acc"]:.3f}, test mIoU {h["test_miou"]:.3f} ({h["seconds"]:.0f} s)')
+    except KeyboardInterrupt as stop:      # Ctrl-C, or SIGTERM from a scheduler (run_main makes it one)
+        log(f'\n{stop_name(stop)}: {ckpt.path} holds {ckpt.saved} finished epoch(s); run the same command with '
+            '--resume to continue')
+        raise SystemExit(stop_status(stop)) from None
+    except NonFiniteLoss as err:
+        kept = f'{ckpt.path} (epoch {ckpt.saved}) is kept' if ckpt.saved else 'no checkpoint was written'
+        raise UserError(f'the loss became inf or nan at epoch {ckpt.epoch + 1}, step {err.step}; {kept}: lower '
+                        '--lr, or find the operation with --detect-anomaly') from None
+    if ckpt.history:
+        h = ckpt.history[-1]
+        log(f'loss {h["loss"]:.3f}, train acc {h["train_acc"]:.3f}, test acc {h["test_acc"]:.3f}, '
+            f'test mIoU {h["test_miou"]:.3f}')
+    if train_time > 0:
+        log(f'{seen / train_time:.1f} examples/sec on {[str(net_device(net))] * world_size()}')
+    return ckpt.history
+
+
+def evaluate_crops(net, data_iter, amp=None):
+    """The per-epoch test figures on random crops (the book's test acc), plus mIoU from the same pixels."""
+    net.eval()
+    cm = ConfusionMatrix(data_iter.dataset.num_classes)
+    with torch.inference_mode(), autocast(net_device(net), amp):
+        for X, y in data_iter:
+            cm.update(model_output(net(X))[0].argmax(1), y)
+    cm.all_reduce()
+    return cm.compute()
+
+
+def predict(net, img, scales=None, test_size=None, mst_mode='softmax'):
+    """The book's predict: a uint8 image 3xHxW (or a batch Nx3xHxW) -> class indices HxW (NxHxW), at any size;
+    `scales` for multi-scale + flip, combined by `mst_mode` (predict_scores)."""
+    X = normalize_image(img.to(net_device(net)))
+    batch = X if X.ndim == 4 else X.unsqueeze(0)
+    pred = predict_scores(net, batch, scales, test_size, mode=mst_mode).argmax(dim=1).cpu()
+    return pred if X.ndim == 4 else pred[0]
+
+
+def palette(colors=VOC_COLORMAP):
+    """256x3 uint8: the class colours, then VOC's palette (VOC's void colour at 255): label2image, PIL palettes."""
+    return torch.tensor(list(colors) + palette_colors(256)[len(colors):], dtype=torch.uint8)
+
+
+def label2image(pred, colormap=VOC_COLORMAP):
+    """The book's label2image: HxW class indices -> HxWx3 uint8 colours (void drawn in VOC's void colour)."""
+    return palette(colormap)[pred.long().clamp(0, 255).cpu()]
+
+
+def val_crops(dataset, n, crop, min_share=0.02):
+    """The book's picture material: n val (image, label) pairs cropped at (0, 0, h, w). Images smaller than the crop
+    are passed over, and so are crops where objects (classes after the first, the background) cover less than
+    min_share, while enough others are left: a picture of background shows nothing."""
+    chosen, fallback = [], []
+    for i in range(len(dataset)):
+        image, label = dataset.read(i)
+        if image.shape[1] >= crop[0] and image.shape[2] >= crop[1]:
+            X, y = (torchvision.transforms.functional.crop(t, 0, 0, *crop) for t in (image, label))
+            share = float(((y > 0) & (y != IGNORE_INDEX)).float().mean())
+            (chosen if share >= min_share else fallback).append((X, y))
+            if len(chosen) == n:
+                break
+    if not chosen + fallback:
+        raise UserError(f'no val image is at least {crop[0]}x{crop[1]}: nothing to draw')
+    return (chosen + fallback)[:n]
+
+
+def show_predictions(path, crops, predictions, colors, title, names=None):
+    """The book's picture of val crops (crops: (image, label) pairs; predictions: one list of class maps per net):
+    for one net three rows, image, prediction, ground truth; for several (`names`: their column titles) a row per
+    image: image, ground truth, then each net's prediction."""
+    images = [X.permute(1, 2, 0) for X, _ in crops]
+    truths = [label2image(y, colors) for _, y in crops]
+    drawn = [[label2image(p, colors) for p in preds] for preds in predictions]
+    if names is None:
+        save_image_grid(path, [images, drawn[0], truths], title, row_titles=['image', 'prediction', 'ground truth'])
+    else:
+        rows = [[images[i], truths[i]] + [d[i] for d in drawn] for i in range(len(crops))]
+        save_image_grid(path, rows, title, col_titles=['image', 'ground truth'] + list(names))
+    log(f'wrote {path}')
+
+
+def save_image_grid(path, rows, title, row_titles=None, col_titles=None, scale=2.0):
+    """rows: lists of HxWx3 uint8 images (tensors or arrays). The book's show_images, saved to a file."""
+    plt = pyplot()
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    h, w = np.asarray(rows[0][0]).shape[:2]
+    fig, axes = plt.subplots(n_rows, n_cols, squeeze=False,
+                             figsize=(n_cols * scale * w / max(h, w) + 0.6, n_rows * scale * h / max(h, w) + 0.6))
+    for r, row in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(row):
+                ax.imshow(np.asarray(row[c]))
+            else:
+                ax.axis('off')
+            if col_titles and r == 0:
+                ax.set_title(col_titles[c], fontsize=8)
+            if row_titles and c == 0:
+                ax.set_ylabel(row_titles[r], fontsize=8)
+    fig.suptitle(title, fontsize=10, y=1.08 if col_titles else 0.98)   # above multi-line column titles
+    save_figure(fig, path, 'free some disk space, or pass another --picture')
+
+
+# ======================================================================================================================
+# 2. The improvement: the resnet18 U-Net, Adam, and a fine-tune at a tenth of the lr
+# ======================================================================================================================
+def convrelu(in_channels, out_channels, kernel, padding):
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, padding=padding), nn.ReLU(inplace=True))
+
+
+class ResNetUNet(nn.Module):
+    """The widely used resnet18 U-Net (the improvement's model). Pads any input to a multiple of NET_STRIDE inside
+    and crops back (run_padded), so any size works with the same weights."""
+
+    def __init__(self, n_class=21, pretrained=False, weights_path=None):
+        super().__init__()
+        self.base_model = resnet18_backbone(pretrained, weights_path)
+        self.base_layers = list(self.base_model.children())
+        self.base_model.fc.requires_grad_(False)    # registered but unused: DDP must not wait for its gradients
+        self.layer0 = nn.Sequential(*self.base_layers[:3])     # 1/2, 64
+        self.layer0_1x1 = convrelu(64, 64, 1, 0)
+        self.layer1 = nn.Sequential(*self.base_layers[3:5])    # 1/4, 64
+        self.layer1_1x1 = convrelu(64, 64, 1, 0)
+        self.layer2 = self.base_layers[5]                       # 1/8, 128
+        self.layer2_1x1 = convrelu(128, 128, 1, 0)
+        self.layer3 = self.base_layers[6]                       # 1/16, 256
+        self.layer3_1x1 = convrelu(256, 256, 1, 0)
+        self.layer4 = self.base_layers[7]                       # 1/32, 512
+        self.layer4_1x1 = convrelu(512, 512, 1, 0)
+        self.upsample = Upsample2x()
+        self.conv_up3 = convrelu(256 + 512, 512, 3, 1)
+        self.conv_up2 = convrelu(128 + 512, 256, 3, 1)
+        self.conv_up1 = convrelu(64 + 256, 256, 3, 1)
+        self.conv_up0 = convrelu(64 + 256, 128, 3, 1)
+        self.conv_original_size0 = convrelu(3, 64, 3, 1)
+        self.conv_original_size1 = convrelu(64, 64, 3, 1)
+        self.conv_original_size2 = convrelu(64 + 128, 64, 3, 1)
+        self.conv_last = nn.Conv2d(64, n_class, 1)
+
+    def forward(self, input):
+        return run_padded(self.forward_multiple_of_32, input)
+
+    def forward_multiple_of_32(self, input):    # the published layout: sides must be multiples of 32
+        x_original = self.conv_original_size1(self.conv_original_size0(input))
+        layer0 = self.layer0(input)
+        layer1 = self.layer1(layer0)
+        layer2 = self.layer2(layer1)
+        layer3 = self.layer3(layer2)
+        layer4 = self.layer4_1x1(self.layer4(layer3))
+        x = self.conv_up3(torch.cat([self.upsample(layer4), self.layer3_1x1(layer3)], dim=1))
+        x = self.conv_up2(torch.cat([self.upsample(x), self.layer2_1x1(layer2)], dim=1))
+        x = self.conv_up1(torch.cat([self.upsample(x), self.layer1_1x1(layer1)], dim=1))
+        x = self.conv_up0(torch.cat([self.upsample(x), self.layer0_1x1(layer0)], dim=1))
+        x = self.conv_original_size2(torch.cat([self.upsample(x), x_original], dim=1))
+        return self.conv_last(x)
+
+
+def run_padded(forward, x):
+    """forward(x) for any input size: x zero-padded (the mean colour, after normalisation) at the bottom and right
+    to a multiple of NET_STRIDE, the output cropped back by the same fraction (an output may have a lower resolution
+    than its input). The U-Net runs itself this way; prediction runs every net this way."""
+    h, w = x.shape[-2:]
+    if not (h % NET_STRIDE or w % NET_STRIDE):      # F.pad would copy the batch for nothing
+        return forward(x)
+    padded = F.pad(x, (0, -w % NET_STRIDE, 0, -h % NET_STRIDE))
+    out = forward(padded)
+    (ph, pw), (oh, ow) = padded.shape[-2:], out.shape[-2:]
+    return out[..., :math.ceil(h * oh / ph), :math.ceil(w * ow / pw)]
+
+
+def finetune_path(save):
+    """The fine-tune stage's checkpoint beside the first stage's: my.pt -> my_finetune.pt."""
+    save = Path(save)
+    return save.with_name(save.stem + '_finetune' + save.suffix)
+
+
+# ======================================================================================================================
+# 3. The tutorial's techniques
+# ======================================================================================================================
+# ------------------------------------------------------------------------------------- Cityscapes data and augmentation
 # Cityscapes / MiniCity (the tutorial's data): torchvision's class table gives the 19 train ids, names and colours.
 CITYSCAPES_TRAIN_CLASSES = sorted((c for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 19),
                                   key=lambda c: c.train_id)
 CITYSCAPES_CLASSES = [c.name for c in CITYSCAPES_TRAIN_CLASSES]
 CITYSCAPES_COLORMAP = [list(c.color) for c in CITYSCAPES_TRAIN_CLASSES]
+CITYSCAPES = Classes(CITYSCAPES_CLASSES, CITYSCAPES_COLORMAP)
 # Neither can be downloaded without an account: what a user with an empty --data-dir is told.
 CITYSCAPES_STEPS = ('Cityscapes needs a free account at https://www.cityscapes-dataset.com: download '
                     'gtFine_trainvaltest.zip (241 MB) and leftImg8bit_trainvaltest.zip (11 GB), unzip both into one '
                     'folder and pass it as --data-dir; for MiniCity (the tutorial\'s 200 train + 100 val images) run '
                     '`python arrange_images.py that/folder` in semantic-segmentation/ of '
                     'https://github.com/VIPriors/vipriors-challenges-toolkit and pass the minicity/ folder it writes')
+
+
+def cityscapes_files(root, is_train=True):
+    """leftImg8bit/<split>/[city/]<name>_leftImg8bit.png with gtFine/<same>: the official layout (city folders) and
+    MiniCity's flat one. Labels: *_gtFine_labelIds.png through torchvision's table to the 19 train ids, else
+    *_gtFine_labelTrainIds.png as the official scripts write them."""
+    split = 'train' if is_train else 'val'
+    image_dir = Path(root) / 'leftImg8bit' / split
+    if not image_dir.is_dir():
+        raise UserError(f'no Cityscapes {split} images at {image_dir}: pass --data-dir to the folder that holds '
+                        f'leftImg8bit/ and gtFine/; {CITYSCAPES_STEPS}')
+    images = sorted(image_dir.rglob('*_leftImg8bit.png'))
+    if not images:
+        raise UserError(f'no *_leftImg8bit.png under {image_dir}: {CITYSCAPES_STEPS}')
+    labels = {}
+    for kind in ('labelIds', 'labelTrainIds'):
+        labels[kind] = [Path(root) / 'gtFine' / split / p.parent.relative_to(image_dir) /
+                        p.name.replace('_leftImg8bit.png', f'_gtFine_{kind}.png') for p in images]
+    for kind, lut in (('labelIds', cityscapes_id_to_trainid()), ('labelTrainIds', None)):
+        if all(p.exists() for p in labels[kind]):
+            return Files(list(zip(images, labels[kind])), image_dir, 'remove it', lut)
+    first = next(p for p in labels['labelIds'] if not p.exists())
+    raise UserError(f'{first} is missing (and not every image has a *_labelTrainIds.png instead): restore gtFine/')
+
+
+def cityscapes_id_to_trainid():
+    """A 256-entry lookup: raw labelId -> train id, every other id (and 'ignore in eval') -> 255."""
+    lut = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
+    for c in CITYSCAPES_TRAIN_CLASSES:
+        lut[c.id] = c.train_id
+    return lut
+
+
+def cityscapes_trainid_to_id():
+    """The way back, for predictions: train id -> labelId (uint8; 255 -> 0, 'unlabeled')."""
+    lut = torch.zeros(256, dtype=torch.uint8)
+    for c in CITYSCAPES_TRAIN_CLASSES:
+        lut[c.train_id] = c.id
+    return lut
+
+
+class CityscapesSegDataset(SegDataset):
+    """Cityscapes or MiniCity (cityscapes_files); training items get the tutorial's transform unless augment=False."""
+
+    def __init__(self, is_train, crop_size, root, normalize=True, augment=None):
+        augment = is_train if augment is None else augment
+        super().__init__(cityscapes_files(root, is_train), CITYSCAPES, crop_size, normalize, augment=augment)
+
+
+def tutorial_augment(image, label, crop_size, generator):
+    """The tutorial's training transform: random scale 0.75-2.0 (image bilinear, label nearest), a random crop padded
+    with void where the scaled image is smaller, a horizontal flip half the time, and brightness, contrast and
+    saturation each scaled by 0.7-1.3. Every draw comes from `generator`."""
+    s = 0.75 + 1.25 * float(torch.rand((), generator=generator))
+    size = [round(image.shape[-2] * s), round(image.shape[-1] * s)]
+    image = v2.functional.resize(tv_tensors.Image(image), size, antialias=True).as_subclass(torch.Tensor)
+    label = v2.functional.resize(tv_tensors.Mask(label), size).as_subclass(torch.Tensor)
+    pad = (0, max(crop_size[1] - size[1], 0), 0, max(crop_size[0] - size[0], 0))
+    image, label = F.pad(image, pad), F.pad(label, pad, value=IGNORE_INDEX)
+    image, label = voc_rand_crop(image, label, *crop_size, generator=generator)
+    if float(torch.rand((), generator=generator)) < 0.5:
+        image, label = image.flip(-1), label.flip(-1)
+    for adjust in (v2.functional.adjust_brightness, v2.functional.adjust_contrast, v2.functional.adjust_saturation):
+        image = adjust(image, 0.7 + 0.6 * float(torch.rand((), generator=generator)))
+    return image, label
+
+
+# ---------------------------------------------------------------------------------------------- DeepLabV3 and the norms
+MODELS = ('fcn', 'resnet_unet', 'deeplabv3_resnet50', 'deeplabv3_resnet101')
+NORMS = ('batch', 'instance', 'group', 'evo', 'evo_s0', 'evo_b0')
+AUX_WEIGHT = 0.4        # DeepLabV3's auxiliary loss, as torchvision's references weight it
+
+
+def deeplabv3(name, num_classes=21, pretrained=False, weights_path=None, aux_loss=False):
+    """torchvision's DeepLabV3 (the tutorial's model); the ImageNet backbone comes by the same rules as resnet18."""
+    from torchvision.models import segmentation
+    arch = name.split('_')[1]
+    net = getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=num_classes,
+                                      aux_loss=aux_loss)
+    if pretrained:
+        state = backbone_state_dict(arch, weights_path)
+        net.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith('fc.')})
+    return net
+
+
+def model_output(out):
+    """(main scores, auxiliary scores or None): torchvision's segmentation models return a dict."""
+    if isinstance(out, dict):
+        return out['out'], out.get('aux')
+    return out, None
+
+
+# Normalisation swaps (the tutorial's BatchNorm / InstanceNorm / GroupNorm / EvoNorm comparison)
+def num_groups(channels, max_groups=32):
+    """The largest divisor of `channels` that is <= max_groups (32 when it divides, as in GroupNorm's paper)."""
+    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+
+
+class EvoNorm2dB0(nn.Module):
+    """EvoNorm-B0 (Liu et al. 2020): y = x / max(sqrt(batch_var + eps), v1*x + sqrt(instance_var + eps)) * gamma + beta.
+
+    The batch variance is tracked as a running average like BatchNorm (used in eval), so eval output
+    does not depend on the batch. The max() makes the layer non-linear: no ReLU is needed after it.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.gamma = nn.Parameter(torch.ones(1, num_features, 1, 1))
+        self.beta = nn.Parameter(torch.zeros(1, num_features, 1, 1))
+        self.v1 = nn.Parameter(torch.ones(1, num_features, 1, 1))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x):
+        xf = x.float()  # statistics in fp32: squares overflow/lose precision under fp16 autocast
+        if self.training:
+            batch_var = xf.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+            n = xf.numel() / xf.shape[1]
+            with torch.no_grad():  # BatchNorm convention: the running estimate is the unbiased variance
+                unbiased = batch_var.flatten() * (n / max(n - 1, 1))
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        else:
+            batch_var = self.running_var.view(1, -1, 1, 1).float()
+        instance_var = xf.var(dim=(2, 3), unbiased=False, keepdim=True)
+        denom = torch.maximum((batch_var + self.eps).sqrt(), self.v1 * xf + (instance_var + self.eps).sqrt())
+        return (xf / denom * self.gamma + self.beta).to(x.dtype)
+
+
+class EvoNorm2dS0(nn.Module):
+    """EvoNorm-S0 (Liu et al. 2020): y = x * sigmoid(v1*x) / group_std(x) * gamma + beta.
+
+    Only per-sample statistics (groups of channels x H x W), so train and eval behave alike and the output
+    of a sample never depends on the rest of the batch; the swish-like numerator replaces the ReLU.
+    """
+
+    def __init__(self, num_features, groups=32, eps=1e-5):
+        super().__init__()
+        self.groups, self.eps = num_groups(num_features, groups), eps
+        self.gamma = nn.Parameter(torch.ones(1, num_features, 1, 1))
+        self.beta = nn.Parameter(torch.zeros(1, num_features, 1, 1))
+        self.v1 = nn.Parameter(torch.ones(1, num_features, 1, 1))
+
+    def forward(self, x):
+        xf = x.float()
+        n, c, h, w = xf.shape
+        grouped = xf.reshape(n, self.groups, -1)
+        std = (grouped.var(dim=2, unbiased=False, keepdim=True) + self.eps).sqrt()
+        std = std.expand_as(grouped).reshape(n, c, h, w)
+        return (xf * torch.sigmoid(self.v1 * xf) / std * self.gamma + self.beta).to(x.dtype)
+
+
+def _norm_like(bn, norm):
+    """The replacement for one BatchNorm layer, keeping its affine part (pretrained gamma/beta) when it has one."""
+    c = bn.num_features
+    if norm == "instance":
+        # track_running_stats=False: instance statistics in eval too. Fails on 1x1 maps (e.g. an image-pooling branch).
+        new, weight, bias = nn.InstanceNorm2d(c, affine=True, track_running_stats=False), "weight", "bias"
+    elif norm == "group":
+        new, weight, bias = nn.GroupNorm(num_groups(c), c), "weight", "bias"
+    elif norm == "evo_b0":
+        new, weight, bias = EvoNorm2dB0(c, eps=bn.eps), "gamma", "beta"
+    else:  # "evo" / "evo_s0": the names are checked once, by the flags (NORMS)
+        new, weight, bias = EvoNorm2dS0(c), "gamma", "beta"
+    if bn.affine:
+        with torch.no_grad():
+            getattr(new, weight).copy_(bn.weight.view_as(getattr(new, weight)))
+            getattr(new, bias).copy_(bn.bias.view_as(getattr(new, bias)))
+    ref = next(iter(list(bn.parameters()) + list(bn.buffers())), None)
+    return new if ref is None else new.to(ref.device)
+
+
+def replace_norm(model, norm, replaced=None):
+    """Swap every BatchNorm2d in `model` (recursively, in place) for `norm`; returns the model.
+
+    norm: batch (no change) | instance | group | evo (= evo_s0) | evo_b0 | evo_s0.
+    The BN's weight/bias are copied into the new layer's affine parameters so a pretrained backbone keeps its
+    learned scale/shift (its running statistics cannot carry over: the new layers normalise differently).
+    For the EvoNorm variants every nn.ReLU becomes nn.Identity, since EvoNorm carries its own non-linearity
+    (as the tutorial did). Modules are replaced by attribute, so a torchvision BasicBlock's self.relu, used
+    twice in forward (after bn1 and after the residual add), disappears at both places; functional F.relu
+    calls inside a forward cannot be reached and stay. A layer registered under two parents (the U-Net's bn1 is
+    both base_model.bn1 and layer0[1]) gets one replacement (`replaced` maps each old layer to its new one): two
+    copies would leave one without gradients, and DistributedDataParallel stops on unused parameters.
+    """
+    if norm == "batch":
+        return model
+    evo, replaced = norm.startswith("evo"), {} if replaced is None else replaced
+    for name, child in model.named_children():
+        if isinstance(child, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+            setattr(model, name, replaced.setdefault(child, _norm_like(child, norm)))
+        elif evo and isinstance(child, nn.ReLU):
+            setattr(model, name, nn.Identity())
+        else:
+            replace_norm(child, norm, replaced)
+    return model
+
+
+def build_model(name, num_classes=21, pretrained=False, weights_path=None, norm='batch', aux_loss=False):
+    """Every model by name; a checkpoint stores these arguments (its model_args) to rebuild it with no flags."""
+    if name == 'fcn':
+        net = fcn_resnet18(num_classes, pretrained, weights_path)
+    elif name == 'resnet_unet':
+        net = ResNetUNet(num_classes, pretrained, weights_path)
+    elif name in ('deeplabv3_resnet50', 'deeplabv3_resnet101'):
+        net = deeplabv3(name, num_classes, pretrained, weights_path, aux_loss)
+    else:       # the flags allow no other name: a checkpoint written elsewhere
+        raise UserError(f'unknown model {name!r}: choose one of {", ".join(MODELS)}')
+    return replace_norm(net, norm)
+
+
+# --------------------------------------------------------------------------------------------- losses and class weights
+LOSSES = ('ce', 'weighted_ce', 'focal')
 # The tutorial's 19 Cityscapes class weights (--class-weights tutorial).
 TUTORIAL_CITYSCAPES_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023, 0.9539,
                                0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507]
+
+
+class FocalLoss(nn.Module):
+    """Softmax focal loss (Lin et al. 2017) for segmentation, per-pixel: -w[y] * (1 - p_y)^gamma * log p_y.
+
+    Returns the N,H,W loss map (reduction 'none', 0 at ignored pixels) so the caller chooses the reduction,
+    exactly like F.cross_entropy(..., reduction='none'); with gamma=0 the two are identical.
+    """
+
+    def __init__(self, gamma=2.0, weight=None, ignore_index=IGNORE_INDEX):
+        super().__init__()
+        self.gamma = gamma
+        self.ignore_index = ignore_index
+        # a buffer: FocalLoss(...).to(device) moves the class weights, as for any module
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+
+    def forward(self, logits, target):
+        logp = F.log_softmax(logits.float(), dim=1)  # fp32: log p of rare classes underflows in half precision
+        valid = target != self.ignore_index
+        safe_target = torch.where(valid, target, torch.zeros_like(target))  # gather needs an in-range index
+        logp_y = logp.gather(1, safe_target.unsqueeze(1)).squeeze(1)
+        # clamp: exp(log_softmax) can exceed 1 by an ulp, and a negative base breaks a fractional gamma
+        focal = (1.0 - logp_y.exp()).clamp(min=0.0) ** self.gamma  # torch gives 0**0 == 1: gamma=0 is plain CE
+        loss = -focal * logp_y
+        if self.weight is not None:
+            loss = loss * self.weight[safe_target]
+        return torch.where(valid, loss, torch.zeros_like(loss))
+
+
+def make_loss(name='ce', weight=None, gamma=2.0, device=None):
+    """A per-example loss by name (ce, weighted_ce, focal), each averaged over H and W like the book's. The class
+    weights go to `device` (the batches') here, once."""
+    weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32).to(device)
+    if name == 'ce':
+        return cross_entropy_loss
+    if name == 'weighted_ce':
+        if weight is None:
+            raise UserError('--loss weighted_ce needs class weights')
+        return lambda inputs, targets: cross_entropy_loss(inputs, targets, weight)
+    if name == 'focal':
+        focal = FocalLoss(gamma=gamma, weight=weight)
+        return lambda inputs, targets: focal(inputs, targets).mean(1).mean(1)
+    raise UserError(f'unknown loss {name!r}: choose one of {", ".join(LOSSES)}')
+
+
+def class_pixel_counts(dataset, cache_dir):
+    """(labelled pixels per class, ignored pixels) over a whole split at full size: counted once, then read from a
+    JSON file in cache_dir (or checkpoints/, where cache_dir is read-only) named after what it depends on."""
+    n = dataset.num_classes
+    key = json.dumps([dataset.classes, [str(p) for p in dataset.items[0]], len(dataset), dataset.void_as_background,
+                      dataset.label_lut is not None, 'and the ignored pixels'])
+    name = f'class_pixels_{hashlib.sha1(key.encode()).hexdigest()[:10]}.json'
+    candidates = (Path(cache_dir) / name, Path('checkpoints') / name)
+    cached = [json.loads(path.read_text()) for path in candidates if path.exists()]
+    counts = torch.tensor(cached[0] if cached else [0] * (n + 1), dtype=torch.float64)
+    for i in range(0 if cached else len(dataset)):
+        label = dataset.read(i)[1].reshape(-1)
+        counts += torch.bincount(torch.where(label == IGNORE_INDEX, n, label), minlength=n + 1).double()
+    for path in [] if cached else candidates:   # a cache: where none can be written, it is counted again next time
+        with contextlib.suppress(UserError):
+            write_atomically(path, lambda f: f.write(json.dumps(counts.tolist()).encode()), '')
+            break
+    return counts[:n], float(counts[n])
+
+
+def class_pixel_weights(counts, mode="inverse_log"):
+    """Per-class loss weights from per-class pixel counts (void excluded).
+
+    inverse_log (ENet, Paszke et al. 2016): w = 1 / ln(1.02 + freq); the 1.02 bounds the weight at ~50 so
+    very rare classes do not dominate. median_freq (SegNet): w = median(freq) / freq.
+    Weights are scaled so their mean over the classes seen in `counts` is 1 (the loss scale, hence the
+    learning rate, stays comparable to the unweighted loss). Classes with count 0 get the largest weight of
+    the seen classes: they may still appear in validation, and 1/ln(1.02) would be an arbitrary extreme.
+    """
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    seen = counts > 0
+    if not seen.any():
+        return torch.ones_like(counts, dtype=torch.float32)
+    freq = counts / counts.sum()
+    if mode == "inverse_log":
+        w = 1.0 / torch.log(1.02 + freq)
+    elif mode == "median_freq":
+        w = freq[seen].median() / freq.clamp(min=1e-12)
+    else:
+        raise ValueError(f"unknown class weight mode {mode!r}")
+    w = w / w[seen].mean()
+    w[~seen] = w[seen].max()
+    return w.float()
+
+
+def read_class_weights(path, num_classes):
+    """--class-weights FILE: one number per class."""
+    try:
+        weights = [float(v) for v in Path(path).read_text().split()]
+    except (OSError, ValueError) as err:
+        raise UserError(f'--class-weights {path}: cannot read numbers from it ({err})') from None
+    if len(weights) != num_classes:
+        raise UserError(f'--class-weights {path} has {len(weights)} numbers, the dataset {num_classes} classes')
+    return torch.tensor(weights)
+
+
+def plot_class_frequencies(counts, class_names, path, title):
+    """The share of labelled pixels per class, on a log scale (class imbalance at a glance)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    ax.bar(range(len(class_names)), (counts / counts.sum().clamp(min=1)).tolist())
+    ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
+    ax.set_ylabel('share of labelled pixels')
+    ax.set_yscale('log')
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, path, 'free some disk space, or run the script from a folder where pictures/ can be written')
+
+
+# -------------------------------------------------------------------------------------------------- CutMix and CopyBlob
 # CopyBlob's (rare class : plausible host) pairs: the tutorial's for Cityscapes; for VOC, a bottle stands on a table
 # and the other objects stand free.
 COPYBLOB_PAIRS = {'cityscapes': ['wall:sidewalk', 'fence:sidewalk', 'bus:road', 'train:road'],
                   'voc': ['bottle:diningtable', 'pottedplant:background', 'chair:background', 'boat:background']}
+
+
+def _randint(high, generator):
+    return int(torch.randint(high, (1,), generator=generator))
+
+
+def cutmix_segmentation(images, labels, prob=0.5, alpha=1.0, generator=None):
+    """CutMix (Yun et al. 2019) for segmentation: a box of a partner sample replaces the same box of each sample,
+    image and label alike, so every pixel keeps its own label. Returns new tensors.
+
+    One draw decides for the whole batch. The box has area ratio about 1 - lam, lam ~ Beta(alpha, alpha),
+    centred uniformly and clipped to the frame. Every draw comes from `generator` (the Beta draws through NumPy,
+    seeded from it: torch.distributions takes no generator).
+    """
+    src_images, src_labels = images, labels  # paste from the untouched inputs, never from an earlier paste
+    images, labels = images.clone(), labels.clone()
+    if prob <= 0 or float(torch.rand((), generator=generator)) >= prob:
+        return images, labels
+    n, _, h, w = images.shape
+    perm = torch.randperm(n, generator=generator).tolist()
+    lam = np.random.default_rng(_randint(2 ** 62, generator)).beta(alpha, alpha, n)
+    for i, j in enumerate(perm):
+        ratio = math.sqrt(1.0 - float(lam[i]))
+        cut_h, cut_w = int(h * ratio), int(w * ratio)
+        cy, cx = _randint(h, generator), _randint(w, generator)
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+        images[i, :, y0:y1, x0:x1] = src_images[j, :, y0:y1, x0:x1]
+        labels[i, y0:y1, x0:x1] = src_labels[j, y0:y1, x0:x1]
+    return images, labels
+
+
+def blob_boxes(masks):
+    """(n, 4) bounding boxes (y0, y1, x0, x1), ends exclusive, of the True pixels of each (h, w) mask of an
+    (n, h, w) batch; y1 is 0 for an empty mask. Computed where the masks are: nothing waits for the device."""
+    extents = []
+    for hit in (masks.any(2), masks.any(1)):        # rows and columns holding the blob
+        size = hit.shape[1]
+        first, after_last = hit.int().argmax(1), size - hit.flip(1).int().argmax(1)
+        extents += [first, torch.where(hit.any(1), after_last, 0)]
+    return torch.stack(extents, 1)
+
+
+def upload(t, device):
+    """A small host tensor on the device without waiting: through pinned memory on CUDA (a copy from pageable
+    memory makes the host wait for the device first)."""
+    if device.type == 'cuda':
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def copyblob(images, labels, pairs, prob=0.5, generator=None):
+    """CopyBlob (the tutorial's class-imbalance augmentation with a visual prior): paste the pixels of a rare
+    class from another sample onto a plausible host class (e.g. a bicycle onto road). Returns new tensors.
+
+    For each (src_class, host_class) pair and each sample i, with probability `prob`: pick another sample j
+    containing src_class, take the bounding box of all its src_class pixels, and paste it where the box lies
+    fully inside the frame and its centre pixel is host_class in sample i (a spot drawn uniformly among those).
+    Only pixels that are src_class in j are pasted (image and label), so the rest of the box, void included, is
+    left as it was. Sources are the unmodified inputs, so blobs are never copied from an earlier paste; placement
+    sees earlier pastes. Draws come from `generator`; the device is read once per pair (which samples hold the
+    class), everything else is computed for the whole batch on the device.
+    """
+    src_images, src_labels = images, labels
+    images, labels = images.clone(), labels.clone()
+    n, _, h, w = images.shape
+    ys, xs = torch.arange(h, device=labels.device).view(1, h, 1), torch.arange(w, device=labels.device).view(1, 1, w)
+    for src, host in pairs:
+        boxes = blob_boxes(src_labels == src)
+        holders = [j for j, (_, y1, _, _) in enumerate(boxes.tolist()) if y1]     # the pair's one host read
+        plan = []       # per sample: donor, uniform draw for the spot, whether it pastes
+        for i in range(n):
+            donors = [j for j in holders if j != i]
+            if float(torch.rand((), generator=generator)) >= prob or not donors:
+                plan.append((i, 0.0, 0))
+            else:
+                plan.append((donors[_randint(len(donors), generator)], float(torch.rand((), generator=generator)), 1))
+        plan = upload(torch.tensor(plan, dtype=torch.float64), labels.device)
+        donor, pastes = plan[:, 0].long(), plan[:, 2].bool()
+        y0, y1, x0, x1 = boxes[donor].unbind(1)
+        bh, bw = (y1 - y0).view(n, 1, 1), (x1 - x0).view(n, 1, 1)
+        # the spots: host pixels whose box, centred on them, fits the frame; the k-th of them, k uniform
+        fits = (ys >= bh // 2) & (ys - bh // 2 + bh <= h) & (xs >= bw // 2) & (xs - bw // 2 + bw <= w)
+        spots = ((labels == host) & fits).view(n, -1)
+        count = spots.sum(1)
+        k = (plan[:, 1] * count).long()
+        spot = torch.searchsorted(spots.long().cumsum(1), (k + 1).view(n, 1)).view(n).clamp(max=h * w - 1)
+        ty, tx = (spot // w).view(n, 1, 1) - bh // 2, (spot % w).view(n, 1, 1) - bw // 2
+        # every pixel of sample i takes the donor's pixel at the same offset from the box, where that is src_class
+        sy, sx = (ys - ty + y0.view(n, 1, 1)).clamp(0, h - 1), (xs - tx + x0.view(n, 1, 1)).clamp(0, w - 1)
+        inside = (ys >= ty) & (ys < ty + bh) & (xs >= tx) & (xs < tx + bw)
+        donor_labels = src_labels[donor.view(n, 1, 1), sy, sx]
+        paste = inside & (donor_labels == src) & (pastes & (count > 0)).view(n, 1, 1)
+        labels = torch.where(paste, donor_labels, labels)
+        donor_images = src_images[donor.view(n, 1, 1), :, sy, sx].permute(0, 3, 1, 2)
+        images = torch.where(paste.unsqueeze(1), donor_images, images)
+    return images, labels
+
+
+def parse_pairs(pairs, class_names, dataset='voc'):
+    """--copyblob-pairs SRC:HOST ... by class name or index -> [(src, host)]; None gives the dataset's defaults."""
+    names = [n.replace(' ', '').replace('/', '') for n in class_names]
+    if pairs is None and dataset not in COPYBLOB_PAIRS:
+        raise UserError('--copyblob on your own classes needs --copyblob-pairs SRC:HOST (class names), e.g. the '
+                        f'rare class onto the class it sits on: {names[-1]}:{names[0]}')
+    out = []
+    for pair in COPYBLOB_PAIRS[dataset] if pairs is None else pairs:
+        try:
+            src, host = pair.split(':')
+            out.append(tuple(int(x) if x.isdigit() else names.index(x.replace(' ', '')) for x in (src, host)))
+        except ValueError:
+            raise UserError(f'--copyblob-pairs {pair!r}: expected SRC:HOST with class names or indices of '
+                            f'{", ".join(names)}') from None
+    return out
+
+
+def batch_augment(cutmix=0.0, copyblob_prob=0.0, pairs=()):
+    """augment(X, y, generator): CutMix and CopyBlob on a batch on the device (the images are already normalised
+    there: any dtype works), every draw from `generator`; or None when both are off."""
+    if not cutmix and not copyblob_prob:
+        return None
+
+    def augment(X, y, generator):
+        if copyblob_prob:
+            X, y = copyblob(X, y, pairs, copyblob_prob, generator)
+        if cutmix:
+            X, y = cutmix_segmentation(X, y, cutmix, generator=generator)
+        return X, y
+    return augment
+
+
+# ------------------------------------------------------------ evaluation: confusion matrix, mIoU, multi-scale inference
 MST_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.2)     # multi-scale inference, each also flipped
 MST_MODES = ('softmax', 'tutorial')     # how multi-scale inference combines its passes (predict_scores)
-NET_STRIDE = 32         # every net's coarsest feature map is 1/32 of its input: sizes are padded to multiples of it
-AUX_WEIGHT = 0.4        # DeepLabV3's auxiliary loss, as torchvision's references weight it
-EVAL_BATCH_FACTOR = 2   # evaluation keeps no gradients: its batches are this many times the training batch
-DEVICE_DATA_SHARE = 4   # --data-on-device auto: the decoded splits may take 1/4 of the GPU's free memory
+
+
+class ConfusionMatrix:
+    """Rows: ground truth, columns: prediction. Pixels labelled ignore_index (or outside the classes) do not count."""
+
+    def __init__(self, num_classes, ignore_index=IGNORE_INDEX):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.mat = torch.zeros((num_classes, num_classes), dtype=torch.int64)
+
+    def update(self, pred, target):
+        """Adds a batch where it is: the matrix follows the predictions to their device, and only bincount (which
+        needs its output's size) waits for the device."""
+        n = self.num_classes
+        target, pred = target.reshape(-1).long(), pred.reshape(-1).long()
+        counted = (target >= 0) & (target < n) & (target != self.ignore_index)
+        idx = torch.where(counted, n * target + pred, n * n)        # the pixels not counted: one more bin, dropped
+        counts = torch.bincount(idx, minlength=n * n + 1)[:n * n].view(n, n)
+        self.mat = self.mat.to(counts.device) + counts
+
+    def all_reduce(self):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.mat = self.mat.to(dist_device())
+            torch.distributed.all_reduce(self.mat)
+
+    def compute(self):
+        h = self.mat.cpu().double()
+        diag, gt, pr = h.diag(), h.sum(1), h.sum(0)
+        total = h.sum()
+        acc = diag / gt                                         # NaN for a class absent from the ground truth
+        iou = diag / (gt + pr - diag)                           # NaN for a class absent from both
+        present = ~torch.isnan(iou)
+        freq = gt / total if total > 0 else gt
+        return {
+            'pixel_acc': float(diag.sum() / total) if total > 0 else float('nan'),
+            'mean_acc': float(acc[~torch.isnan(acc)].mean()) if (~torch.isnan(acc)).any() else float('nan'),
+            'miou': float(iou[present].mean()) if present.any() else float('nan'),
+            'fwiou': float((freq[present] * iou[present]).sum()) if present.any() else float('nan'),
+            'iou': iou.tolist(),
+            'acc': acc.tolist(),
+            'pixels': int(total),
+        }
+
+
+@torch.inference_mode()
+def predict_scores(net, X, scales=None, test_size=None, flip=True, mode='softmax'):
+    """Class scores (N,C,H,W) at the size of normalised images X (N,3,H,W): the logits of one pass, or with `scales`
+    the softmax probabilities of every scale (and its horizontal flip) resized to H,W and averaged. mode='tutorial'
+    combines them as the tutorial's code does: the raw scores averaged (its sum over the passes, divided by their
+    number), every resize with align_corners=True and the scaled sizes rounded down (its scale_factor); a pass with
+    large scores then outvotes the others. test_size: the net sees X resized to it first, the scores come back to
+    H,W (the tutorial's Cityscapes evaluation). The caller sets net.eval()."""
+    h, w = X.shape[-2:]
+    if test_size:
+        X = F.interpolate(X, size=tuple(test_size), mode='bilinear', align_corners=False)
+    def scores_of(x):
+        return run_padded(lambda padded: model_output(net(padded))[0], x)
+    if not scales:
+        out = scores_of(X)
+    else:
+        sh, sw = X.shape[-2:]
+        tutorial = mode == 'tutorial'
+        out, passes = 0, 0
+        for s in scales:
+            size = tuple(max(1, math.floor(side * s) if tutorial else round(side * s)) for side in (sh, sw))
+            x = X if size == (sh, sw) else F.interpolate(X, size=size, mode='bilinear', align_corners=tutorial)
+            for flipped in ((False, True) if flip else (False,)):
+                scores = scores_of(x.flip(-1) if flipped else x)
+                scores = F.interpolate(scores.float(), size=(sh, sw), mode='bilinear', align_corners=tutorial)
+                scores = scores if tutorial else scores.softmax(1)
+                out = out + (scores.flip(-1) if flipped else scores)
+                passes += 1
+        out = out / passes
+    if test_size:
+        out = F.interpolate(out.float(), size=(h, w), mode='bilinear', align_corners=False)
+    return out
+
+
+def evaluate_full(net, dataset, scales=None, amp=None, test_size=None, num_workers=None, batch_size=8,
+                  mst_mode='softmax'):
+    """Confusion matrix over a whole split at each image's original size (labels are never resized).
+
+    `dataset` gives whole uint8 images (crop_size=None, normalize=False). Workers decode; images of the same size
+    (most of VOC is 500x375 or 375x500) go through the net together; multi-scale runs one image at a time.
+    """
+    from tqdm import tqdm
+    net.eval()
+    cm = ConfusionMatrix(dataset.num_classes)
+    workers = default_workers() if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1 if scales else batch_size, collate_fn=list,
+                                         worker_init_fn=quiet_worker,
+                                         sampler=SeededSampler(dataset, shuffle=False), num_workers=workers)
+    with torch.inference_mode(), autocast(net_device(net), amp):
+        for batch in tqdm(handed_over(loader), desc='evaluating', total=len(loader), leave=False,
+                          disable=not is_main_process() or None):
+            by_size = {}
+            for image, label in batch:
+                by_size.setdefault(tuple(image.shape), []).append((image, label))
+            for items in by_size.values():
+                preds = predict(net, torch.stack([image for image, _ in items]), scales, test_size, mst_mode)
+                for pred, (_, label) in zip(preds, items):
+                    cm.update(pred, label)
+    cm.all_reduce()
+    return cm
+
+
+def results_path(ckpt_path, suffix, mst=False):
+    p = Path(ckpt_path)
+    return p.with_name(f'{p.stem}_results{"_mst" if mst else ""}{suffix}')
+
+
+def metrics_table(results, class_names):
+    """The per-class table; a second column set appears when a multi-scale result is there too."""
+    runs = [(name, r) for name, r in results if r is not None]
+    head = f'{"class":<16}' + ''.join(f'{"IoU " + name:>16}{"acc " + name:>16}' for name, _ in runs)
+    lines = [head]
+    for c, cls in enumerate(class_names):
+        lines.append(f'{cls:<16}' + ''.join(f'{r["iou"][c]:>16.4f}{r["acc"][c]:>16.4f}' for _, r in runs))
+    for key, label in (('pixel_acc', 'pixel acc'), ('mean_acc', 'mean acc'), ('miou', 'mIoU'), ('fwiou', 'fwIoU')):
+        lines.append(f'{label:<16}' + ''.join(f'{r[key]:>16.4f}{"":>16}' for _, r in runs))
+    lines.append('nan: the class is absent from both prediction and ground truth; such classes are left out of '
+                 'mIoU (and of mean acc when absent from the ground truth)')
+    return '\n'.join(lines)
+
+
+def evaluate_checkpoint(net, ckpt_path, dataset, title, scales=None, amp=None, test_size=None, num_workers=None,
+                        mst_mode='softmax'):
+    """--eval: a whole split at original size (evaluate_full); the table to stdout, beside the single-scale (or
+    multi-scale) one when that exists, and *_results.txt/.json and *_confusion.png beside the checkpoint."""
+    cm = evaluate_full(net, dataset, scales, amp, test_size, num_workers, mst_mode=mst_mode)
+    names = dataset.classes.names
+    result = dict(cm.compute(), checkpoint=str(ckpt_path), mst=bool(scales), scales=scales,
+                  mst_mode=mst_mode if scales else None, data=title, images=len(dataset), class_names=names)
+    if not is_main_process():
+        return result
+    other_path = results_path(ckpt_path, '.json', not scales)
+    other = json.loads(other_path.read_text()) if other_path.exists() else None
+    table = metrics_table([('single', other), ('mst', result)] if scales else [('mst', other), ('single', result)],
+                          names)
+    print(f'\n{ckpt_path} on {len(dataset)} val images of {title} at original size\n{table}')
+    fix = ('the results go beside the checkpoint: free some disk space there, or copy the checkpoint to a writable '
+           'folder and pass --checkpoint')
+    for suffix, text in (('.json', json.dumps(result, indent=1)), ('.txt', table + '\n')):
+        write_atomically(results_path(ckpt_path, suffix, bool(scales)), lambda f: f.write(text.encode()), fix)
+    save_confusion_matrix(cm, names, Path(ckpt_path).with_name(Path(ckpt_path).stem + '_confusion.png'),
+                          f'{Path(ckpt_path).name}: mIoU {result["miou"]:.3f} - {title}', fix)
+    return result
+
+
+def save_confusion_matrix(cm, class_names, path, title, fix):
+    """Rows normalised: row i shows where the pixels of class i went."""
+    plt = pyplot()
+    m = cm.mat.cpu().double()
+    m = (m / m.sum(1, keepdim=True).clamp(min=1)).numpy()
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(0.35 * n + 3, 0.35 * n + 2.5))
+    im = ax.imshow(m, cmap='Blues', vmin=0, vmax=1)
+    ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), class_names, fontsize=7)
+    ax.set_xlabel('predicted')
+    ax.set_ylabel('ground truth')
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, path, fix)
+
+
+# ======================================================================================================================
+# 4. Your own data
+# ======================================================================================================================
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
-HERE = Path(__file__).resolve().parent
-DATA_DIR = HERE / 'data'                                    # --download and --demo write here
-DEMO_DIR = DATA_DIR / 'demo' / 'VOC2012'
-DEMO_FOLDER = DATA_DIR / 'demo' / 'folder'                  # the same demo data, laid out as a user's own
-DEMO_MIN_SIZE = (80, 112)       # the demo's smallest regular image: its pictures show this much of each
-# PASCAL VOC 2012 trainval (--download), tried in this order: the book's own mirror (d2l's DATA_HUB['voc2012']),
-# Oxford's current address, Oxford's old address (the one torchvision's VOCSegmentation uses).
-VOC_TAR = 'VOCtrainval_11-May-2012.tar'
-VOC_SOURCES = ('http://d2l-data.s3-accelerate.amazonaws.com/' + VOC_TAR,
-               'https://thor.robots.ox.ac.uk/pascal/VOC/voc2012/' + VOC_TAR,
-               'http://host.robots.ox.ac.uk/pascal/VOC/voc2012/' + VOC_TAR)
-# The tar's published checksums: md5 from torchvision's VOCSegmentation, sha256 from torchvision's prototype
-# datasets, sha1 from d2l's DATA_HUB.
-VOC_TAR_CHECKSUMS = {'size': 1999639040, 'md5': '6cd6e144f989b92b3379bac3b3de84fd',
-                     'sha256': 'e14f763270cf193d0b5f74b169f44157a4b0c6efa708f4dd0ff78ee691763bcb',
-                     'sha1': '4e443f8a2eca6b1dac8a6c57641b67dd40621a49'}
-DOWNLOAD_TIMEOUT = 60           # seconds a silent connection is waited for before the next source is tried
-DOWNLOAD_HOURS = 6              # how long torchrun's other processes wait for rank 0's --download
-# ImageNet backbones: the weights API's files, looked for next to the scripts first (the improvement's instruction)
-BACKBONE_WEIGHTS = {'resnet18': torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-                    'resnet50': torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
-                    'resnet101': torchvision.models.ResNet101_Weights.IMAGENET1K_V1}
-MODELS = ('fcn', 'resnet_unet', 'deeplabv3_resnet50', 'deeplabv3_resnet101')
-NORMS = ('batch', 'instance', 'group', 'evo', 'evo_s0', 'evo_b0')
-LOSSES = ('ce', 'weighted_ce', 'focal')
-
-# Every random draw of a run comes from seed_for(--seed, epoch, one of these, ...): a resumed run draws what an
-# uninterrupted one did.
-CROP_DRAWS, MODEL_DRAWS, AUGMENT_DRAWS = 0, 1, 2   # the items' crops, the model's own (dropout), CutMix/CopyBlob
-
-# A class table: names, and one RGB colour per class (drawn in pictures; in an RGB label, the colour of the class).
-Classes = collections.namedtuple('Classes', 'names colors')
-VOC = Classes(VOC_CLASSES, VOC_COLORMAP)
-CITYSCAPES = Classes(CITYSCAPES_CLASSES, CITYSCAPES_COLORMAP)
-# Where a run's data is: kind (voc, cityscapes, folder), root folder, class table, void as background, its title.
-Data = collections.namedtuple('Data', 'kind root classes void_as_background title')
-# What a dataset lister finds: (image, label) path pairs, where they were listed (for messages), what to tell a user
-# whose file is broken, and a 256-entry table from stored label values to classes (None: values are the classes).
-Files = collections.namedtuple('Files', 'items source fix label_lut', defaults=(None,))
+UNLABELLED_WARNING = 0.01       # a class without pixels while this share or more is 255: masks saved as 0/255?
 
 
-# ----------------------------------------------- what every section uses: errors, processes, stops, seeds, files
+def read_classes(path):
+    """A class table from a file: one class a line, `name` or `name R G B` (blank lines and # comments skipped), or
+    a CSV with a name,r,g,b header (class_dict.csv). Classes without a colour get palette_colors not taken yet;
+    names and colours must be distinct, and 255 (VOC's void colour) is left to ignored pixels."""
+    path = Path(path)
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+    except OSError as err:
+        raise UserError(f'--classes {path} cannot be read ({err.strerror or err}): pass a class file') from None
+    csv = bool(lines) and lines[0].replace(' ', '').lower().startswith('name,r,g,b')
+    names, colors = [], []
+    for n, line in enumerate(lines, 1):
+        if not line or line.startswith('#') or (csv and n == 1):
+            continue
+        parts = [p.strip() for p in line.split(',')][:4] if csv else line.rsplit(maxsplit=3)
+        if not csv and not parts[-1].isdigit():
+            names.append(line)
+            colors.append(None)
+        elif len(parts) == 4 and all(v.isdigit() and int(v) < 256 for v in parts[1:]):
+            names.append(parts[0])
+            colors.append([int(v) for v in parts[1:]])
+        else:
+            raise UserError(f'{path} line {n}: {line!r} is not `name` or `name R G B` (0-255)')
+    free = (c for c in palette_colors(255) if c not in colors and c != VOID_COLOR)
+    colors = [c or next(free) for c in colors]
+    problem = f'{len(names)} classes (2 to 255 work)' if not 2 <= len(names) <= 255 else next(
+        (f'{x} appears twice' for xs in (names, colors) for i, x in enumerate(xs) if x in xs[:i]), None)
+    if problem or VOID_COLOR in colors:
+        raise UserError(f'{path}: {problem or f"{VOID_COLOR} is the colour of ignored pixels (VOC void)"}: correct '
+                        'the class file')
+    return Classes(names, colors)
+
+
+def folder_files(root, is_train=True):
+    """A user's folder: images/<split>/<name>.jpg (or .png, ...) with masks/<split>/<name>.png, every image with its
+    mask and every mask with its image."""
+    split = 'train' if is_train else 'val'
+    image_dir, mask_dir = Path(root) / 'images' / split, Path(root) / 'masks' / split
+    for folder in (image_dir, mask_dir):
+        if not folder.is_dir():
+            raise UserError(f'{folder} is not a folder: --dataset folder reads DIR/images/{{train,val}}/ and the '
+                            'masks of the same names from DIR/masks/{train,val}/')
+    images, masks = {}, {p.stem: p for p in sorted(mask_dir.glob('*.png'))}
+    for path in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        if path.stem in images:
+            raise UserError(f'{path} and {images[path.stem]} share a name: keep one')
+        if path.stem not in masks:
+            raise UserError(f'{path} has no mask {mask_dir / path.stem}.png: add it, or move the image away')
+        images[path.stem] = path
+    for stem, mask in masks.items():
+        if stem not in images:
+            raise UserError(f'{mask} has no image {image_dir / stem}.jpg (or .png, ...): add it, or move the mask away')
+    if not images:
+        raise UserError(f'no images in {image_dir} (.jpg, .png, ...): put the {split} images there')
+    return Files([(images[stem], masks[stem]) for stem in sorted(images)], image_dir, 'move it and its pair away')
+
+
+class FolderSegDataset(SegDataset):
+    """A user's own data in the folder layout (folder_files) with its class table."""
+
+    def __init__(self, is_train, crop_size, root, classes, void_as_background=False, normalize=True):
+        super().__init__(folder_files(root, is_train), classes, crop_size, normalize, void_as_background)
+
+
+def check_labelled_classes(dataset, cache_dir):
+    """A user's masks saved as 0/255 (a common way for one class) train background only: 255 is 'ignore' here. A
+    class without one labelled pixel in the training masks while ignored pixels cover a large share of them is
+    that, almost always; one line says so before the first epoch."""
+    counts, ignored = class_pixel_counts(dataset, cache_dir)
+    missing = [name for name, c in zip(dataset.classes.names, counts.tolist()) if c == 0]
+    share = ignored / max(float(counts.sum()) + ignored, 1)
+    if missing and share >= UNLABELLED_WARNING:
+        log(f'warning: {", ".join(missing)} {"has" if len(missing) == 1 else "have"} no labelled pixel in the '
+            f'training masks, while 255 (ignored) covers {share:.1%} of them: masks saved as 0/255 mean "background '
+            '/ ignore" here; save them as 0/1 (class indices) or in the classes\' colours')
+
+
+def image_files(inputs):
+    """The image files among `inputs` (files, and the images directly inside folders)."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            yield from sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists():
+            yield path
+        else:
+            raise UserError(f'{path} does not exist: pass image files or folders')
+
+
+def segment_files(net, files, out_dir, classes, scales=None, amp=None, test_size=None, mst_mode='softmax'):
+    """Each image -> <stem>_color.png, <stem>_overlay.png and <stem>_labels.png (class ids, a palette PNG; for
+    Cityscapes also <stem>_labelIds.png) in out_dir, one image in memory at a time (under torchrun, each process
+    its share). An unreadable file is skipped with a warning and counted; no output may replace any of the inputs;
+    a failed write stops the run (the next would fail too)."""
+    files, out_dir, done, skipped = list(files), Path(out_dir), 0, 0
+    inputs = {Path(p).resolve() for p in files}
+    for path in files[rank()::world_size()]:
+        try:
+            image = read_image(path)
+        except UserError as err:
+            print(f'warning: skipped {error_line(err)}', file=sys.stderr)
+            skipped += 1
+            continue
+        with autocast(net_device(net), amp):
+            pred = predict(net, image, scales, test_size, mst_mode)
+        outs = {f'{Path(path).stem}_{kind}.png': pic for kind, pic in segmentation_pictures(image, pred, classes)}
+        for name in outs:
+            if (out_dir / name).resolve() in inputs:
+                raise UserError(f'{out_dir / name} is an input image: pass another --out-dir')
+        for name, picture in outs.items():
+            write_atomically(out_dir / name, functools.partial(picture.save, format='PNG'),
+                             'free some disk space, or pass another --out-dir')
+        done += 1
+    done, skipped = (int(n) for n in all_reduce_sum([done, skipped]))
+    log(f'segmented {done} image(s) into {out_dir}' + (f', skipped {skipped} unreadable' if skipped else ''))
+
+
+def segment_inputs(net, ckpt, inputs, out_dir, scales=None, amp=None, test_size=None, mst_mode='softmax'):
+    """Your own images (files, or the images in folders) -> colour, overlay and label-id PNGs in out_dir, in the
+    checkpoint's class colours. Needs no dataset."""
+    segment_files(net, image_files(inputs), out_dir, checkpoint_classes(ckpt), scales, amp, test_size, mst_mode)
+
+
+def segmentation_pictures(image, pred, classes):
+    """(kind, PIL image) for a uint8 image and its prediction: the colours, the colours over the image (torchvision's
+    draw_segmentation_masks, half and half) and the class ids as a palette PNG; for Cityscapes also the label ids
+    (*_labelIds.png, what Cityscapes' evaluation scripts and the tutorial's challenge read)."""
+    colors = classes.colors
+    pictures = [('labelIds', Image.fromarray(cityscapes_trainid_to_id()[pred.long()].numpy()))] \
+        if classes == CITYSCAPES else []
+    classes = torch.arange(len(colors))
+    overlay = torchvision.utils.draw_segmentation_masks(image, pred[None] == classes[:, None, None], alpha=0.5,
+                                                        colors=[tuple(c) for c in colors])
+    ids = Image.frombytes('P', (pred.shape[1], pred.shape[0]), pred.to(torch.uint8).numpy().tobytes())
+    ids.putpalette(palette(colors).reshape(-1).tolist())
+    return [('color', Image.fromarray(label2image(pred, colors).numpy())),
+            ('overlay', Image.fromarray(overlay.permute(1, 2, 0).numpy())), ('labels', ids)] + pictures
+
+
+# ======================================================================================================================
+# 5. The machinery
+# ======================================================================================================================
+# ----------------------------------------------------------------------------------------------------- errors and stops
 class UserError(Exception):
     """A mistake the user can fix. The scripts print its single line and exit with status 2."""
 
@@ -146,6 +1435,60 @@ def error_line(err):
         if line.startswith(prefix):
             line = line[len(prefix):]
     return line
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what SLURM and Kubernetes send before they kill a job: stops a run exactly as Ctrl-C does."""
+    received = False    # also checked between training steps: a raise that lands in a __del__ is swallowed there
+    hold = False        # True while a batch is handed over (handed_over): the stop waits for it
+
+
+def raise_terminated(signum, frame):
+    Terminated.received = True
+    if not Terminated.hold:
+        raise Terminated()
+
+
+def quiet_unraisable(unraisable, default=sys.unraisablehook):
+    """A stop that lands while Python runs a finaliser (a DataLoader iterator's __del__) would print "Exception
+    ignored in ..." with a traceback: the stop is reported once, by the script, instead."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        default(unraisable)
+
+
+def stop_name(stop):
+    return 'terminated (SIGTERM)' if isinstance(stop, Terminated) else 'interrupted'
+
+
+def stop_status(stop):
+    """The shell's exit status of a process stopped by that signal: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+
+
+def run_main(main):
+    """Every script ends with run_main(main): a user mistake becomes one line on stderr, not a traceback; Ctrl-C
+    and SIGTERM stop it with one line too; torchrun's process group is closed at the end."""
+    previous, sys.unraisablehook = signal.signal(signal.SIGTERM, raise_terminated), quiet_unraisable
+    Terminated.received = False     # a stop belongs to the run it stopped (several runs in one process: the tests)
+    try:
+        main()
+    except UserError as err:
+        print(f'error: {error_line(err)}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as stop:
+        log(f'\n{stop_name(stop)}')
+        sys.exit(stop_status(stop))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = sys.__unraisablehook__
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ torchrun's processes, seeds
+# Every random draw of a run comes from seed_for(--seed, epoch, one of these, ...): a resumed run draws what an
+# uninterrupted one did.
+CROP_DRAWS, MODEL_DRAWS, AUGMENT_DRAWS = 0, 1, 2   # the items' crops, the model's own (dropout), CutMix/CopyBlob
 
 
 def rank():
@@ -203,84 +1546,304 @@ def main_process_first(work, timeout=None):
         raise failure
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, what SLURM and Kubernetes send before they kill a job: stops a run exactly as Ctrl-C does."""
-    received = False    # also checked between training steps: a raise that lands in a __del__ is swallowed there
-    hold = False        # True while a batch is handed over (handed_over): the stop waits for it
-
-
-def raise_terminated(signum, frame):
-    Terminated.received = True
-    if not Terminated.hold:
-        raise Terminated()
-
-
-def quiet_unraisable(unraisable, default=sys.unraisablehook):
-    """A stop that lands while Python runs a finaliser (a DataLoader iterator's __del__) would print "Exception
-    ignored in ..." with a traceback: the stop is reported once, by the script, instead."""
-    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
-        default(unraisable)
-
-
-def stop_name(stop):
-    return 'terminated (SIGTERM)' if isinstance(stop, Terminated) else 'interrupted'
-
-
-def stop_status(stop):
-    """The shell's exit status of a process stopped by that signal: 143 for SIGTERM, 130 for Ctrl-C."""
-    return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
-
-
 def seed_for(*keys):
     """One 63-bit seed from several whole numbers (NumPy's SeedSequence mixes them: nearby keys give unrelated
     seeds)."""
     return int(np.random.SeedSequence([k % 2 ** 64 for k in keys]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def write_atomically(path, write, fix):
-    """Every file the scripts write goes through here: write(f) fills a temporary file beside `path` (f: binary),
-    which is flushed to disk and renamed over it, so that a kill, a full disk or a read-only folder at any moment
-    leaves the old file whole (or none), and never a partial one. A failure, whatever a writer raises for it (torch's
-    zip writer raises its own RuntimeError while an OSError is handled), is one UserError line: the file, the
-    reason, `fix`."""
-    path = Path(path)
-    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')      # two runs writing one file do not collide
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:    # noqa: BLE001 - the partial file goes, whatever stopped the write
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if not isinstance(err, Exception):
-            raise
-        cause = next((e for e in (err, err.__context__, err.__cause__) if isinstance(e, OSError)), err)
-        raise UserError(f'cannot write {path} ({getattr(cause, "strerror", None) or error_line(cause)}): {fix}') \
-            from None
+def setup_distributed(device=None):
+    """torchrun sets WORLD_SIZE: one process per GPU (nccl), or per CPU slot (gloo), by the device this process
+    runs on (`--device cpu` on a GPU machine is gloo: nccl has no CPU tensors)."""
+    if world_size() > 1 and not torch.distributed.is_initialized():
+        device = pick_device(device)
+        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    elif torch.cuda.device_count() > 1 and world_size() == 1:
+        log(f'note: {torch.cuda.device_count()} GPUs here, this run uses one; use them all with '
+            f'torchrun --nproc_per_node={torch.cuda.device_count()} {Path(sys.argv[0]).name} ...')
 
 
-def load_torch_file(path, what='checkpoint'):
-    """torch.load with weights_only=True: plain tensors and numbers only, a pickle that runs code is refused."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f'{what} {path} does not exist: train first, or pass the right path')
-    try:
-        with warnings.catch_warnings():     # torch warns about old pickle protocols before refusing: one line only
-            warnings.simplefilter('ignore')
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:
-        text = str(err)
-        if 'Weights only load failed' in text or 'Unsupported global' in text:
-            raise UserError(f'{path} holds Python objects, not only tensors and numbers: refused for safety '
-                            '(weights_only=True); use a checkpoint written by these scripts') from None
-        raise UserError(f'{path} is not a readable {what} (truncated or corrupt: {error_line(err)}): '
-                        'use another file, or retrain') from None
+# ---------------------------------------------------------------------------------------------------------- speed paths
+EVAL_BATCH_FACTOR = 2   # evaluation keeps no gradients: its batches are this many times the training batch
+DEVICE_DATA_SHARE = 4   # --data-on-device auto: the decoded splits may take 1/4 of the GPU's free memory
 
 
-# ---------------------------------------------------------------------------------------------------------- data
+class ShuffleConvTranspose2d(nn.ConvTranspose2d):
+    """nn.ConvTranspose2d (same weight, bias, state_dict and initialisation) whose kernel is twice its stride, as the
+    FCN's 64/32, computed as a 2x2 convolution to out_channels x stride x stride channels, pixel_shuffle(stride) and
+    a crop: every output pixel gets the same 2x2 input neighbours times the same weights, so forward and gradients
+    are the transposed conv's up to float rounding, and cuDNN has no large-kernel algorithm to search for."""
+
+    def forward(self, x, output_size=None):
+        s, p, (cin, cout) = self.stride[0], self.padding[0], self.weight.shape[:2]
+        if output_size is not None or self.kernel_size != (2 * s, 2 * s) or self.stride != (s, s) \
+                or self.padding != (p, p) or self.groups != 1 or self.dilation != (1, 1):
+            return super().forward(x, output_size)
+        # kernel row 32*u + r (u = 0, 1) meets input row a - u at output row 32*a + r: a 2x2 conv over the flipped u
+        weight = self.weight.view(cin, cout, 2, s, 2, s).permute(1, 3, 5, 0, 2, 4).flip(4, 5)
+        bias = None if self.bias is None else self.bias.repeat_interleave(s * s)
+        y = F.pixel_shuffle(F.conv2d(x, weight.reshape(cout * s * s, cin, 2, 2), bias, padding=1), s)
+        h, w = x.shape[-2:]
+        return y[..., p:(h + 1) * s - p, p:(w + 1) * s - p]
+
+
+@functools.lru_cache(maxsize=64)
+def interpolation_matrix(n, dtype=torch.float64, device=None):
+    """(2n x n) weights of a x2 bilinear upsample with align_corners=True along one axis (F.interpolate's), made on
+    `device` and cached: a copy from the host in every step would make the step wait. In a half-precision dtype
+    each weight is rounded to a multiple of the dtype's unit in [0.5, 1), so that every row still sums to exactly 1
+    (rounded one by one, bf16 rows sum to 1 +- 0.002, and a flat region would come out brighter or darker)."""
+    with torch.inference_mode(False):     # made during evaluation, it still serves training's backward
+        pos = torch.arange(2 * n, dtype=torch.float64, device=device) * ((n - 1) / (2 * n - 1))
+        low = pos.floor().long().clamp(max=n - 1)
+        frac, rows = pos - low, torch.arange(2 * n, device=device)
+        if dtype.itemsize < 4:
+            unit = 2 / torch.finfo(dtype).eps       # 1 / (the spacing of numbers in [0.5, 1))
+            frac = (frac * unit).round() / unit
+        matrix = torch.zeros(2 * n, n, dtype=torch.float64, device=device)
+        matrix[rows, low] += 1 - frac
+        matrix[rows, (low + 1).clamp(max=n - 1)] += frac
+        return matrix.to(dtype)
+
+
+def upsample2x(x):
+    """F.interpolate(x, scale_factor=2, mode='bilinear', align_corners=True) as two matrix products, whose backward
+    is two more: no atomic adds, which make CUDA's own backward slow in bf16 (pytorch/pytorch#140096). Channels-last
+    input stays channels-last."""
+    n, c, h, w = x.shape
+    rows, cols = interpolation_matrix(h, x.dtype, x.device), interpolation_matrix(w, x.dtype, x.device)
+    if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+        return rows @ x @ cols.T
+    y = (rows @ x.permute(0, 2, 3, 1).reshape(n, h, w * c)).reshape(n * 2 * h, w, c)
+    return (cols @ y).reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+
+
+class Upsample2x(nn.Module):
+    """The U-Net's x2 bilinear upsample (align_corners=True): upsample2x on CUDA; on the CPU, whose backward has no
+    atomics problem, F.interpolate. `everywhere = True` (a switch for the tests) takes the CUDA branch on any
+    device, so that the CPU runs the GPU's path whole."""
+    everywhere = False
+
+    def forward(self, x):
+        if x.is_cuda or self.everywhere:
+            return upsample2x(x)
+        return F.interpolate(x, scale_factor=2, mode='bilinear', align_corners=True)
+
+
+class SeededSampler(torch.utils.data.distributed.DistributedSampler):
+    """DistributedSampler (one process or many) that also hands each item a crop seed drawn from (seed, epoch).
+
+    The same --seed then gives the same batches and crops whatever the worker count, and a run resumed at epoch k
+    sees exactly what an uninterrupted one saw. Shuffled for training; for evaluation the items are split between
+    ranks without padding, so that all ranks together see each item once, as a single process does.
+    """
+
+    def __init__(self, dataset, shuffle, seed=0):
+        super().__init__(dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed, drop_last=True)
+        self.eval_limit = None
+
+    def __iter__(self):
+        if self.shuffle:
+            indices = list(super().__iter__())
+        else:   # evaluation: the first eval_limit items (the book drops the last partial batch), dealt out by rank
+            indices = list(range(len(self.dataset) if self.eval_limit is None else self.eval_limit))
+            indices = indices[self.rank::self.num_replicas]
+        gen = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, CROP_DRAWS))
+        seeds = torch.randint(0, 2 ** 62, (len(self.dataset),), generator=gen).tolist()
+        return iter([(i, seeds[i]) for i in indices])
+
+    def __len__(self):
+        if self.shuffle:
+            return super().__len__()
+        n = len(self.dataset) if self.eval_limit is None else self.eval_limit
+        return len(range(self.rank, n, self.num_replicas))
+
+
+def quiet_worker(worker_id):
+    """A DataLoader worker that a SIGTERM to the whole job (SLURM's) ends quietly, as Ctrl-C does: PyTorch's own
+    handler kills it by the signal, and the main process, already stopping, then reports the dead worker."""
+    signal.signal(signal.SIGTERM, raise_terminated)
+
+
+def default_workers():
+    return min(4, os.cpu_count() or 1)
+
+
+def make_loader(dataset, batch_size, is_train, seed=0, num_workers=None):
+    """Shuffled for training; both drop the last partial batch, as the book does. `batch_size` is global: each of
+    torchrun's processes loads its share. Evaluation has no gradients to keep (and BatchNorm in eval mode makes each
+    image's scores independent of its batch): its batches are EVAL_BATCH_FACTOR times larger, over the same
+    images."""
+    workers = default_workers() if num_workers is None else num_workers
+    sampler = SeededSampler(dataset, shuffle=is_train, seed=seed)
+    if not is_train and len(dataset) >= batch_size:
+        sampler.eval_limit = len(dataset) // batch_size * batch_size
+    per_rank = max(1, batch_size // sampler.num_replicas) if is_train else EVAL_BATCH_FACTOR * batch_size
+    if is_train and len(dataset) // sampler.num_replicas < per_rank:
+        raise UserError(f'only {len(dataset)} training examples for a batch of {batch_size}: '
+                        'pass a smaller --batch-size or a smaller --crop-size')
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=per_rank, sampler=sampler, drop_last=is_train, num_workers=workers,
+        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), worker_init_fn=quiet_worker,
+        generator=torch.Generator().manual_seed(seed))    # its draws leave the model's RNG alone (see train_ch13)
+
+
+def to_device(X, y, device, channels_last=False):
+    """A batch on the device: uint8 images normalised there (4x less to copy than float32), labels widened."""
+    X = normalize_image(X.to(device, non_blocking=True)) if X.dtype == torch.uint8 else X.to(device)
+    if channels_last:
+        X = X.contiguous(memory_format=torch.channels_last)
+    return X, y.to(device, non_blocking=True).long()
+
+
+class DeviceLoader:
+    """A DataLoader of uint8 batches, delivered on the device by to_device; len, dataset and sampler as the
+    DataLoader's."""
+
+    def __init__(self, loader, device, channels_last=False):
+        self.loader, self.device, self.channels_last = loader, device, channels_last
+        self.dataset, self.sampler = loader.dataset, loader.sampler
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for X, y in handed_over(self.loader):
+            yield to_device(X, y, self.device, self.channels_last)
+
+
+def handed_over(loader):
+    """The loader's batches, with a SIGTERM held back while each is handed over from a DataLoader worker (a stop in
+    the middle of that leaves the worker a broken connection, and a traceback): the stop comes right after."""
+    batches = iter(loader)
+    while True:
+        Terminated.hold = True
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        finally:
+            Terminated.hold = False
+        if Terminated.received:
+            raise Terminated()
+        yield batch
+
+
+class DeviceData(DeviceLoader):
+    """A split decoded once (in the loader's workers, in parallel) and kept on the device as uint8 images and labels
+    at full size; each epoch cuts one random crop per image there (voc_rand_crop with the item's seed from the same
+    SeededSampler): the loader's own batches, without decoding a JPEG again."""
+
+    def __init__(self, loader, device, channels_last=False):
+        super().__init__(loader, device, channels_last)
+        whole = copy.copy(loader.dataset)       # the same items, uncropped, as uint8 image and label
+        whole.crop_size, whole.normalize = None, False
+        whole = torch.utils.data.DataLoader(whole, batch_size=None, num_workers=loader.num_workers,
+                                            worker_init_fn=quiet_worker,
+                                            generator=torch.Generator())    # the global seed stays the model's
+        self.images, self.labels = [], []
+        for image, label in whole:
+            self.images.append(image.to(device))
+            self.labels.append(label.to(device))
+
+    def __iter__(self):
+        items, size = list(self.sampler), self.loader.batch_size
+        for start in range(0, len(items) - size + 1 if self.loader.drop_last else len(items), size):
+            crops = [voc_rand_crop(self.images[i], self.labels[i], *self.dataset.crop_size,
+                                   generator=torch.Generator().manual_seed(int(seed)))
+                     for i, seed in items[start:start + size]]
+            yield to_device(torch.stack([X for X, _ in crops]), torch.stack([y for _, y in crops]), self.device,
+                            self.channels_last)
+
+
+def data_on_device(choice, device, datasets):
+    """--data-on-device auto|on|off: (whether the splits go to the device, why). auto: with CUDA, when the decoded
+    splits take at most a quarter of the free GPU memory."""
+    need = sum(4 * h * w for ds in datasets for h, w in ds.sizes or [])
+    if choice == 'off':
+        return False, 'asked for'
+    if any(ds.augment or ds.sizes is None for ds in datasets):
+        if choice == 'on':
+            raise UserError("--data-on-device on: the tutorial's augmentation (Cityscapes training) runs in the "
+                            'DataLoader workers: pass --data-on-device off')
+        return False, "the tutorial's augmentation runs in the DataLoader workers"
+    if choice == 'on':
+        return True, f'asked for, {need / 2 ** 30:.2f} GiB'
+    if device.type != 'cuda':
+        return False, 'auto: no GPU'
+    free = torch.cuda.mem_get_info(device)[0]
+    return need <= free / DEVICE_DATA_SHARE, (f'auto: the decoded splits take {need / 2 ** 30:.2f} GiB, the GPU '
+                                              f'has {free / 2 ** 30:.1f} GiB free')
+
+
+def amp_dtype(device, amp=None):
+    """Mixed precision on CUDA by default: bf16 from compute capability 8.0 on (A100, RTX 30xx and later: no scaler
+    needed), fp16 with a GradScaler below it (T4, V100, P100: cuDNN runs no bf16 convolutions there, and
+    torch.cuda.is_bf16_supported() counts the slow emulation as support). On the CPU, bf16."""
+    if amp is None:
+        amp = device.type == 'cuda'
+    if not amp:
+        return None
+    if device.type != 'cuda':
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def autocast(device, dtype):
+    """Mixed precision in `dtype`, or nothing at all when it is None (a device without autocast then works too)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- where the data is
+HERE = Path(__file__).resolve().parent
+DATA_DIR = HERE / 'data'                                    # --download and --demo write here
+# Where a run's data is: kind (voc, cityscapes, folder), root folder, class table, void as background, its title.
+Data = collections.namedtuple('Data', 'kind root classes void_as_background title')
+
+
+def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_background=False, classes=None):
+    """The Data of --dataset/--data-dir/--demo/--download/--classes. --demo (voc or folder) writes the synthetic set
+    once, --download fetches VOC once (under torchrun, rank 0 does either while the others wait). `classes`: a class
+    file for the VOC layout; a folder dataset reads DIR/classes.txt unless it is given."""
+    if kind == 'cityscapes':
+        if demo or classes:
+            raise UserError(f'--{"demo" if demo else "classes"} does not go with --dataset cityscapes: drop it')
+        if data_dir is None:
+            raise UserError('--dataset cityscapes needs --data-dir, the folder holding leftImg8bit/ and gtFine/; '
+                            + CITYSCAPES_STEPS)
+        return Data('cityscapes', Path(data_dir), CITYSCAPES, False, 'Cityscapes')
+    if demo:
+        folder = demo == 'folder' or kind == 'folder'
+        main_process_first(make_demo_folder if folder else make_demo_voc)
+        if folder:
+            return Data('folder', DEMO_FOLDER, read_classes(DEMO_FOLDER / 'classes.txt'), void_as_background,
+                        'DEMO data (synthetic, folder layout)')
+        return Data('voc', DEMO_DIR, VOC, void_as_background, 'DEMO data (synthetic)')
+    if kind == 'folder':
+        if data_dir is None:
+            raise UserError('--dataset folder needs --data-dir, the folder holding images/, masks/ and classes.txt')
+        root = Path(data_dir)
+        found = [root / name for name in ('classes.txt', 'class_dict.csv') if (root / name).exists()]
+        if not classes and not found:
+            raise UserError(f'{root / "classes.txt"} is missing: write one class a line (`name`, or `name R G B` for '
+                            'colour masks), background first, or pass --classes FILE')
+        return Data('folder', root, read_classes(classes or found[0]), void_as_background, root.name)
+    if download:    # 2 GB may take longer than the process group's timeout (nccl's: 10 minutes)
+        main_process_first(functools.partial(download_voc, DATA_DIR if data_dir is None else Path(data_dir)),
+                           timeout=datetime.timedelta(hours=DOWNLOAD_HOURS))
+    return Data('voc', find_voc_dir(data_dir), read_classes(classes) if classes else VOC, void_as_background,
+                'VOC2012')
+
+
+def open_dataset(data, is_train, crop_size=None, normalize=True):
+    """The training or validation split of a Data."""
+    if data.kind == 'cityscapes':
+        return CityscapesSegDataset(is_train, crop_size, data.root, normalize)
+    if data.kind == 'folder':
+        return FolderSegDataset(is_train, crop_size, data.root, data.classes, data.void_as_background, normalize)
+    return VOCSegDataset(is_train, crop_size, data.root, data.void_as_background, normalize, data.classes)
+
+
 def find_voc_dir(data_dir=None):
     """The VOC2012 folder: --data-dir, or VOC2012 / VOCdevkit/VOC2012 / data/VOCdevkit/VOC2012 next to the scripts."""
     if data_dir is not None:
@@ -294,6 +1857,22 @@ def find_voc_dir(data_dir=None):
     where = data_dir if data_dir is not None else ' or '.join(str(c) for c in candidates)
     raise UserError(f'no VOC2012 dataset at {where} (needs ImageSets/Segmentation, JPEGImages, SegmentationClass): '
                     'pass --data-dir to it, --download to fetch it (2 GB), or --demo for a small synthetic one')
+
+
+# ----------------------------------------------------------------------------------------------------- the VOC download
+# PASCAL VOC 2012 trainval (--download), tried in this order: the book's own mirror (d2l's DATA_HUB['voc2012']),
+# Oxford's current address, Oxford's old address (the one torchvision's VOCSegmentation uses).
+VOC_TAR = 'VOCtrainval_11-May-2012.tar'
+VOC_SOURCES = ('http://d2l-data.s3-accelerate.amazonaws.com/' + VOC_TAR,
+               'https://thor.robots.ox.ac.uk/pascal/VOC/voc2012/' + VOC_TAR,
+               'http://host.robots.ox.ac.uk/pascal/VOC/voc2012/' + VOC_TAR)
+# The tar's published checksums: md5 from torchvision's VOCSegmentation, sha256 from torchvision's prototype
+# datasets, sha1 from d2l's DATA_HUB.
+VOC_TAR_CHECKSUMS = {'size': 1999639040, 'md5': '6cd6e144f989b92b3379bac3b3de84fd',
+                     'sha256': 'e14f763270cf193d0b5f74b169f44157a4b0c6efa708f4dd0ff78ee691763bcb',
+                     'sha1': '4e443f8a2eca6b1dac8a6c57641b67dd40621a49'}
+DOWNLOAD_TIMEOUT = 60           # seconds a silent connection is waited for before the next source is tried
+DOWNLOAD_HOURS = 6              # how long torchrun's other processes wait for rank 0's --download
 
 
 def download_voc(root, sources=VOC_SOURCES, checksums=VOC_TAR_CHECKSUMS):
@@ -495,600 +2074,29 @@ def unsafe_member(member, links):
     return ''
 
 
-def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_background=False, classes=None):
-    """The Data of --dataset/--data-dir/--demo/--download/--classes. --demo (voc or folder) writes the synthetic set
-    once, --download fetches VOC once (under torchrun, rank 0 does either while the others wait). `classes`: a class
-    file for the VOC layout; a folder dataset reads DIR/classes.txt unless it is given."""
-    if kind == 'cityscapes':
-        if demo or classes:
-            raise UserError(f'--{"demo" if demo else "classes"} does not go with --dataset cityscapes: drop it')
-        if data_dir is None:
-            raise UserError('--dataset cityscapes needs --data-dir, the folder holding leftImg8bit/ and gtFine/; '
-                            + CITYSCAPES_STEPS)
-        return Data('cityscapes', Path(data_dir), CITYSCAPES, False, 'Cityscapes')
-    if demo:
-        folder = demo == 'folder' or kind == 'folder'
-        main_process_first(make_demo_folder if folder else make_demo_voc)
-        if folder:
-            return Data('folder', DEMO_FOLDER, read_classes(DEMO_FOLDER / 'classes.txt'), void_as_background,
-                        'DEMO data (synthetic, folder layout)')
-        return Data('voc', DEMO_DIR, VOC, void_as_background, 'DEMO data (synthetic)')
-    if kind == 'folder':
-        if data_dir is None:
-            raise UserError('--dataset folder needs --data-dir, the folder holding images/, masks/ and classes.txt')
-        root = Path(data_dir)
-        found = [root / name for name in ('classes.txt', 'class_dict.csv') if (root / name).exists()]
-        if not classes and not found:
-            raise UserError(f'{root / "classes.txt"} is missing: write one class a line (`name`, or `name R G B` for '
-                            'colour masks), background first, or pass --classes FILE')
-        return Data('folder', root, read_classes(classes or found[0]), void_as_background, root.name)
-    if download:    # 2 GB may take longer than the process group's timeout (nccl's: 10 minutes)
-        main_process_first(functools.partial(download_voc, DATA_DIR if data_dir is None else Path(data_dir)),
-                           timeout=datetime.timedelta(hours=DOWNLOAD_HOURS))
-    return Data('voc', find_voc_dir(data_dir), read_classes(classes) if classes else VOC, void_as_background,
-                'VOC2012')
+# -------------------------------------------------------------------------------------------------------- weights files
+# ImageNet backbones: the weights API's files, looked for next to the scripts first (the improvement's instruction)
+BACKBONE_WEIGHTS = {'resnet18': torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+                    'resnet50': torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+                    'resnet101': torchvision.models.ResNet101_Weights.IMAGENET1K_V1}
 
 
-def read_classes(path):
-    """A class table from a file: one class a line, `name` or `name R G B` (blank lines and # comments skipped), or
-    a CSV with a name,r,g,b header (class_dict.csv). Classes without a colour get palette_colors not taken yet;
-    names and colours must be distinct, and 255 (VOC's void colour) is left to ignored pixels."""
-    path = Path(path)
-    try:
-        lines = [line.strip() for line in path.read_text().splitlines()]
-    except OSError as err:
-        raise UserError(f'--classes {path} cannot be read ({err.strerror or err}): pass a class file') from None
-    csv = bool(lines) and lines[0].replace(' ', '').lower().startswith('name,r,g,b')
-    names, colors = [], []
-    for n, line in enumerate(lines, 1):
-        if not line or line.startswith('#') or (csv and n == 1):
-            continue
-        parts = [p.strip() for p in line.split(',')][:4] if csv else line.rsplit(maxsplit=3)
-        if not csv and not parts[-1].isdigit():
-            names.append(line)
-            colors.append(None)
-        elif len(parts) == 4 and all(v.isdigit() and int(v) < 256 for v in parts[1:]):
-            names.append(parts[0])
-            colors.append([int(v) for v in parts[1:]])
-        else:
-            raise UserError(f'{path} line {n}: {line!r} is not `name` or `name R G B` (0-255)')
-    free = (c for c in palette_colors(255) if c not in colors and c != VOID_COLOR)
-    colors = [c or next(free) for c in colors]
-    problem = f'{len(names)} classes (2 to 255 work)' if not 2 <= len(names) <= 255 else next(
-        (f'{x} appears twice' for xs in (names, colors) for i, x in enumerate(xs) if x in xs[:i]), None)
-    if problem or VOID_COLOR in colors:
-        raise UserError(f'{path}: {problem or f"{VOID_COLOR} is the colour of ignored pixels (VOC void)"}: correct '
-                        'the class file')
-    return Classes(names, colors)
-
-
-def read_split(voc_dir, is_train=True):
-    txt = Path(voc_dir) / 'ImageSets' / 'Segmentation' / ('train.txt' if is_train else 'val.txt')
-    if not txt.exists():
-        raise UserError(f'split file {txt} is missing: the VOC2012 folder is incomplete, unpack the dataset again')
-    ids = [line.strip() for line in txt.read_text().splitlines() if line.strip()]
-    if not ids:
-        raise UserError(f'split file {txt} lists no ids: the VOC2012 folder is incomplete, unpack the dataset again')
-    return txt, ids
-
-
-def voc_paths(voc_dir, name):
-    return Path(voc_dir) / 'JPEGImages' / f'{name}.jpg', Path(voc_dir) / 'SegmentationClass' / f'{name}.png'
-
-
-def voc_files(voc_dir, is_train=True):
-    """The (image, label) pairs of a VOC split, each checked to exist."""
-    split, ids = read_split(voc_dir, is_train)
-    items = [voc_paths(voc_dir, name) for name in ids]
-    for name, pair in zip(ids, items):
-        for path in pair:
-            if not path.exists():
-                raise UserError(f'{path} is missing (id {name} of {split}): restore it or remove the id')
-    return Files(items, split, f'remove its id from {split}')
-
-
-def cityscapes_files(root, is_train=True):
-    """leftImg8bit/<split>/[city/]<name>_leftImg8bit.png with gtFine/<same>: the official layout (city folders) and
-    MiniCity's flat one. Labels: *_gtFine_labelIds.png through torchvision's table to the 19 train ids, else
-    *_gtFine_labelTrainIds.png as the official scripts write them."""
-    split = 'train' if is_train else 'val'
-    image_dir = Path(root) / 'leftImg8bit' / split
-    if not image_dir.is_dir():
-        raise UserError(f'no Cityscapes {split} images at {image_dir}: pass --data-dir to the folder that holds '
-                        f'leftImg8bit/ and gtFine/; {CITYSCAPES_STEPS}')
-    images = sorted(image_dir.rglob('*_leftImg8bit.png'))
-    if not images:
-        raise UserError(f'no *_leftImg8bit.png under {image_dir}: {CITYSCAPES_STEPS}')
-    labels = {}
-    for kind in ('labelIds', 'labelTrainIds'):
-        labels[kind] = [Path(root) / 'gtFine' / split / p.parent.relative_to(image_dir) /
-                        p.name.replace('_leftImg8bit.png', f'_gtFine_{kind}.png') for p in images]
-    for kind, lut in (('labelIds', cityscapes_id_to_trainid()), ('labelTrainIds', None)):
-        if all(p.exists() for p in labels[kind]):
-            return Files(list(zip(images, labels[kind])), image_dir, 'remove it', lut)
-    first = next(p for p in labels['labelIds'] if not p.exists())
-    raise UserError(f'{first} is missing (and not every image has a *_labelTrainIds.png instead): restore gtFine/')
-
-
-def cityscapes_id_to_trainid():
-    """A 256-entry lookup: raw labelId -> train id, every other id (and 'ignore in eval') -> 255."""
-    lut = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
-    for c in CITYSCAPES_TRAIN_CLASSES:
-        lut[c.id] = c.train_id
-    return lut
-
-
-def cityscapes_trainid_to_id():
-    """The way back, for predictions: train id -> labelId (uint8; 255 -> 0, 'unlabeled')."""
-    lut = torch.zeros(256, dtype=torch.uint8)
-    for c in CITYSCAPES_TRAIN_CLASSES:
-        lut[c.train_id] = c.id
-    return lut
-
-
-def folder_files(root, is_train=True):
-    """A user's folder: images/<split>/<name>.jpg (or .png, ...) with masks/<split>/<name>.png, every image with its
-    mask and every mask with its image."""
-    split = 'train' if is_train else 'val'
-    image_dir, mask_dir = Path(root) / 'images' / split, Path(root) / 'masks' / split
-    for folder in (image_dir, mask_dir):
-        if not folder.is_dir():
-            raise UserError(f'{folder} is not a folder: --dataset folder reads DIR/images/{{train,val}}/ and the '
-                            'masks of the same names from DIR/masks/{train,val}/')
-    images, masks = {}, {p.stem: p for p in sorted(mask_dir.glob('*.png'))}
-    for path in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        if path.stem in images:
-            raise UserError(f'{path} and {images[path.stem]} share a name: keep one')
-        if path.stem not in masks:
-            raise UserError(f'{path} has no mask {mask_dir / path.stem}.png: add it, or move the image away')
-        images[path.stem] = path
-    for stem, mask in masks.items():
-        if stem not in images:
-            raise UserError(f'{mask} has no image {image_dir / stem}.jpg (or .png, ...): add it, or move the mask away')
-    if not images:
-        raise UserError(f'no images in {image_dir} (.jpg, .png, ...): put the {split} images there')
-    return Files([(images[stem], masks[stem]) for stem in sorted(images)], image_dir, 'move it and its pair away')
-
-
-def read_image(path, mode='RGB', fix='remove it'):
-    """A file as a uint8 CxHxW tensor: mode 'RGB' gives 3 channels, 'UNCHANGED' what is stored (a palette PNG gives
-    its indices). PIL decodes: torchvision.io's decoders are deprecated from torchvision 0.29 on. A missing or broken
-    file ends in one line naming it and `fix`."""
+def load_torch_file(path, what='checkpoint'):
+    """torch.load with weights_only=True: plain tensors and numbers only, a pickle that runs code is refused."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f'{path} is missing: restore it or {fix}')
+        raise UserError(f'{what} {path} does not exist: train first, or pass the right path')
     try:
-        with Image.open(path) as img:
-            array = torch.from_numpy(np.array(img.convert('RGB') if mode == 'RGB' else img))
+        with warnings.catch_warnings():     # torch warns about old pickle protocols before refusing: one line only
+            warnings.simplefilter('ignore')
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:
-        raise UserError(f'{path} cannot be read ({error_line(err)}): replace it or {fix}') from None
-    return array.permute(2, 0, 1).contiguous() if array.ndim == 3 else array[None]
-
-
-def read_voc_images(voc_dir, is_train=True):
-    """The book's reader: every image and RGB label image of a split, as uint8 tensors (the pictures and the
-    benchmark's copy of the book's dataset use it; training reads lazily)."""
-    files = voc_files(voc_dir, is_train)
-    features = [read_image(img, 'RGB', files.fix) for img, _ in files.items]
-    labels = [read_image(label, 'RGB', files.fix) for _, label in files.items]
-    return features, labels
-
-
-def voc_colormap2label(colormap=VOC_COLORMAP):
-    """Colour -> class, as sorted packed RGB codes and their classes (one entry a colour and one for VOC's void colour,
-    not the book's 256**3 table)."""
-    colors = torch.tensor(list(colormap) + [VOID_COLOR], dtype=torch.int64)
-    codes = (colors[:, 0] * 256 + colors[:, 1]) * 256 + colors[:, 2]
-    classes = torch.tensor(list(range(len(colormap))) + [IGNORE_INDEX])
-    order = codes.argsort()
-    return codes[order], classes[order]
-
-
-def voc_label_indices(colormap, colormap2label):
-    """RGB label image (3xHxW) -> class indices (HxW int64); colours outside the palette give -1."""
-    codes, classes = colormap2label
-    c = colormap.to(torch.int64)
-    idx = (c[0] * 256 + c[1]) * 256 + c[2]
-    pos = torch.searchsorted(codes, idx).clamp(max=len(codes) - 1)
-    return torch.where(codes[pos] == idx, classes[pos], torch.full_like(idx, -1))
-
-
-def read_label(path, colormap2label=None, fix='remove it'):
-    """Class indices (HxW int64) of a label PNG. Palette and greyscale labels (VOC's are palette PNGs) hold the
-    indices themselves; an RGB label goes through the colour lookup, and a colour of no class is an error naming
-    the colour and where it is."""
-    label = read_image(path, 'UNCHANGED', fix)
-    if label.shape[0] <= 2:         # palette or grey (with alpha): the values are the classes
-        return label[0].long()
-    indices = voc_label_indices(label[:3], colormap2label or voc_colormap2label())
-    if (indices < 0).any():
-        y, x = (int(v) for v in (indices < 0).nonzero()[0])
-        raise UserError(f'{path} has the colour {tuple(label[:3, y, x].tolist())} at x={x}, y={y}, which is no '
-                        "class's colour: correct the label, or give the colour a class")
-    return indices
-
-
-def check_pair(image, label, img_path, label_path, num_classes):
-    if image.shape[1:] != label.shape:
-        raise UserError(f'{label_path} is {label.shape[0]}x{label.shape[1]} but {img_path} is '
-                        f'{image.shape[1]}x{image.shape[2]}: image and label must have the same size')
-    bad = ((label < 0) | (label >= num_classes)) & (label != IGNORE_INDEX)
-    if bad.any():
-        values = sorted(set(label[bad].unique().tolist()))[:5]
-        raise UserError(f'{label_path} holds label values {values} outside 0..{num_classes - 1} and '
-                        f'{IGNORE_INDEX}: is it a label of this dataset?')
-
-
-def voc_rand_crop(feature, label, height, width, generator=None):
-    """The book's random crop, the same rectangle for image and label; `generator` makes it reproducible."""
-    if generator is None:
-        rect = torchvision.transforms.RandomCrop.get_params(feature, (height, width))
-    else:
-        h, w = feature.shape[-2:]
-        top = int(torch.randint(0, h - height + 1, (1,), generator=generator))
-        left = int(torch.randint(0, w - width + 1, (1,), generator=generator))
-        rect = (top, left, height, width)
-    feature = torchvision.transforms.functional.crop(feature, *rect)
-    label = torchvision.transforms.functional.crop(label, *rect)
-    return feature, label
-
-
-def tutorial_augment(image, label, crop_size, generator):
-    """The tutorial's training transform: random scale 0.75-2.0 (image bilinear, label nearest), a random crop padded
-    with void where the scaled image is smaller, a horizontal flip half the time, and brightness, contrast and
-    saturation each scaled by 0.7-1.3. Every draw comes from `generator`."""
-    s = 0.75 + 1.25 * float(torch.rand((), generator=generator))
-    size = [round(image.shape[-2] * s), round(image.shape[-1] * s)]
-    image = v2.functional.resize(tv_tensors.Image(image), size, antialias=True).as_subclass(torch.Tensor)
-    label = v2.functional.resize(tv_tensors.Mask(label), size).as_subclass(torch.Tensor)
-    pad = (0, max(crop_size[1] - size[1], 0), 0, max(crop_size[0] - size[0], 0))
-    image, label = F.pad(image, pad), F.pad(label, pad, value=IGNORE_INDEX)
-    image, label = voc_rand_crop(image, label, *crop_size, generator=generator)
-    if float(torch.rand((), generator=generator)) < 0.5:
-        image, label = image.flip(-1), label.flip(-1)
-    for adjust in (v2.functional.adjust_brightness, v2.functional.adjust_contrast, v2.functional.adjust_saturation):
-        image = adjust(image, 0.7 + 0.6 * float(torch.rand((), generator=generator)))
-    return image, label
-
-
-@functools.lru_cache(maxsize=8)
-def imagenet_stats(device):
-    """ImageNet's mean and std as 3x1x1 float32 tensors on `device`, made once per device: a copy from the host for
-    every batch would make each step wait for it. Made outside inference_mode, so that evaluation's first call
-    still serves training."""
-    with torch.inference_mode(False):
-        return tuple(torch.tensor(v, device=device).view(-1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-
-
-def normalize_image(img):
-    """uint8 or [0,1] float image(s) -> ImageNet-normalised float32, on whatever device they are on. The one place
-    images are normalised (dataset items of the book's path, batches on the device, prediction)."""
-    x = img.float() / 255 if img.dtype == torch.uint8 else img.float()
-    mean, std = imagenet_stats(x.device)
-    return (x - mean) / std
-
-
-class SegDataset(torch.utils.data.Dataset):
-    """The one dataset mechanism (VOC, Cityscapes, a user's folders): Files and a class table in, the book's items
-    out, read lazily: only file names are kept, a DataLoader worker decodes an item when it is asked for.
-
-    crop_size=None gives whole images (evaluation at the original size). With a crop, images smaller than it are
-    dropped, as the book does, unless `augment` (the tutorial's transform) pads them. normalize=False gives uint8
-    images and labels for the training loop, which normalises and widens them on the device. Items may be asked for
-    as (index, seed): the crop then comes from that seed, so a run is reproducible whatever the number of workers
-    (see SeededSampler).
-    """
-
-    def __init__(self, files, classes, crop_size=None, normalize=True, void_as_background=False, augment=False):
-        self.classes, self.num_classes, self.fix = classes, len(classes.names), files.fix
-        self.crop_size = None if crop_size is None else tuple(int(s) for s in crop_size)
-        self.normalize, self.void_as_background, self.augment = normalize, void_as_background, augment
-        self.label_lut, self.colormap2label = files.label_lut, voc_colormap2label(classes.colors)
-        self.items, self.sizes = files.items, None
-        if self.crop_size is not None and not augment:
-            self.items, self.sizes = self.large_enough(files)
-        log(f'read {len(self.items)} examples')
-
-    def large_enough(self, files):
-        """The items at least as large as the crop, and their (height, width), judged from the image headers
-        (nothing is decoded)."""
-        kept, sizes, largest = [], [], (0, 0)
-        for img_path, label_path in files.items:
-            try:
-                with Image.open(img_path) as img:
-                    w, h = img.size
-            except Exception as err:
-                raise UserError(f'{img_path} cannot be read ({error_line(err)}): replace it or {files.fix}') from None
-            largest = max(largest, (h, w))
-            if h >= self.crop_size[0] and w >= self.crop_size[1]:
-                kept.append((img_path, label_path))
-                sizes.append((h, w))
-        if not kept:
-            raise UserError(f'every image listed in {files.source} is smaller than the crop {self.crop_size[0]}x'
-                            f'{self.crop_size[1]} (largest {largest[0]}x{largest[1]}): pass a smaller --crop-size')
-        return kept, sizes
-
-    def __len__(self):
-        return len(self.items)
-
-    def read(self, idx):
-        """(uint8 3xHxW image, int64 HxW label) at full size, checked."""
-        img_path, label_path = self.items[idx]
-        image = read_image(img_path, 'RGB', self.fix)
-        label = read_label(label_path, self.colormap2label, self.fix)
-        if self.label_lut is not None:
-            label = self.label_lut[label.clamp(0, 255)]
-        check_pair(image, label, img_path, label_path, self.num_classes)
-        if self.void_as_background:
-            label[label == IGNORE_INDEX] = 0
-        return image, label
-
-    def __getitem__(self, item):
-        idx, seed = item if isinstance(item, tuple) else (item, None)
-        image, label = self.read(idx)
-        if self.crop_size is not None:
-            gen = None if seed is None else torch.Generator().manual_seed(int(seed))   # None: the global RNG
-            if self.augment:
-                image, label = tutorial_augment(image, label, self.crop_size, gen)
-            else:
-                image, label = voc_rand_crop(image, label, *self.crop_size, generator=gen)
-        if self.normalize:      # the book's pair: float32 image, int64 label
-            return normalize_image(image), label
-        return image, label.to(torch.uint8)     # 8x fewer label bytes to move: every class and 255 fit in a byte
-
-
-class VOCSegDataset(SegDataset):
-    """The book's dataset: a VOC split (ImageSets/Segmentation/{train,val}.txt), read lazily. `classes`: another
-    class table for data in the VOC layout."""
-
-    def __init__(self, is_train, crop_size, voc_dir, void_as_background=False, normalize=True, classes=VOC):
-        super().__init__(voc_files(voc_dir, is_train), classes, crop_size, normalize, void_as_background)
-
-
-class CityscapesSegDataset(SegDataset):
-    """Cityscapes or MiniCity (cityscapes_files); training items get the tutorial's transform unless augment=False."""
-
-    def __init__(self, is_train, crop_size, root, normalize=True, augment=None):
-        augment = is_train if augment is None else augment
-        super().__init__(cityscapes_files(root, is_train), CITYSCAPES, crop_size, normalize, augment=augment)
-
-
-class FolderSegDataset(SegDataset):
-    """A user's own data in the folder layout (folder_files) with its class table."""
-
-    def __init__(self, is_train, crop_size, root, classes, void_as_background=False, normalize=True):
-        super().__init__(folder_files(root, is_train), classes, crop_size, normalize, void_as_background)
-
-
-def open_dataset(data, is_train, crop_size=None, normalize=True):
-    """The training or validation split of a Data."""
-    if data.kind == 'cityscapes':
-        return CityscapesSegDataset(is_train, crop_size, data.root, normalize)
-    if data.kind == 'folder':
-        return FolderSegDataset(is_train, crop_size, data.root, data.classes, data.void_as_background, normalize)
-    return VOCSegDataset(is_train, crop_size, data.root, data.void_as_background, normalize, data.classes)
-
-
-class SeededSampler(torch.utils.data.distributed.DistributedSampler):
-    """DistributedSampler (one process or many) that also hands each item a crop seed drawn from (seed, epoch).
-
-    The same --seed then gives the same batches and crops whatever the worker count, and a run resumed at epoch k
-    sees exactly what an uninterrupted one saw. Shuffled for training; for evaluation the items are split between
-    ranks without padding, so that all ranks together see each item once, as a single process does.
-    """
-
-    def __init__(self, dataset, shuffle, seed=0):
-        super().__init__(dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed, drop_last=True)
-        self.eval_limit = None
-
-    def __iter__(self):
-        if self.shuffle:
-            indices = list(super().__iter__())
-        else:   # evaluation: the first eval_limit items (the book drops the last partial batch), dealt out by rank
-            indices = list(range(len(self.dataset) if self.eval_limit is None else self.eval_limit))
-            indices = indices[self.rank::self.num_replicas]
-        gen = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, CROP_DRAWS))
-        seeds = torch.randint(0, 2 ** 62, (len(self.dataset),), generator=gen).tolist()
-        return iter([(i, seeds[i]) for i in indices])
-
-    def __len__(self):
-        if self.shuffle:
-            return super().__len__()
-        n = len(self.dataset) if self.eval_limit is None else self.eval_limit
-        return len(range(self.rank, n, self.num_replicas))
-
-
-def quiet_worker(worker_id):
-    """A DataLoader worker that a SIGTERM to the whole job (SLURM's) ends quietly, as Ctrl-C does: PyTorch's own
-    handler kills it by the signal, and the main process, already stopping, then reports the dead worker."""
-    signal.signal(signal.SIGTERM, raise_terminated)
-
-
-def default_workers():
-    return min(4, os.cpu_count() or 1)
-
-
-def make_loader(dataset, batch_size, is_train, seed=0, num_workers=None):
-    """Shuffled for training; both drop the last partial batch, as the book does. `batch_size` is global: each of
-    torchrun's processes loads its share. Evaluation has no gradients to keep (and BatchNorm in eval mode makes each
-    image's scores independent of its batch): its batches are EVAL_BATCH_FACTOR times larger, over the same
-    images."""
-    workers = default_workers() if num_workers is None else num_workers
-    sampler = SeededSampler(dataset, shuffle=is_train, seed=seed)
-    if not is_train and len(dataset) >= batch_size:
-        sampler.eval_limit = len(dataset) // batch_size * batch_size
-    per_rank = max(1, batch_size // sampler.num_replicas) if is_train else EVAL_BATCH_FACTOR * batch_size
-    if is_train and len(dataset) // sampler.num_replicas < per_rank:
-        raise UserError(f'only {len(dataset)} training examples for a batch of {batch_size}: '
-                        'pass a smaller --batch-size or a smaller --crop-size')
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=per_rank, sampler=sampler, drop_last=is_train, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), worker_init_fn=quiet_worker,
-        generator=torch.Generator().manual_seed(seed))    # its draws leave the model's RNG alone (see train_ch13)
-
-
-def upload(t, device):
-    """A small host tensor on the device without waiting: through pinned memory on CUDA (a copy from pageable
-    memory makes the host wait for the device first)."""
-    if device.type == 'cuda':
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def to_device(X, y, device, channels_last=False):
-    """A batch on the device: uint8 images normalised there (4x less to copy than float32), labels widened."""
-    X = normalize_image(X.to(device, non_blocking=True)) if X.dtype == torch.uint8 else X.to(device)
-    if channels_last:
-        X = X.contiguous(memory_format=torch.channels_last)
-    return X, y.to(device, non_blocking=True).long()
-
-
-class DeviceLoader:
-    """A DataLoader of uint8 batches, delivered on the device by to_device; len, dataset and sampler as the
-    DataLoader's."""
-
-    def __init__(self, loader, device, channels_last=False):
-        self.loader, self.device, self.channels_last = loader, device, channels_last
-        self.dataset, self.sampler = loader.dataset, loader.sampler
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        for X, y in handed_over(self.loader):
-            yield to_device(X, y, self.device, self.channels_last)
-
-
-def handed_over(loader):
-    """The loader's batches, with a SIGTERM held back while each is handed over from a DataLoader worker (a stop in
-    the middle of that leaves the worker a broken connection, and a traceback): the stop comes right after."""
-    batches = iter(loader)
-    while True:
-        Terminated.hold = True
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        finally:
-            Terminated.hold = False
-        if Terminated.received:
-            raise Terminated()
-        yield batch
-
-
-class DeviceData(DeviceLoader):
-    """A split decoded once (in the loader's workers, in parallel) and kept on the device as uint8 images and labels
-    at full size; each epoch cuts one random crop per image there (voc_rand_crop with the item's seed from the same
-    SeededSampler): the loader's own batches, without decoding a JPEG again."""
-
-    def __init__(self, loader, device, channels_last=False):
-        super().__init__(loader, device, channels_last)
-        whole = copy.copy(loader.dataset)       # the same items, uncropped, as uint8 image and label
-        whole.crop_size, whole.normalize = None, False
-        whole = torch.utils.data.DataLoader(whole, batch_size=None, num_workers=loader.num_workers,
-                                            worker_init_fn=quiet_worker,
-                                            generator=torch.Generator())    # the global seed stays the model's
-        self.images, self.labels = [], []
-        for image, label in whole:
-            self.images.append(image.to(device))
-            self.labels.append(label.to(device))
-
-    def __iter__(self):
-        items, size = list(self.sampler), self.loader.batch_size
-        for start in range(0, len(items) - size + 1 if self.loader.drop_last else len(items), size):
-            crops = [voc_rand_crop(self.images[i], self.labels[i], *self.dataset.crop_size,
-                                   generator=torch.Generator().manual_seed(int(seed)))
-                     for i, seed in items[start:start + size]]
-            yield to_device(torch.stack([X for X, _ in crops]), torch.stack([y for _, y in crops]), self.device,
-                            self.channels_last)
-
-
-def data_on_device(choice, device, datasets):
-    """--data-on-device auto|on|off: (whether the splits go to the device, why). auto: with CUDA, when the decoded
-    splits take at most a quarter of the free GPU memory."""
-    need = sum(4 * h * w for ds in datasets for h, w in ds.sizes or [])
-    if choice == 'off':
-        return False, 'asked for'
-    if any(ds.augment or ds.sizes is None for ds in datasets):
-        if choice == 'on':
-            raise UserError("--data-on-device on: the tutorial's augmentation (Cityscapes training) runs in the "
-                            'DataLoader workers: pass --data-on-device off')
-        return False, "the tutorial's augmentation runs in the DataLoader workers"
-    if choice == 'on':
-        return True, f'asked for, {need / 2 ** 30:.2f} GiB'
-    if device.type != 'cuda':
-        return False, 'auto: no GPU'
-    free = torch.cuda.mem_get_info(device)[0]
-    return need <= free / DEVICE_DATA_SHARE, (f'auto: the decoded splits take {need / 2 ** 30:.2f} GiB, the GPU '
-                                              f'has {free / 2 ** 30:.1f} GiB free')
-
-
-def load_data_voc(batch_size, crop_size, data, seed=0, num_workers=None, device=None, channels_last=False,
-                  on_device='auto'):
-    """The book's two loaders of random crops: (train_iter, test_iter). `data`: a Data (find_data: VOC, Cityscapes,
-    a folder) or, as in the book, the VOC2012 folder. Without `device`, the book's float32 images and int64 labels;
-    with it, batches arrive on the device, from splits kept there (DeviceData, see data_on_device) or streamed from
-    the workers (DeviceLoader)."""
-    data = data if isinstance(data, Data) else Data('voc', Path(data), VOC, False, 'VOC2012')
-    train = open_dataset(data, True, crop_size, normalize=device is None)
-    test = open_dataset(data, False, crop_size, normalize=device is None)
-    if data.classes not in (VOC, CITYSCAPES):      # a user's own classes: is every one labelled? (counted once)
-        main_process_first(functools.partial(check_labelled_classes, train, data.root))
-    train_iter = make_loader(train, batch_size, True, seed, num_workers)
-    test_iter = make_loader(test, batch_size, False, seed, num_workers)
-    if device is None:
-        return train_iter, test_iter
-    keep, why = data_on_device(on_device, device, (train, test))
-    workers = train_iter.num_workers
-    log(f'data: decoded once and kept on {device} ({why})' if keep else
-        f'data: streamed, {f"{workers} DataLoader workers" if workers else "read in the main process"} ({why})')
-    loader = DeviceData if keep else DeviceLoader
-    return loader(train_iter, device, channels_last), loader(test_iter, device, channels_last)
-
-
-def class_pixel_counts(dataset, cache_dir):
-    """(labelled pixels per class, ignored pixels) over a whole split at full size: counted once, then read from a
-    JSON file in cache_dir (or checkpoints/, where cache_dir is read-only) named after what it depends on."""
-    n = dataset.num_classes
-    key = json.dumps([dataset.classes, [str(p) for p in dataset.items[0]], len(dataset), dataset.void_as_background,
-                      dataset.label_lut is not None, 'and the ignored pixels'])
-    name = f'class_pixels_{hashlib.sha1(key.encode()).hexdigest()[:10]}.json'
-    candidates = (Path(cache_dir) / name, Path('checkpoints') / name)
-    cached = [json.loads(path.read_text()) for path in candidates if path.exists()]
-    counts = torch.tensor(cached[0] if cached else [0] * (n + 1), dtype=torch.float64)
-    for i in range(0 if cached else len(dataset)):
-        label = dataset.read(i)[1].reshape(-1)
-        counts += torch.bincount(torch.where(label == IGNORE_INDEX, n, label), minlength=n + 1).double()
-    for path in [] if cached else candidates:   # a cache: where none can be written, it is counted again next time
-        with contextlib.suppress(UserError):
-            write_atomically(path, lambda f: f.write(json.dumps(counts.tolist()).encode()), '')
-            break
-    return counts[:n], float(counts[n])
-
-
-def check_labelled_classes(dataset, cache_dir):
-    """A user's masks saved as 0/255 (a common way for one class) train background only: 255 is 'ignore' here. A
-    class without one labelled pixel in the training masks while ignored pixels cover a large share of them is
-    that, almost always; one line says so before the first epoch."""
-    counts, ignored = class_pixel_counts(dataset, cache_dir)
-    missing = [name for name, c in zip(dataset.classes.names, counts.tolist()) if c == 0]
-    share = ignored / max(float(counts.sum()) + ignored, 1)
-    if missing and share >= UNLABELLED_WARNING:
-        log(f'warning: {", ".join(missing)} {"has" if len(missing) == 1 else "have"} no labelled pixel in the '
-            f'training masks, while 255 (ignored) covers {share:.1%} of them: masks saved as 0/255 mean "background '
-            '/ ignore" here; save them as 0/1 (class indices) or in the classes\' colours')
-
-
-# -------------------------------------------------------------------------------------------------------- models
-def bilinear_kernel(in_channels, out_channels, kernel_size):
-    """The book's bilinear-interpolation weights for a transposed convolution: channel i -> channel i only."""
-    factor = (kernel_size + 1) // 2
-    center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
-    og = (torch.arange(kernel_size).reshape(-1, 1), torch.arange(kernel_size).reshape(1, -1))
-    filt = (1 - torch.abs(og[0] - center) / factor) * (1 - torch.abs(og[1] - center) / factor)
-    weight = torch.zeros((in_channels, out_channels, kernel_size, kernel_size))
-    weight[range(in_channels), range(out_channels), :, :] = filt
-    return weight
+        text = str(err)
+        if 'Weights only load failed' in text or 'Unsupported global' in text:
+            raise UserError(f'{path} holds Python objects, not only tensors and numbers: refused for safety '
+                            '(weights_only=True); use a checkpoint written by these scripts') from None
+        raise UserError(f'{path} is not a readable {what} (truncated or corrupt: {error_line(err)}): '
+                        'use another file, or retrain') from None
 
 
 def check_named_hash(path, url):
@@ -1138,703 +2146,30 @@ def backbone_state_dict(arch, weights_path=None):
     return state
 
 
-def resnet18_backbone(pretrained=False, weights_path=None):
-    net = torchvision.models.resnet18(weights=None)
-    if pretrained:
-        net.load_state_dict(backbone_state_dict('resnet18', weights_path))
-    return net
-
-
-class ShuffleConvTranspose2d(nn.ConvTranspose2d):
-    """nn.ConvTranspose2d (same weight, bias, state_dict and initialisation) whose kernel is twice its stride, as the
-    FCN's 64/32, computed as a 2x2 convolution to out_channels x stride x stride channels, pixel_shuffle(stride) and
-    a crop: every output pixel gets the same 2x2 input neighbours times the same weights, so forward and gradients
-    are the transposed conv's up to float rounding, and cuDNN has no large-kernel algorithm to search for."""
-
-    def forward(self, x, output_size=None):
-        s, p, (cin, cout) = self.stride[0], self.padding[0], self.weight.shape[:2]
-        if output_size is not None or self.kernel_size != (2 * s, 2 * s) or self.stride != (s, s) \
-                or self.padding != (p, p) or self.groups != 1 or self.dilation != (1, 1):
-            return super().forward(x, output_size)
-        # kernel row 32*u + r (u = 0, 1) meets input row a - u at output row 32*a + r: a 2x2 conv over the flipped u
-        weight = self.weight.view(cin, cout, 2, s, 2, s).permute(1, 3, 5, 0, 2, 4).flip(4, 5)
-        bias = None if self.bias is None else self.bias.repeat_interleave(s * s)
-        y = F.pixel_shuffle(F.conv2d(x, weight.reshape(cout * s * s, cin, 2, 2), bias, padding=1), s)
-        h, w = x.shape[-2:]
-        return y[..., p:(h + 1) * s - p, p:(w + 1) * s - p]
-
-
-def fcn_resnet18(num_classes=21, pretrained=False, weights_path=None):
-    """The book's FCN, layer for layer: resnet18 minus avgpool and fc, a 1x1 conv, a bilinear transposed conv."""
-    pretrained_net = resnet18_backbone(pretrained, weights_path)
-    net = nn.Sequential(*list(pretrained_net.children())[:-2])
-    net.add_module('final_conv', nn.Conv2d(512, num_classes, kernel_size=1))
-    net.add_module('transpose_conv', ShuffleConvTranspose2d(num_classes, num_classes, kernel_size=64, padding=16,
-                                                            stride=32))
-    nn.init.xavier_uniform_(net.final_conv.weight)     # the book's text asks for it; its code leaves it out
-    net.transpose_conv.weight.data.copy_(bilinear_kernel(num_classes, num_classes, 64))
-    return net
-
-
-def convrelu(in_channels, out_channels, kernel, padding):
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, padding=padding), nn.ReLU(inplace=True))
-
-
-@functools.lru_cache(maxsize=64)
-def interpolation_matrix(n, dtype=torch.float64, device=None):
-    """(2n x n) weights of a x2 bilinear upsample with align_corners=True along one axis (F.interpolate's), made on
-    `device` and cached: a copy from the host in every step would make the step wait. In a half-precision dtype
-    each weight is rounded to a multiple of the dtype's unit in [0.5, 1), so that every row still sums to exactly 1
-    (rounded one by one, bf16 rows sum to 1 +- 0.002, and a flat region would come out brighter or darker)."""
-    with torch.inference_mode(False):     # made during evaluation, it still serves training's backward
-        pos = torch.arange(2 * n, dtype=torch.float64, device=device) * ((n - 1) / (2 * n - 1))
-        low = pos.floor().long().clamp(max=n - 1)
-        frac, rows = pos - low, torch.arange(2 * n, device=device)
-        if dtype.itemsize < 4:
-            unit = 2 / torch.finfo(dtype).eps       # 1 / (the spacing of numbers in [0.5, 1))
-            frac = (frac * unit).round() / unit
-        matrix = torch.zeros(2 * n, n, dtype=torch.float64, device=device)
-        matrix[rows, low] += 1 - frac
-        matrix[rows, (low + 1).clamp(max=n - 1)] += frac
-        return matrix.to(dtype)
-
-
-def upsample2x(x):
-    """F.interpolate(x, scale_factor=2, mode='bilinear', align_corners=True) as two matrix products, whose backward
-    is two more: no atomic adds, which make CUDA's own backward slow in bf16 (pytorch/pytorch#140096). Channels-last
-    input stays channels-last."""
-    n, c, h, w = x.shape
-    rows, cols = interpolation_matrix(h, x.dtype, x.device), interpolation_matrix(w, x.dtype, x.device)
-    if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
-        return rows @ x @ cols.T
-    y = (rows @ x.permute(0, 2, 3, 1).reshape(n, h, w * c)).reshape(n * 2 * h, w, c)
-    return (cols @ y).reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
-
-
-class Upsample2x(nn.Module):
-    """The U-Net's x2 bilinear upsample (align_corners=True): upsample2x on CUDA; on the CPU, whose backward has no
-    atomics problem, F.interpolate. `everywhere = True` (a switch for the tests) takes the CUDA branch on any
-    device, so that the CPU runs the GPU's path whole."""
-    everywhere = False
-
-    def forward(self, x):
-        if x.is_cuda or self.everywhere:
-            return upsample2x(x)
-        return F.interpolate(x, scale_factor=2, mode='bilinear', align_corners=True)
-
-
-def run_padded(forward, x):
-    """forward(x) for any input size: x zero-padded (the mean colour, after normalisation) at the bottom and right
-    to a multiple of NET_STRIDE, the output cropped back by the same fraction (an output may have a lower resolution
-    than its input). The U-Net runs itself this way; prediction runs every net this way."""
-    h, w = x.shape[-2:]
-    if not (h % NET_STRIDE or w % NET_STRIDE):      # F.pad would copy the batch for nothing
-        return forward(x)
-    padded = F.pad(x, (0, -w % NET_STRIDE, 0, -h % NET_STRIDE))
-    out = forward(padded)
-    (ph, pw), (oh, ow) = padded.shape[-2:], out.shape[-2:]
-    return out[..., :math.ceil(h * oh / ph), :math.ceil(w * ow / pw)]
-
-
-class ResNetUNet(nn.Module):
-    """The widely used resnet18 U-Net (the improvement's model). Pads any input to a multiple of NET_STRIDE inside
-    and crops back (run_padded), so any size works with the same weights."""
-
-    def __init__(self, n_class=21, pretrained=False, weights_path=None):
-        super().__init__()
-        self.base_model = resnet18_backbone(pretrained, weights_path)
-        self.base_layers = list(self.base_model.children())
-        self.base_model.fc.requires_grad_(False)    # registered but unused: DDP must not wait for its gradients
-        self.layer0 = nn.Sequential(*self.base_layers[:3])     # 1/2, 64
-        self.layer0_1x1 = convrelu(64, 64, 1, 0)
-        self.layer1 = nn.Sequential(*self.base_layers[3:5])    # 1/4, 64
-        self.layer1_1x1 = convrelu(64, 64, 1, 0)
-        self.layer2 = self.base_layers[5]                       # 1/8, 128
-        self.layer2_1x1 = convrelu(128, 128, 1, 0)
-        self.layer3 = self.base_layers[6]                       # 1/16, 256
-        self.layer3_1x1 = convrelu(256, 256, 1, 0)
-        self.layer4 = self.base_layers[7]                       # 1/32, 512
-        self.layer4_1x1 = convrelu(512, 512, 1, 0)
-        self.upsample = Upsample2x()
-        self.conv_up3 = convrelu(256 + 512, 512, 3, 1)
-        self.conv_up2 = convrelu(128 + 512, 256, 3, 1)
-        self.conv_up1 = convrelu(64 + 256, 256, 3, 1)
-        self.conv_up0 = convrelu(64 + 256, 128, 3, 1)
-        self.conv_original_size0 = convrelu(3, 64, 3, 1)
-        self.conv_original_size1 = convrelu(64, 64, 3, 1)
-        self.conv_original_size2 = convrelu(64 + 128, 64, 3, 1)
-        self.conv_last = nn.Conv2d(64, n_class, 1)
-
-    def forward(self, input):
-        return run_padded(self.forward_multiple_of_32, input)
-
-    def forward_multiple_of_32(self, input):    # the published layout: sides must be multiples of 32
-        x_original = self.conv_original_size1(self.conv_original_size0(input))
-        layer0 = self.layer0(input)
-        layer1 = self.layer1(layer0)
-        layer2 = self.layer2(layer1)
-        layer3 = self.layer3(layer2)
-        layer4 = self.layer4_1x1(self.layer4(layer3))
-        x = self.conv_up3(torch.cat([self.upsample(layer4), self.layer3_1x1(layer3)], dim=1))
-        x = self.conv_up2(torch.cat([self.upsample(x), self.layer2_1x1(layer2)], dim=1))
-        x = self.conv_up1(torch.cat([self.upsample(x), self.layer1_1x1(layer1)], dim=1))
-        x = self.conv_up0(torch.cat([self.upsample(x), self.layer0_1x1(layer0)], dim=1))
-        x = self.conv_original_size2(torch.cat([self.upsample(x), x_original], dim=1))
-        return self.conv_last(x)
-
-
-def deeplabv3(name, num_classes=21, pretrained=False, weights_path=None, aux_loss=False):
-    """torchvision's DeepLabV3 (the tutorial's model); the ImageNet backbone comes by the same rules as resnet18."""
-    from torchvision.models import segmentation
-    arch = name.split('_')[1]
-    net = getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=num_classes,
-                                      aux_loss=aux_loss)
-    if pretrained:
-        state = backbone_state_dict(arch, weights_path)
-        net.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith('fc.')})
-    return net
-
-
-# Normalisation swaps (the tutorial's BatchNorm / InstanceNorm / GroupNorm / EvoNorm comparison)
-def num_groups(channels, max_groups=32):
-    """The largest divisor of `channels` that is <= max_groups (32 when it divides, as in GroupNorm's paper)."""
-    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
-
-
-class EvoNorm2dB0(nn.Module):
-    """EvoNorm-B0 (Liu et al. 2020): y = x / max(sqrt(batch_var + eps), v1*x + sqrt(instance_var + eps)) * gamma + beta.
-
-    The batch variance is tracked as a running average like BatchNorm (used in eval), so eval output
-    does not depend on the batch. The max() makes the layer non-linear: no ReLU is needed after it.
-    """
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1):
-        super().__init__()
-        self.eps, self.momentum = eps, momentum
-        self.gamma = nn.Parameter(torch.ones(1, num_features, 1, 1))
-        self.beta = nn.Parameter(torch.zeros(1, num_features, 1, 1))
-        self.v1 = nn.Parameter(torch.ones(1, num_features, 1, 1))
-        self.register_buffer("running_var", torch.ones(num_features))
-
-    def forward(self, x):
-        xf = x.float()  # statistics in fp32: squares overflow/lose precision under fp16 autocast
-        if self.training:
-            batch_var = xf.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-            n = xf.numel() / xf.shape[1]
-            with torch.no_grad():  # BatchNorm convention: the running estimate is the unbiased variance
-                unbiased = batch_var.flatten() * (n / max(n - 1, 1))
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
-        else:
-            batch_var = self.running_var.view(1, -1, 1, 1).float()
-        instance_var = xf.var(dim=(2, 3), unbiased=False, keepdim=True)
-        denom = torch.maximum((batch_var + self.eps).sqrt(), self.v1 * xf + (instance_var + self.eps).sqrt())
-        return (xf / denom * self.gamma + self.beta).to(x.dtype)
-
-
-class EvoNorm2dS0(nn.Module):
-    """EvoNorm-S0 (Liu et al. 2020): y = x * sigmoid(v1*x) / group_std(x) * gamma + beta.
-
-    Only per-sample statistics (groups of channels x H x W), so train and eval behave alike and the output
-    of a sample never depends on the rest of the batch; the swish-like numerator replaces the ReLU.
-    """
-
-    def __init__(self, num_features, groups=32, eps=1e-5):
-        super().__init__()
-        self.groups, self.eps = num_groups(num_features, groups), eps
-        self.gamma = nn.Parameter(torch.ones(1, num_features, 1, 1))
-        self.beta = nn.Parameter(torch.zeros(1, num_features, 1, 1))
-        self.v1 = nn.Parameter(torch.ones(1, num_features, 1, 1))
-
-    def forward(self, x):
-        xf = x.float()
-        n, c, h, w = xf.shape
-        grouped = xf.reshape(n, self.groups, -1)
-        std = (grouped.var(dim=2, unbiased=False, keepdim=True) + self.eps).sqrt()
-        std = std.expand_as(grouped).reshape(n, c, h, w)
-        return (xf * torch.sigmoid(self.v1 * xf) / std * self.gamma + self.beta).to(x.dtype)
-
-
-def _norm_like(bn, norm):
-    """The replacement for one BatchNorm layer, keeping its affine part (pretrained gamma/beta) when it has one."""
-    c = bn.num_features
-    if norm == "instance":
-        # track_running_stats=False: instance statistics in eval too. Fails on 1x1 maps (e.g. an image-pooling branch).
-        new, weight, bias = nn.InstanceNorm2d(c, affine=True, track_running_stats=False), "weight", "bias"
-    elif norm == "group":
-        new, weight, bias = nn.GroupNorm(num_groups(c), c), "weight", "bias"
-    elif norm == "evo_b0":
-        new, weight, bias = EvoNorm2dB0(c, eps=bn.eps), "gamma", "beta"
-    else:  # "evo" / "evo_s0": the names are checked once, by the flags (NORMS)
-        new, weight, bias = EvoNorm2dS0(c), "gamma", "beta"
-    if bn.affine:
-        with torch.no_grad():
-            getattr(new, weight).copy_(bn.weight.view_as(getattr(new, weight)))
-            getattr(new, bias).copy_(bn.bias.view_as(getattr(new, bias)))
-    ref = next(iter(list(bn.parameters()) + list(bn.buffers())), None)
-    return new if ref is None else new.to(ref.device)
-
-
-def replace_norm(model, norm, replaced=None):
-    """Swap every BatchNorm2d in `model` (recursively, in place) for `norm`; returns the model.
-
-    norm: batch (no change) | instance | group | evo (= evo_s0) | evo_b0 | evo_s0.
-    The BN's weight/bias are copied into the new layer's affine parameters so a pretrained backbone keeps its
-    learned scale/shift (its running statistics cannot carry over: the new layers normalise differently).
-    For the EvoNorm variants every nn.ReLU becomes nn.Identity, since EvoNorm carries its own non-linearity
-    (as the tutorial did). Modules are replaced by attribute, so a torchvision BasicBlock's self.relu, used
-    twice in forward (after bn1 and after the residual add), disappears at both places; functional F.relu
-    calls inside a forward cannot be reached and stay. A layer registered under two parents (the U-Net's bn1 is
-    both base_model.bn1 and layer0[1]) gets one replacement (`replaced` maps each old layer to its new one): two
-    copies would leave one without gradients, and DistributedDataParallel stops on unused parameters.
-    """
-    if norm == "batch":
-        return model
-    evo, replaced = norm.startswith("evo"), {} if replaced is None else replaced
-    for name, child in model.named_children():
-        if isinstance(child, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-            setattr(model, name, replaced.setdefault(child, _norm_like(child, norm)))
-        elif evo and isinstance(child, nn.ReLU):
-            setattr(model, name, nn.Identity())
-        else:
-            replace_norm(child, norm, replaced)
-    return model
-
-
-def build_model(name, num_classes=21, pretrained=False, weights_path=None, norm='batch', aux_loss=False):
-    """Every model by name; a checkpoint stores these arguments (its model_args) to rebuild it with no flags."""
-    if name == 'fcn':
-        net = fcn_resnet18(num_classes, pretrained, weights_path)
-    elif name == 'resnet_unet':
-        net = ResNetUNet(num_classes, pretrained, weights_path)
-    elif name in ('deeplabv3_resnet50', 'deeplabv3_resnet101'):
-        net = deeplabv3(name, num_classes, pretrained, weights_path, aux_loss)
-    else:       # the flags allow no other name: a checkpoint written elsewhere
-        raise UserError(f'unknown model {name!r}: choose one of {", ".join(MODELS)}')
-    return replace_norm(net, norm)
-
-
-def model_output(out):
-    """(main scores, auxiliary scores or None): torchvision's segmentation models return a dict."""
-    if isinstance(out, dict):
-        return out['out'], out.get('aux')
-    return out, None
-
-
-# -------------------------------------------------------------------------------------------------------- losses
-def cross_entropy_loss(inputs, targets, weight=None):
-    """The book's loss: per-pixel cross entropy averaged over height and width, one value per example; ignored
-    pixels count as 0. `weight`: per-class weights (the tutorial's weighted cross entropy), on the inputs' device
-    (make_loss puts them there once: a copy in every step would make the step wait for it)."""
-    return F.cross_entropy(inputs, targets, weight=weight, reduction='none', ignore_index=IGNORE_INDEX).mean(1).mean(1)
-
-
-class FocalLoss(nn.Module):
-    """Softmax focal loss (Lin et al. 2017) for segmentation, per-pixel: -w[y] * (1 - p_y)^gamma * log p_y.
-
-    Returns the N,H,W loss map (reduction 'none', 0 at ignored pixels) so the caller chooses the reduction,
-    exactly like F.cross_entropy(..., reduction='none'); with gamma=0 the two are identical.
-    """
-
-    def __init__(self, gamma=2.0, weight=None, ignore_index=IGNORE_INDEX):
-        super().__init__()
-        self.gamma = gamma
-        self.ignore_index = ignore_index
-        # a buffer: FocalLoss(...).to(device) moves the class weights, as for any module
-        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
-
-    def forward(self, logits, target):
-        logp = F.log_softmax(logits.float(), dim=1)  # fp32: log p of rare classes underflows in half precision
-        valid = target != self.ignore_index
-        safe_target = torch.where(valid, target, torch.zeros_like(target))  # gather needs an in-range index
-        logp_y = logp.gather(1, safe_target.unsqueeze(1)).squeeze(1)
-        # clamp: exp(log_softmax) can exceed 1 by an ulp, and a negative base breaks a fractional gamma
-        focal = (1.0 - logp_y.exp()).clamp(min=0.0) ** self.gamma  # torch gives 0**0 == 1: gamma=0 is plain CE
-        loss = -focal * logp_y
-        if self.weight is not None:
-            loss = loss * self.weight[safe_target]
-        return torch.where(valid, loss, torch.zeros_like(loss))
-
-
-def class_pixel_weights(counts, mode="inverse_log"):
-    """Per-class loss weights from per-class pixel counts (void excluded).
-
-    inverse_log (ENet, Paszke et al. 2016): w = 1 / ln(1.02 + freq); the 1.02 bounds the weight at ~50 so
-    very rare classes do not dominate. median_freq (SegNet): w = median(freq) / freq.
-    Weights are scaled so their mean over the classes seen in `counts` is 1 (the loss scale, hence the
-    learning rate, stays comparable to the unweighted loss). Classes with count 0 get the largest weight of
-    the seen classes: they may still appear in validation, and 1/ln(1.02) would be an arbitrary extreme.
-    """
-    counts = torch.as_tensor(counts, dtype=torch.float64)
-    seen = counts > 0
-    if not seen.any():
-        return torch.ones_like(counts, dtype=torch.float32)
-    freq = counts / counts.sum()
-    if mode == "inverse_log":
-        w = 1.0 / torch.log(1.02 + freq)
-    elif mode == "median_freq":
-        w = freq[seen].median() / freq.clamp(min=1e-12)
-    else:
-        raise ValueError(f"unknown class weight mode {mode!r}")
-    w = w / w[seen].mean()
-    w[~seen] = w[seen].max()
-    return w.float()
-
-
-def make_loss(name='ce', weight=None, gamma=2.0, device=None):
-    """A per-example loss by name (ce, weighted_ce, focal), each averaged over H and W like the book's. The class
-    weights go to `device` (the batches') here, once."""
-    weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32).to(device)
-    if name == 'ce':
-        return cross_entropy_loss
-    if name == 'weighted_ce':
-        if weight is None:
-            raise UserError('--loss weighted_ce needs class weights')
-        return lambda inputs, targets: cross_entropy_loss(inputs, targets, weight)
-    if name == 'focal':
-        focal = FocalLoss(gamma=gamma, weight=weight)
-        return lambda inputs, targets: focal(inputs, targets).mean(1).mean(1)
-    raise UserError(f'unknown loss {name!r}: choose one of {", ".join(LOSSES)}')
-
-
-def read_class_weights(path, num_classes):
-    """--class-weights FILE: one number per class."""
+# ------------------------------------------------------------------------------------------ file writes and checkpoints
+def write_atomically(path, write, fix):
+    """Every file the scripts write goes through here: write(f) fills a temporary file beside `path` (f: binary),
+    which is flushed to disk and renamed over it, so that a kill, a full disk or a read-only folder at any moment
+    leaves the old file whole (or none), and never a partial one. A failure, whatever a writer raises for it (torch's
+    zip writer raises its own RuntimeError while an OSError is handled), is one UserError line: the file, the
+    reason, `fix`."""
+    path = Path(path)
+    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')      # two runs writing one file do not collide
     try:
-        weights = [float(v) for v in Path(path).read_text().split()]
-    except (OSError, ValueError) as err:
-        raise UserError(f'--class-weights {path}: cannot read numbers from it ({err})') from None
-    if len(weights) != num_classes:
-        raise UserError(f'--class-weights {path} has {len(weights)} numbers, the dataset {num_classes} classes')
-    return torch.tensor(weights)
-
-
-# -------------------------------------------------------------------------------------------------- augmentation
-def _randint(high, generator):
-    return int(torch.randint(high, (1,), generator=generator))
-
-
-def cutmix_segmentation(images, labels, prob=0.5, alpha=1.0, generator=None):
-    """CutMix (Yun et al. 2019) for segmentation: a box of a partner sample replaces the same box of each sample,
-    image and label alike, so every pixel keeps its own label. Returns new tensors.
-
-    One draw decides for the whole batch. The box has area ratio about 1 - lam, lam ~ Beta(alpha, alpha),
-    centred uniformly and clipped to the frame. Every draw comes from `generator` (the Beta draws through NumPy,
-    seeded from it: torch.distributions takes no generator).
-    """
-    src_images, src_labels = images, labels  # paste from the untouched inputs, never from an earlier paste
-    images, labels = images.clone(), labels.clone()
-    if prob <= 0 or float(torch.rand((), generator=generator)) >= prob:
-        return images, labels
-    n, _, h, w = images.shape
-    perm = torch.randperm(n, generator=generator).tolist()
-    lam = np.random.default_rng(_randint(2 ** 62, generator)).beta(alpha, alpha, n)
-    for i, j in enumerate(perm):
-        ratio = math.sqrt(1.0 - float(lam[i]))
-        cut_h, cut_w = int(h * ratio), int(w * ratio)
-        cy, cx = _randint(h, generator), _randint(w, generator)
-        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
-        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
-        images[i, :, y0:y1, x0:x1] = src_images[j, :, y0:y1, x0:x1]
-        labels[i, y0:y1, x0:x1] = src_labels[j, y0:y1, x0:x1]
-    return images, labels
-
-
-def blob_boxes(masks):
-    """(n, 4) bounding boxes (y0, y1, x0, x1), ends exclusive, of the True pixels of each (h, w) mask of an
-    (n, h, w) batch; y1 is 0 for an empty mask. Computed where the masks are: nothing waits for the device."""
-    extents = []
-    for hit in (masks.any(2), masks.any(1)):        # rows and columns holding the blob
-        size = hit.shape[1]
-        first, after_last = hit.int().argmax(1), size - hit.flip(1).int().argmax(1)
-        extents += [first, torch.where(hit.any(1), after_last, 0)]
-    return torch.stack(extents, 1)
-
-
-def copyblob(images, labels, pairs, prob=0.5, generator=None):
-    """CopyBlob (the tutorial's class-imbalance augmentation with a visual prior): paste the pixels of a rare
-    class from another sample onto a plausible host class (e.g. a bicycle onto road). Returns new tensors.
-
-    For each (src_class, host_class) pair and each sample i, with probability `prob`: pick another sample j
-    containing src_class, take the bounding box of all its src_class pixels, and paste it where the box lies
-    fully inside the frame and its centre pixel is host_class in sample i (a spot drawn uniformly among those).
-    Only pixels that are src_class in j are pasted (image and label), so the rest of the box, void included, is
-    left as it was. Sources are the unmodified inputs, so blobs are never copied from an earlier paste; placement
-    sees earlier pastes. Draws come from `generator`; the device is read once per pair (which samples hold the
-    class), everything else is computed for the whole batch on the device.
-    """
-    src_images, src_labels = images, labels
-    images, labels = images.clone(), labels.clone()
-    n, _, h, w = images.shape
-    ys, xs = torch.arange(h, device=labels.device).view(1, h, 1), torch.arange(w, device=labels.device).view(1, 1, w)
-    for src, host in pairs:
-        boxes = blob_boxes(src_labels == src)
-        holders = [j for j, (_, y1, _, _) in enumerate(boxes.tolist()) if y1]     # the pair's one host read
-        plan = []       # per sample: donor, uniform draw for the spot, whether it pastes
-        for i in range(n):
-            donors = [j for j in holders if j != i]
-            if float(torch.rand((), generator=generator)) >= prob or not donors:
-                plan.append((i, 0.0, 0))
-            else:
-                plan.append((donors[_randint(len(donors), generator)], float(torch.rand((), generator=generator)), 1))
-        plan = upload(torch.tensor(plan, dtype=torch.float64), labels.device)
-        donor, pastes = plan[:, 0].long(), plan[:, 2].bool()
-        y0, y1, x0, x1 = boxes[donor].unbind(1)
-        bh, bw = (y1 - y0).view(n, 1, 1), (x1 - x0).view(n, 1, 1)
-        # the spots: host pixels whose box, centred on them, fits the frame; the k-th of them, k uniform
-        fits = (ys >= bh // 2) & (ys - bh // 2 + bh <= h) & (xs >= bw // 2) & (xs - bw // 2 + bw <= w)
-        spots = ((labels == host) & fits).view(n, -1)
-        count = spots.sum(1)
-        k = (plan[:, 1] * count).long()
-        spot = torch.searchsorted(spots.long().cumsum(1), (k + 1).view(n, 1)).view(n).clamp(max=h * w - 1)
-        ty, tx = (spot // w).view(n, 1, 1) - bh // 2, (spot % w).view(n, 1, 1) - bw // 2
-        # every pixel of sample i takes the donor's pixel at the same offset from the box, where that is src_class
-        sy, sx = (ys - ty + y0.view(n, 1, 1)).clamp(0, h - 1), (xs - tx + x0.view(n, 1, 1)).clamp(0, w - 1)
-        inside = (ys >= ty) & (ys < ty + bh) & (xs >= tx) & (xs < tx + bw)
-        donor_labels = src_labels[donor.view(n, 1, 1), sy, sx]
-        paste = inside & (donor_labels == src) & (pastes & (count > 0)).view(n, 1, 1)
-        labels = torch.where(paste, donor_labels, labels)
-        donor_images = src_images[donor.view(n, 1, 1), :, sy, sx].permute(0, 3, 1, 2)
-        images = torch.where(paste.unsqueeze(1), donor_images, images)
-    return images, labels
-
-
-def parse_pairs(pairs, class_names, dataset='voc'):
-    """--copyblob-pairs SRC:HOST ... by class name or index -> [(src, host)]; None gives the dataset's defaults."""
-    names = [n.replace(' ', '').replace('/', '') for n in class_names]
-    if pairs is None and dataset not in COPYBLOB_PAIRS:
-        raise UserError('--copyblob on your own classes needs --copyblob-pairs SRC:HOST (class names), e.g. the '
-                        f'rare class onto the class it sits on: {names[-1]}:{names[0]}')
-    out = []
-    for pair in COPYBLOB_PAIRS[dataset] if pairs is None else pairs:
-        try:
-            src, host = pair.split(':')
-            out.append(tuple(int(x) if x.isdigit() else names.index(x.replace(' ', '')) for x in (src, host)))
-        except ValueError:
-            raise UserError(f'--copyblob-pairs {pair!r}: expected SRC:HOST with class names or indices of '
-                            f'{", ".join(names)}') from None
-    return out
-
-
-def batch_augment(cutmix=0.0, copyblob_prob=0.0, pairs=()):
-    """augment(X, y, generator): CutMix and CopyBlob on a batch on the device (the images are already normalised
-    there: any dtype works), every draw from `generator`; or None when both are off."""
-    if not cutmix and not copyblob_prob:
-        return None
-
-    def augment(X, y, generator):
-        if copyblob_prob:
-            X, y = copyblob(X, y, pairs, copyblob_prob, generator)
-        if cutmix:
-            X, y = cutmix_segmentation(X, y, cutmix, generator=generator)
-        return X, y
-    return augment
-
-
-# ------------------------------------------------------------------------------------------------------ training
-def pick_device(name=None):
-    """--device, else the GPU of this process (torchrun's LOCAL_RANK), else the CPU. A GPU becomes the current one,
-    so that nothing lands on GPU 0 by default (a CUDA context there costs every process memory)."""
-    try:
-        device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    except RuntimeError:
-        raise UserError(f'--device {name!r} is not a device name: use cpu, cuda or cuda:N') from None
-    if device.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise UserError(f'--device {name} asked for a GPU but PyTorch sees none: use --device cpu')
-        if device.index is None:
-            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
-        torch.cuda.set_device(device)
-    return device
-
-
-def setup_distributed(device=None):
-    """torchrun sets WORLD_SIZE: one process per GPU (nccl), or per CPU slot (gloo), by the device this process
-    runs on (`--device cpu` on a GPU machine is gloo: nccl has no CPU tensors)."""
-    if world_size() > 1 and not torch.distributed.is_initialized():
-        device = pick_device(device)
-        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    elif torch.cuda.device_count() > 1 and world_size() == 1:
-        log(f'note: {torch.cuda.device_count()} GPUs here, this run uses one; use them all with '
-            f'torchrun --nproc_per_node={torch.cuda.device_count()} {Path(sys.argv[0]).name} ...')
-
-
-def amp_dtype(device, amp=None):
-    """Mixed precision on CUDA by default: bf16 from compute capability 8.0 on (A100, RTX 30xx and later: no scaler
-    needed), fp16 with a GradScaler below it (T4, V100, P100: cuDNN runs no bf16 convolutions there, and
-    torch.cuda.is_bf16_supported() counts the slow emulation as support). On the CPU, bf16."""
-    if amp is None:
-        amp = device.type == 'cuda'
-    if not amp:
-        return None
-    if device.type != 'cuda':
-        return torch.bfloat16
-    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-
-
-def autocast(device, dtype):
-    """Mixed precision in `dtype`, or nothing at all when it is None (a device without autocast then works too)."""
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
-
-def net_device(net):
-    return next(net.parameters()).device
-
-
-def setup_run(device=None, amp=None, channels_last=None, cudnn_benchmark=True, detect_anomaly=False, seed=0):
-    """torchrun's process group (when it started this process) and the seed of the model's initial weights (batches
-    and crops draw from (seed, epoch) on their own); returns (device, mixed-precision dtype or None, channels_last),
-    each default decided by the device."""
-    device = pick_device(device)
-    setup_distributed(device)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.benchmark = cudnn_benchmark    # fixed crop shapes: timed once, reused
-    if detect_anomaly:
-        torch.autograd.set_detect_anomaly(True)
-    pyplot()    # imported now: a Ctrl-C in the middle of matplotlib's first import cannot be handled cleanly
-    return device, amp_dtype(device, amp), device.type == 'cuda' if channels_last is None else channels_last
-
-
-def place_model(model, device, channels_last=False, sync_bn=False, compile=False):
-    """Moves the model to the device (in place) and returns what the loop runs: the model, wrapped in
-    DistributedDataParallel under torchrun, compiled with compile=True. Checkpoints keep saving the model."""
-    if sync_bn and world_size() > 1 and device.type == 'cuda':
-        nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    net = model
-    if world_size() > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    return torch.compile(net) if compile else net
-
-
-def unwrapped(net):
-    """The model inside what place_model returns (compiled: ._orig_mod; DistributedDataParallel: .module)."""
-    net = getattr(net, '_orig_mod', net)
-    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
-
-
-def train_batch_ch13(net, X, y, loss, amp=None, scaler=None, scale=1):
-    """Forward and backward of one (micro-)batch. Like the book, back-propagates the SUM of the per-example losses;
-    `scale` multiplies it (DDP averages gradients over its processes: scale=world size makes the update the sum over
-    the global batch). Returns (loss sum, correct pixels, labelled pixels) as tensors on the device."""
-    with autocast(X.device, amp):
-        out, aux = model_output(net(X))
-        l = loss(out, y)
-        if aux is not None:     # torchvision's DeepLabV3 auxiliary head, weighted as torchvision's references do
-            l = l + AUX_WEIGHT * loss(aux, y)
-    l_sum = l.float().sum()
-    scaled = l_sum * scale
-    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-    with torch.no_grad():
-        valid = y != IGNORE_INDEX
-        return l_sum.detach(), ((out.argmax(1) == y) & valid).sum(), valid.sum()
-
-
-def train_epoch_ch13(net, batches, loss, trainer, amp=None, scaler=None, accum_steps=1, augment=None, seed=0):
-    """One epoch of updates, each from accum_steps micro-batches (an incomplete last group is dropped, as the book
-    drops a partial batch). Nothing waits for the device inside the loop: the sums stay there and the loss is
-    checked once, at the end. `augment` draws from seed_for(seed, micro-batch, rank): a resumed epoch draws what an
-    uninterrupted one did. Returns [loss sum, examples, correct pixels, labelled pixels] over all processes."""
-    world, steps = world_size(), len(batches) // accum_steps
-    sums, examples, first_bad = 0, 0, None     # first_bad: the first step whose loss was not finite, on the device
-    trainer.zero_grad(set_to_none=True)
-    for i, (X, y) in enumerate(batches):
-        if i >= steps * accum_steps:
-            break
-        if Terminated.received:
-            raise Terminated()
-        if augment is not None:
-            X, y = augment(X, y, torch.Generator().manual_seed(seed_for(seed, i, rank())))
-        last = (i + 1) % accum_steps == 0
-        sync = net.no_sync() if (not last and hasattr(net, 'no_sync')) else contextlib.nullcontext()
-        with sync:
-            l_sum, correct, labelled = train_batch_ch13(net, X, y, loss, amp, scaler, world)
-        sums = sums + torch.stack([l_sum.double(), correct.double(), labelled.double()])
-        examples += y.shape[0]
-        step = torch.where(l_sum.isfinite(), steps + 1, i // accum_steps + 1)
-        first_bad = step if first_bad is None else torch.minimum(first_bad, step)
-        if last:
-            if scaler is not None:
-                scaler.step(trainer)
-                scaler.update()
-            else:
-                trainer.step()
-            trainer.zero_grad(set_to_none=True)
-    if first_bad is not None and int(first_bad) <= steps:
-        raise NonFiniteLoss(int(first_bad))
-    if not bool(torch.stack([v.isfinite().all() for v in net.state_dict().values() if v.is_floating_point()]).all()):
-        raise NonFiniteLoss(steps)    # a finite loss but broken weights: the last checkpoint stays
-    l_total, correct, labelled = sums.tolist()
-    return all_reduce_sum([l_total, examples, correct, labelled])
-
-
-def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint, amp=None, accum_steps=1,
-               augment=None):
-    """The book's train_ch13 (loss per example, train acc, test acc each epoch; examples/sec at the end), plus what
-    hours of GPU time need: a Checkpoint after every epoch, mixed precision, accumulation, several processes, a stop
-    on a non-finite loss, a clean Ctrl-C or SIGTERM. `net` may be compiled or wrapped in DDP; the checkpoint loads
-    and saves the model inside."""
-    from tqdm import tqdm
-    ckpt, scaler = checkpoint, torch.amp.GradScaler(net_device(net).type) if amp == torch.float16 else None
-    if len(train_iter) // accum_steps == 0:
-        raise UserError(f'--accum-steps {accum_steps} is more than the {len(train_iter)} batches of an epoch')
-    ckpt.start(unwrapped(net), trainer, scaler, num_epochs, len(train_iter.dataset), amp)
-    seen, train_time, run_seed = 0, 0.0, train_iter.sampler.seed
-    try:
-        for epoch in range(ckpt.epoch, num_epochs):
-            run_epoch = ckpt.first_epoch + epoch    # a fine-tune continues the first stage's epochs, and its draws
-            train_iter.sampler.set_epoch(run_epoch)
-            torch.manual_seed(seed_for(run_seed, run_epoch, MODEL_DRAWS))     # the model's own (dropout)
-            net.train()
-            start = time.time()
-            batches = tqdm(train_iter, desc=f'epoch {epoch + 1}/{num_epochs}', leave=False,
-                           disable=not is_main_process() or None)
-            l_total, n, correct, pixels = train_epoch_ch13(net, batches, loss, trainer, amp, scaler, accum_steps,
-                                                           augment, seed_for(run_seed, run_epoch, AUGMENT_DRAWS))
-            trained = time.time()
-            train_time += trained - start
-            seen += n
-            test = evaluate_crops(net, test_iter, amp)
-            ckpt.end_epoch(trainer, scaler, {
-                'epoch': epoch + 1, 'loss': l_total / n, 'train_acc': correct / max(pixels, 1),
-                'test_acc': test['pixel_acc'], 'test_miou': test['miou'], 'lr': trainer.param_groups[0]['lr'],
-                'seconds': time.time() - start, 'train_seconds': trained - start,
-                'eval_seconds': time.time() - trained})
-            h = ckpt.history[-1]
-            log(f'epoch {epoch + 1}/{num_epochs}: loss {h["loss"]:.3f}, train acc {h["train_acc"]:.3f}, '
-                f'test acc {h["test_acc"]:.3f}, test mIoU {h["test_miou"]:.3f} ({h["seconds"]:.0f} s)')
-    except KeyboardInterrupt as stop:      # Ctrl-C, or SIGTERM from a scheduler (run_main makes it one)
-        log(f'\n{stop_name(stop)}: {ckpt.path} holds {ckpt.saved} finished epoch(s); run the same command with '
-            '--resume to continue')
-        raise SystemExit(stop_status(stop)) from None
-    except NonFiniteLoss as err:
-        kept = f'{ckpt.path} (epoch {ckpt.saved}) is kept' if ckpt.saved else 'no checkpoint was written'
-        raise UserError(f'the loss became inf or nan at epoch {ckpt.epoch + 1}, step {err.step}; {kept}: lower '
-                        '--lr, or find the operation with --detect-anomaly') from None
-    if ckpt.history:
-        h = ckpt.history[-1]
-        log(f'loss {h["loss"]:.3f}, train acc {h["train_acc"]:.3f}, test acc {h["test_acc"]:.3f}, '
-            f'test mIoU {h["test_miou"]:.3f}')
-    if train_time > 0:
-        log(f'{seen / train_time:.1f} examples/sec on {[str(net_device(net))] * world_size()}')
-    return ckpt.history
-
-
-class NonFiniteLoss(Exception):
-    def __init__(self, step):
-        super().__init__(f'step {step}')
-        self.step = step
-
-
-def evaluate_crops(net, data_iter, amp=None):
-    """The per-epoch test figures on random crops (the book's test acc), plus mIoU from the same pixels."""
-    net.eval()
-    cm = ConfusionMatrix(data_iter.dataset.num_classes)
-    with torch.inference_mode(), autocast(net_device(net), amp):
-        for X, y in data_iter:
-            cm.update(model_output(net(X))[0].argmax(1), y)
-    cm.all_reduce()
-    return cm.compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:    # noqa: BLE001 - the partial file goes, whatever stopped the write
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if not isinstance(err, Exception):
+            raise
+        cause = next((e for e in (err, err.__context__, err.__cause__) if isinstance(e, OSError)), err)
+        raise UserError(f'cannot write {path} ({getattr(cause, "strerror", None) or error_line(cause)}): {fix}') \
+            from None
 
 
 def save_checkpoint(obj, path):
@@ -1917,178 +2252,59 @@ class Checkpoint:
                 plot_history(self.earlier + self.history, self.curves, self.title, self.first_epoch)
 
 
-def finetune_path(save):
-    """The fine-tune stage's checkpoint beside the first stage's: my.pt -> my_finetune.pt."""
-    save = Path(save)
-    return save.with_name(save.stem + '_finetune' + save.suffix)
+# --------------------------------------------------------------------------------------------------- devices and models
+def pick_device(name=None):
+    """--device, else the GPU of this process (torchrun's LOCAL_RANK), else the CPU. A GPU becomes the current one,
+    so that nothing lands on GPU 0 by default (a CUDA context there costs every process memory)."""
+    try:
+        device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError:
+        raise UserError(f'--device {name!r} is not a device name: use cpu, cuda or cuda:N') from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UserError(f'--device {name} asked for a GPU but PyTorch sees none: use --device cpu')
+        if device.index is None:
+            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+        torch.cuda.set_device(device)
+    return device
 
 
-# ------------------------------------------------------------------------------------------ evaluation/inference
-class ConfusionMatrix:
-    """Rows: ground truth, columns: prediction. Pixels labelled ignore_index (or outside the classes) do not count."""
-
-    def __init__(self, num_classes, ignore_index=IGNORE_INDEX):
-        self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.mat = torch.zeros((num_classes, num_classes), dtype=torch.int64)
-
-    def update(self, pred, target):
-        """Adds a batch where it is: the matrix follows the predictions to their device, and only bincount (which
-        needs its output's size) waits for the device."""
-        n = self.num_classes
-        target, pred = target.reshape(-1).long(), pred.reshape(-1).long()
-        counted = (target >= 0) & (target < n) & (target != self.ignore_index)
-        idx = torch.where(counted, n * target + pred, n * n)        # the pixels not counted: one more bin, dropped
-        counts = torch.bincount(idx, minlength=n * n + 1)[:n * n].view(n, n)
-        self.mat = self.mat.to(counts.device) + counts
-
-    def all_reduce(self):
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            self.mat = self.mat.to(dist_device())
-            torch.distributed.all_reduce(self.mat)
-
-    def compute(self):
-        h = self.mat.cpu().double()
-        diag, gt, pr = h.diag(), h.sum(1), h.sum(0)
-        total = h.sum()
-        acc = diag / gt                                         # NaN for a class absent from the ground truth
-        iou = diag / (gt + pr - diag)                           # NaN for a class absent from both
-        present = ~torch.isnan(iou)
-        freq = gt / total if total > 0 else gt
-        return {
-            'pixel_acc': float(diag.sum() / total) if total > 0 else float('nan'),
-            'mean_acc': float(acc[~torch.isnan(acc)].mean()) if (~torch.isnan(acc)).any() else float('nan'),
-            'miou': float(iou[present].mean()) if present.any() else float('nan'),
-            'fwiou': float((freq[present] * iou[present]).sum()) if present.any() else float('nan'),
-            'iou': iou.tolist(),
-            'acc': acc.tolist(),
-            'pixels': int(total),
-        }
+def net_device(net):
+    return next(net.parameters()).device
 
 
-@torch.inference_mode()
-def predict_scores(net, X, scales=None, test_size=None, flip=True, mode='softmax'):
-    """Class scores (N,C,H,W) at the size of normalised images X (N,3,H,W): the logits of one pass, or with `scales`
-    the softmax probabilities of every scale (and its horizontal flip) resized to H,W and averaged. mode='tutorial'
-    combines them as the tutorial's code does: the raw scores averaged (its sum over the passes, divided by their
-    number), every resize with align_corners=True and the scaled sizes rounded down (its scale_factor); a pass with
-    large scores then outvotes the others. test_size: the net sees X resized to it first, the scores come back to
-    H,W (the tutorial's Cityscapes evaluation). The caller sets net.eval()."""
-    h, w = X.shape[-2:]
-    if test_size:
-        X = F.interpolate(X, size=tuple(test_size), mode='bilinear', align_corners=False)
-    def scores_of(x):
-        return run_padded(lambda padded: model_output(net(padded))[0], x)
-    if not scales:
-        out = scores_of(X)
-    else:
-        sh, sw = X.shape[-2:]
-        tutorial = mode == 'tutorial'
-        out, passes = 0, 0
-        for s in scales:
-            size = tuple(max(1, math.floor(side * s) if tutorial else round(side * s)) for side in (sh, sw))
-            x = X if size == (sh, sw) else F.interpolate(X, size=size, mode='bilinear', align_corners=tutorial)
-            for flipped in ((False, True) if flip else (False,)):
-                scores = scores_of(x.flip(-1) if flipped else x)
-                scores = F.interpolate(scores.float(), size=(sh, sw), mode='bilinear', align_corners=tutorial)
-                scores = scores if tutorial else scores.softmax(1)
-                out = out + (scores.flip(-1) if flipped else scores)
-                passes += 1
-        out = out / passes
-    if test_size:
-        out = F.interpolate(out.float(), size=(h, w), mode='bilinear', align_corners=False)
-    return out
+def setup_run(device=None, amp=None, channels_last=None, cudnn_benchmark=True, detect_anomaly=False, seed=0):
+    """torchrun's process group (when it started this process) and the seed of the model's initial weights (batches
+    and crops draw from (seed, epoch) on their own); returns (device, mixed-precision dtype or None, channels_last),
+    each default decided by the device."""
+    device = pick_device(device)
+    setup_distributed(device)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = cudnn_benchmark    # fixed crop shapes: timed once, reused
+    if detect_anomaly:
+        torch.autograd.set_detect_anomaly(True)
+    pyplot()    # imported now: a Ctrl-C in the middle of matplotlib's first import cannot be handled cleanly
+    return device, amp_dtype(device, amp), device.type == 'cuda' if channels_last is None else channels_last
 
 
-def predict(net, img, scales=None, test_size=None, mst_mode='softmax'):
-    """The book's predict: a uint8 image 3xHxW (or a batch Nx3xHxW) -> class indices HxW (NxHxW), at any size;
-    `scales` for multi-scale + flip, combined by `mst_mode` (predict_scores)."""
-    X = normalize_image(img.to(net_device(net)))
-    batch = X if X.ndim == 4 else X.unsqueeze(0)
-    pred = predict_scores(net, batch, scales, test_size, mode=mst_mode).argmax(dim=1).cpu()
-    return pred if X.ndim == 4 else pred[0]
+def place_model(model, device, channels_last=False, sync_bn=False, compile=False):
+    """Moves the model to the device (in place) and returns what the loop runs: the model, wrapped in
+    DistributedDataParallel under torchrun, compiled with compile=True. Checkpoints keep saving the model."""
+    if sync_bn and world_size() > 1 and device.type == 'cuda':
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = model
+    if world_size() > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    return torch.compile(net) if compile else net
 
 
-def evaluate_full(net, dataset, scales=None, amp=None, test_size=None, num_workers=None, batch_size=8,
-                  mst_mode='softmax'):
-    """Confusion matrix over a whole split at each image's original size (labels are never resized).
-
-    `dataset` gives whole uint8 images (crop_size=None, normalize=False). Workers decode; images of the same size
-    (most of VOC is 500x375 or 375x500) go through the net together; multi-scale runs one image at a time.
-    """
-    from tqdm import tqdm
-    net.eval()
-    cm = ConfusionMatrix(dataset.num_classes)
-    workers = default_workers() if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1 if scales else batch_size, collate_fn=list,
-                                         worker_init_fn=quiet_worker,
-                                         sampler=SeededSampler(dataset, shuffle=False), num_workers=workers)
-    with torch.inference_mode(), autocast(net_device(net), amp):
-        for batch in tqdm(handed_over(loader), desc='evaluating', total=len(loader), leave=False,
-                          disable=not is_main_process() or None):
-            by_size = {}
-            for image, label in batch:
-                by_size.setdefault(tuple(image.shape), []).append((image, label))
-            for items in by_size.values():
-                preds = predict(net, torch.stack([image for image, _ in items]), scales, test_size, mst_mode)
-                for pred, (_, label) in zip(preds, items):
-                    cm.update(pred, label)
-    cm.all_reduce()
-    return cm
-
-
-def results_path(ckpt_path, suffix, mst=False):
-    p = Path(ckpt_path)
-    return p.with_name(f'{p.stem}_results{"_mst" if mst else ""}{suffix}')
-
-
-def metrics_table(results, class_names):
-    """The per-class table; a second column set appears when a multi-scale result is there too."""
-    runs = [(name, r) for name, r in results if r is not None]
-    head = f'{"class":<16}' + ''.join(f'{"IoU " + name:>16}{"acc " + name:>16}' for name, _ in runs)
-    lines = [head]
-    for c, cls in enumerate(class_names):
-        lines.append(f'{cls:<16}' + ''.join(f'{r["iou"][c]:>16.4f}{r["acc"][c]:>16.4f}' for _, r in runs))
-    for key, label in (('pixel_acc', 'pixel acc'), ('mean_acc', 'mean acc'), ('miou', 'mIoU'), ('fwiou', 'fwIoU')):
-        lines.append(f'{label:<16}' + ''.join(f'{r[key]:>16.4f}{"":>16}' for _, r in runs))
-    lines.append('nan: the class is absent from both prediction and ground truth; such classes are left out of '
-                 'mIoU (and of mean acc when absent from the ground truth)')
-    return '\n'.join(lines)
-
-
-def evaluate_checkpoint(net, ckpt_path, dataset, title, scales=None, amp=None, test_size=None, num_workers=None,
-                        mst_mode='softmax'):
-    """--eval: a whole split at original size (evaluate_full); the table to stdout, beside the single-scale (or
-    multi-scale) one when that exists, and *_results.txt/.json and *_confusion.png beside the checkpoint."""
-    cm = evaluate_full(net, dataset, scales, amp, test_size, num_workers, mst_mode=mst_mode)
-    names = dataset.classes.names
-    result = dict(cm.compute(), checkpoint=str(ckpt_path), mst=bool(scales), scales=scales,
-                  mst_mode=mst_mode if scales else None, data=title, images=len(dataset), class_names=names)
-    if not is_main_process():
-        return result
-    other_path = results_path(ckpt_path, '.json', not scales)
-    other = json.loads(other_path.read_text()) if other_path.exists() else None
-    table = metrics_table([('single', other), ('mst', result)] if scales else [('mst', other), ('single', result)],
-                          names)
-    print(f'\n{ckpt_path} on {len(dataset)} val images of {title} at original size\n{table}')
-    fix = ('the results go beside the checkpoint: free some disk space there, or copy the checkpoint to a writable '
-           'folder and pass --checkpoint')
-    for suffix, text in (('.json', json.dumps(result, indent=1)), ('.txt', table + '\n')):
-        write_atomically(results_path(ckpt_path, suffix, bool(scales)), lambda f: f.write(text.encode()), fix)
-    save_confusion_matrix(cm, names, Path(ckpt_path).with_name(Path(ckpt_path).stem + '_confusion.png'),
-                          f'{Path(ckpt_path).name}: mIoU {result["miou"]:.3f} - {title}', fix)
-    return result
-
-
-def known_metrics(ckpt_path, ckpt):
-    """A picture title's figures: full-resolution results if --eval wrote them, else the last epoch's crops."""
-    path = results_path(ckpt_path, '.json')
-    if path.exists():
-        r = json.loads(path.read_text())
-        return f'val acc {r["pixel_acc"]:.3f}, mIoU {r["miou"]:.3f}'
-    if ckpt['history']:
-        h = ckpt['history'][-1]
-        return f'val crops: acc {h["test_acc"]:.3f}, mIoU {h["test_miou"]:.3f}'
-    return 'untrained'
+def unwrapped(net):
+    """The model inside what place_model returns (compiled: ._orig_mod; DistributedDataParallel: .module)."""
+    net = getattr(net, '_orig_mod', net)
+    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
 
 
 def open_model(path, device=None, amp=None):
@@ -2137,118 +2353,7 @@ def checkpoint_classes(ckpt):
     return Classes(**ckpt['classes'])
 
 
-def image_files(inputs):
-    """The image files among `inputs` (files, and the images directly inside folders)."""
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            yield from sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.exists():
-            yield path
-        else:
-            raise UserError(f'{path} does not exist: pass image files or folders')
-
-
-def segment_files(net, files, out_dir, classes, scales=None, amp=None, test_size=None, mst_mode='softmax'):
-    """Each image -> <stem>_color.png, <stem>_overlay.png and <stem>_labels.png (class ids, a palette PNG; for
-    Cityscapes also <stem>_labelIds.png) in out_dir, one image in memory at a time (under torchrun, each process
-    its share). An unreadable file is skipped with a warning and counted; no output may replace any of the inputs;
-    a failed write stops the run (the next would fail too)."""
-    files, out_dir, done, skipped = list(files), Path(out_dir), 0, 0
-    inputs = {Path(p).resolve() for p in files}
-    for path in files[rank()::world_size()]:
-        try:
-            image = read_image(path)
-        except UserError as err:
-            print(f'warning: skipped {error_line(err)}', file=sys.stderr)
-            skipped += 1
-            continue
-        with autocast(net_device(net), amp):
-            pred = predict(net, image, scales, test_size, mst_mode)
-        outs = {f'{Path(path).stem}_{kind}.png': pic for kind, pic in segmentation_pictures(image, pred, classes)}
-        for name in outs:
-            if (out_dir / name).resolve() in inputs:
-                raise UserError(f'{out_dir / name} is an input image: pass another --out-dir')
-        for name, picture in outs.items():
-            write_atomically(out_dir / name, functools.partial(picture.save, format='PNG'),
-                             'free some disk space, or pass another --out-dir')
-        done += 1
-    done, skipped = (int(n) for n in all_reduce_sum([done, skipped]))
-    log(f'segmented {done} image(s) into {out_dir}' + (f', skipped {skipped} unreadable' if skipped else ''))
-
-
-def segment_inputs(net, ckpt, inputs, out_dir, scales=None, amp=None, test_size=None, mst_mode='softmax'):
-    """Your own images (files, or the images in folders) -> colour, overlay and label-id PNGs in out_dir, in the
-    checkpoint's class colours. Needs no dataset."""
-    segment_files(net, image_files(inputs), out_dir, checkpoint_classes(ckpt), scales, amp, test_size, mst_mode)
-
-
-# ------------------------------------------------------------------------------------------------------ pictures
-def palette(colors=VOC_COLORMAP):
-    """256x3 uint8: the class colours, then VOC's palette (VOC's void colour at 255): label2image, PIL palettes."""
-    return torch.tensor(list(colors) + palette_colors(256)[len(colors):], dtype=torch.uint8)
-
-
-def label2image(pred, colormap=VOC_COLORMAP):
-    """The book's label2image: HxW class indices -> HxWx3 uint8 colours (void drawn in VOC's void colour)."""
-    return palette(colormap)[pred.long().clamp(0, 255).cpu()]
-
-
-def segmentation_pictures(image, pred, classes):
-    """(kind, PIL image) for a uint8 image and its prediction: the colours, the colours over the image (torchvision's
-    draw_segmentation_masks, half and half) and the class ids as a palette PNG; for Cityscapes also the label ids
-    (*_labelIds.png, what Cityscapes' evaluation scripts and the tutorial's challenge read)."""
-    colors = classes.colors
-    pictures = [('labelIds', Image.fromarray(cityscapes_trainid_to_id()[pred.long()].numpy()))] \
-        if classes == CITYSCAPES else []
-    classes = torch.arange(len(colors))
-    overlay = torchvision.utils.draw_segmentation_masks(image, pred[None] == classes[:, None, None], alpha=0.5,
-                                                        colors=[tuple(c) for c in colors])
-    ids = Image.frombytes('P', (pred.shape[1], pred.shape[0]), pred.to(torch.uint8).numpy().tobytes())
-    ids.putpalette(palette(colors).reshape(-1).tolist())
-    return [('color', Image.fromarray(label2image(pred, colors).numpy())),
-            ('overlay', Image.fromarray(overlay.permute(1, 2, 0).numpy())), ('labels', ids)] + pictures
-
-
-def show_predictions(path, crops, predictions, colors, title, names=None):
-    """The book's picture of val crops (crops: (image, label) pairs; predictions: one list of class maps per net):
-    for one net three rows, image, prediction, ground truth; for several (`names`: their column titles) a row per
-    image: image, ground truth, then each net's prediction."""
-    images = [X.permute(1, 2, 0) for X, _ in crops]
-    truths = [label2image(y, colors) for _, y in crops]
-    drawn = [[label2image(p, colors) for p in preds] for preds in predictions]
-    if names is None:
-        save_image_grid(path, [images, drawn[0], truths], title, row_titles=['image', 'prediction', 'ground truth'])
-    else:
-        rows = [[images[i], truths[i]] + [d[i] for d in drawn] for i in range(len(crops))]
-        save_image_grid(path, rows, title, col_titles=['image', 'ground truth'] + list(names))
-    log(f'wrote {path}')
-
-
-def val_crops(dataset, n, crop, min_share=0.02):
-    """The book's picture material: n val (image, label) pairs cropped at (0, 0, h, w). Images smaller than the crop
-    are passed over, and so are crops where objects (classes after the first, the background) cover less than
-    min_share, while enough others are left: a picture of background shows nothing."""
-    chosen, fallback = [], []
-    for i in range(len(dataset)):
-        image, label = dataset.read(i)
-        if image.shape[1] >= crop[0] and image.shape[2] >= crop[1]:
-            X, y = (torchvision.transforms.functional.crop(t, 0, 0, *crop) for t in (image, label))
-            share = float(((y > 0) & (y != IGNORE_INDEX)).float().mean())
-            (chosen if share >= min_share else fallback).append((X, y))
-            if len(chosen) == n:
-                break
-    if not chosen + fallback:
-        raise UserError(f'no val image is at least {crop[0]}x{crop[1]}: nothing to draw')
-    return (chosen + fallback)[:n]
-
-
-def picture_crop(config):
-    """The crop of the pictures: the training crop, as the book's (320x480); the demo's smallest image for demo data
-    (its training crop would cut its shapes in half)."""
-    return DEMO_MIN_SIZE if config.get('demo') else config['crop_size']
-
-
+# ------------------------------------------------------------------------------------------------------------- pictures
 def pyplot():
     import matplotlib
     matplotlib.use('Agg')       # files only: works with no screen, in workers and over ssh
@@ -2262,30 +2367,6 @@ def save_figure(fig, path, fix):
                          fix)
     finally:
         pyplot().close(fig)
-
-
-def save_image_grid(path, rows, title, row_titles=None, col_titles=None, scale=2.0):
-    """rows: lists of HxWx3 uint8 images (tensors or arrays). The book's show_images, saved to a file."""
-    plt = pyplot()
-    n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    h, w = np.asarray(rows[0][0]).shape[:2]
-    fig, axes = plt.subplots(n_rows, n_cols, squeeze=False,
-                             figsize=(n_cols * scale * w / max(h, w) + 0.6, n_rows * scale * h / max(h, w) + 0.6))
-    for r, row in enumerate(rows):
-        for c in range(n_cols):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c < len(row):
-                ax.imshow(np.asarray(row[c]))
-            else:
-                ax.axis('off')
-            if col_titles and r == 0:
-                ax.set_title(col_titles[c], fontsize=8)
-            if row_titles and c == 0:
-                ax.set_ylabel(row_titles[r], fontsize=8)
-    fig.suptitle(title, fontsize=10, y=1.08 if col_titles else 0.98)   # above multi-line column titles
-    save_figure(fig, path, 'free some disk space, or pass another --picture')
 
 
 def plot_history(history, path, title, stage_start=0):
@@ -2314,35 +2395,6 @@ def plot_history(history, path, title, stage_start=0):
                 '--resume')
 
 
-def save_confusion_matrix(cm, class_names, path, title, fix):
-    """Rows normalised: row i shows where the pixels of class i went."""
-    plt = pyplot()
-    m = cm.mat.cpu().double()
-    m = (m / m.sum(1, keepdim=True).clamp(min=1)).numpy()
-    n = len(class_names)
-    fig, ax = plt.subplots(figsize=(0.35 * n + 3, 0.35 * n + 2.5))
-    im = ax.imshow(m, cmap='Blues', vmin=0, vmax=1)
-    ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
-    ax.set_yticks(range(n), class_names, fontsize=7)
-    ax.set_xlabel('predicted')
-    ax.set_ylabel('ground truth')
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_title(title, fontsize=9)
-    save_figure(fig, path, fix)
-
-
-def plot_class_frequencies(counts, class_names, path, title):
-    """The share of labelled pixels per class, on a log scale (class imbalance at a glance)."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(10, 3.5))
-    ax.bar(range(len(class_names)), (counts / counts.sum().clamp(min=1)).tolist())
-    ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
-    ax.set_ylabel('share of labelled pixels')
-    ax.set_yscale('log')
-    ax.set_title(title, fontsize=9)
-    save_figure(fig, path, 'free some disk space, or run the script from a folder where pictures/ can be written')
-
-
 def recipe_title(config):
     """A picture title: what was trained, how. From a checkpoint's config."""
     c = config
@@ -2354,27 +2406,25 @@ def recipe_title(config):
     return text + (f' ({", ".join(extras)})' if extras else '')
 
 
-# -------------------------------------------------------------------------- flags and the scripts' start and end
-def run_main(main):
-    """Every script ends with run_main(main): a user mistake becomes one line on stderr, not a traceback; Ctrl-C
-    and SIGTERM stop it with one line too; torchrun's process group is closed at the end."""
-    previous, sys.unraisablehook = signal.signal(signal.SIGTERM, raise_terminated), quiet_unraisable
-    Terminated.received = False     # a stop belongs to the run it stopped (several runs in one process: the tests)
-    try:
-        main()
-    except UserError as err:
-        print(f'error: {error_line(err)}', file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt as stop:
-        log(f'\n{stop_name(stop)}')
-        sys.exit(stop_status(stop))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        sys.unraisablehook = sys.__unraisablehook__
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+def known_metrics(ckpt_path, ckpt):
+    """A picture title's figures: full-resolution results if --eval wrote them, else the last epoch's crops."""
+    path = results_path(ckpt_path, '.json')
+    if path.exists():
+        r = json.loads(path.read_text())
+        return f'val acc {r["pixel_acc"]:.3f}, mIoU {r["miou"]:.3f}'
+    if ckpt['history']:
+        h = ckpt['history'][-1]
+        return f'val crops: acc {h["test_acc"]:.3f}, mIoU {h["test_miou"]:.3f}'
+    return 'untrained'
 
 
+def picture_crop(config):
+    """The crop of the pictures: the training crop, as the book's (320x480); the demo's smallest image for demo data
+    (its training crop would cut its shapes in half)."""
+    return DEMO_MIN_SIZE if config.get('demo') else config['crop_size']
+
+
+# ---------------------------------------------------------------------------------------------------------------- flags
 def parse_with_demo(parser, demo):
     """parser.parse_args(); with --demo, parsed again with the script's `demo` recipe as defaults (flags given on
     the command line still win)."""
@@ -2508,7 +2558,10 @@ def check_writable(*paths):
             raise UserError(f'cannot write to {folder} ({err.strerror or err}): pass a writable path') from None
 
 
-# --------------------------------------------------------------------------------------- the demo-data generator
+# --------------------------------------------------------------------------------------------------- the demo generator
+DEMO_DIR = DATA_DIR / 'demo' / 'VOC2012'
+DEMO_FOLDER = DATA_DIR / 'demo' / 'folder'                  # the same demo data, laid out as a user's own
+DEMO_MIN_SIZE = (80, 112)       # the demo's smallest regular image: its pictures show this much of each
 # Five VOC classes drawn as simple shapes with their own colours and textures, so that a small net learns them from
 # scratch in minutes on a CPU.
 DEMO_CLASSES = (1, 3, 7, 8, 15)  # aeroplane, bird, car, cat, person
