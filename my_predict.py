@@ -27,7 +27,8 @@ def main():
     net, ckpt, device, amp = sd.open_model(path, args.device, args.amp)
     scales = args.scales if args.mst else None
     if args.inputs:
-        sd.segment_inputs(net, ckpt, args.inputs, args.out_dir, scales, amp, args.test_size, args.mst_mode)
+        sd.segment_files(net, sd.image_files(args.inputs), args.out_dir, sd.checkpoint_classes(ckpt), scales, amp,
+                         args.test_size, args.mst_mode)
     if args.inputs and not (args.eval or args.write_split):
         return              # your own images only: no dataset needed
 
@@ -54,9 +55,9 @@ def main():
     crops = sd.val_crops(val, args.num_images, sd.picture_crop(ckpt['config']))
     predictions = {id(n): [sd.predict(n, X) for X, _ in crops] for n in
                    [net] + [n for _, n, _ in columns]}      # each net once, the main one among them
-    title = f'{sd.recipe_title(ckpt["config"])}\n{sd.known_metrics(path, ckpt)} - {data.title}'
+    title = f'{sd.recipe_title(ckpt["config"])}\n{sd.metrics_for_title(path, ckpt)} - {data.title}'
     sd.show_predictions(args.picture, crops, [predictions[id(net)]], colors, title)
-    names = [f'{p.name}\n{textwrap.fill(sd.recipe_title(c["config"]), 30)}\n{sd.known_metrics(p, c)}'
+    names = [f'{p.name}\n{textwrap.fill(sd.recipe_title(c["config"]), 30)}\n{sd.metrics_for_title(p, c)}'
              for p, _, c in columns]
     sd.show_predictions(Path(args.picture).with_name('compare.png'), crops, [predictions[id(n)] for _, n, _ in columns],
                         colors, f'side by side on {data.title}', names)

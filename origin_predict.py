@@ -19,7 +19,8 @@ def main():
     net, ckpt, _, amp = sd.open_model(path, args.device, args.amp)
     scales = args.scales if args.mst else None
     if args.inputs:
-        sd.segment_inputs(net, ckpt, args.inputs, args.out_dir, scales, amp, args.test_size, args.mst_mode)
+        sd.segment_files(net, sd.image_files(args.inputs), args.out_dir, sd.checkpoint_classes(ckpt), scales, amp,
+                         args.test_size, args.mst_mode)
         if not (args.eval or args.write_split):
             return          # your own images only: no dataset needed
 
@@ -34,7 +35,7 @@ def main():
                          args.test_size, args.mst_mode)
     if sd.is_main_process():    # the book's picture: three rows, image, prediction, ground truth
         crops = sd.val_crops(val, args.num_images, sd.picture_crop(ckpt['config']))
-        title = f'{sd.recipe_title(ckpt["config"])}\n{sd.known_metrics(path, ckpt)} - {data.title}'
+        title = f'{sd.recipe_title(ckpt["config"])}\n{sd.metrics_for_title(path, ckpt)} - {data.title}'
         sd.show_predictions(args.picture, crops, [[sd.predict(net, X) for X, _ in crops]], colors, title)
 
 

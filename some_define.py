@@ -23,6 +23,7 @@ import collections
 import contextlib
 import copy
 import datetime
+import errno
 import functools
 import hashlib
 import http.client
@@ -85,15 +86,15 @@ Classes = collections.namedtuple('Classes', 'names colors')
 VOC = Classes(VOC_CLASSES, VOC_COLORMAP)
 # What a dataset lister finds: (image, label) path pairs, where they were listed (for messages), what to tell a user
 # whose file is broken, and a 256-entry table from stored label values to classes (None: values are the classes).
-Files = collections.namedtuple('Files', 'items source fix label_lut', defaults=(None,))
+SplitFiles = collections.namedtuple('SplitFiles', 'items source advice label_lut', defaults=(None,))
 
 
 def read_voc_images(voc_dir, is_train=True):
-    """The book's reader: every image and RGB label image of a split, as uint8 tensors (the pictures and the
-    benchmark's copy of the book's dataset use it; training reads lazily)."""
+    """The book's reader: every image and RGB label image of a split, as uint8 tensors, all in memory (the
+    benchmark's copy of the book's dataset uses it; training reads lazily, VOCSegDataset)."""
     files = voc_files(voc_dir, is_train)
-    features = [read_image(img, 'RGB', files.fix) for img, _ in files.items]
-    labels = [read_image(label, 'RGB', files.fix) for _, label in files.items]
+    features = [read_image(img, 'RGB', files.advice) for img, _ in files.items]
+    labels = [read_image(label, 'RGB', files.advice) for _, label in files.items]
     return features, labels
 
 
@@ -105,7 +106,7 @@ def voc_files(voc_dir, is_train=True):
         for path in pair:
             if not path.exists():
                 raise UserError(f'{path} is missing (id {name} of {split}): restore it or remove the id')
-    return Files(items, split, f'remove its id from {split}')
+    return SplitFiles(items, split, f'remove its id from {split}')
 
 
 def read_split(voc_dir, is_train=True):
@@ -122,18 +123,18 @@ def voc_paths(voc_dir, name):
     return Path(voc_dir) / 'JPEGImages' / f'{name}.jpg', Path(voc_dir) / 'SegmentationClass' / f'{name}.png'
 
 
-def read_image(path, mode='RGB', fix='remove it'):
+def read_image(path, mode='RGB', advice='remove it'):
     """A file as a uint8 CxHxW tensor: mode 'RGB' gives 3 channels, 'UNCHANGED' what is stored (a palette PNG gives
     its indices). PIL decodes: torchvision.io's decoders are deprecated from torchvision 0.29 on. A missing or broken
-    file ends in one line naming it and `fix`."""
+    file ends in one line naming it and `advice`."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f'{path} is missing: restore it or {fix}')
+        raise UserError(f'{path} is missing: restore it or {advice}')
     try:
         with Image.open(path) as img:
             array = torch.from_numpy(np.array(img.convert('RGB') if mode == 'RGB' else img))
     except Exception as err:
-        raise UserError(f'{path} cannot be read ({error_line(err)}): replace it or {fix}') from None
+        raise UserError(f'{path} cannot be read ({error_line(err)}): replace it or {advice}') from None
     return array.permute(2, 0, 1).contiguous() if array.ndim == 3 else array[None]
 
 
@@ -156,11 +157,11 @@ def voc_label_indices(colormap, colormap2label):
     return torch.where(codes[pos] == idx, classes[pos], torch.full_like(idx, -1))
 
 
-def read_label(path, colormap2label=None, fix='remove it'):
+def read_label(path, colormap2label=None, advice='remove it'):
     """Class indices (HxW int64) of a label PNG. Palette and greyscale labels (VOC's are palette PNGs) hold the
     indices themselves; an RGB label goes through the colour lookup, and a colour of no class is an error naming
     the colour and where it is."""
-    label = read_image(path, 'UNCHANGED', fix)
+    label = read_image(path, 'UNCHANGED', advice)
     if label.shape[0] <= 2:         # palette or grey (with alpha): the values are the classes
         return label[0].long()
     indices = voc_label_indices(label[:3], colormap2label or voc_colormap2label())
@@ -214,7 +215,7 @@ def normalize_image(img):
 
 
 class SegDataset(torch.utils.data.Dataset):
-    """The one dataset mechanism (VOC, Cityscapes, a user's folders): Files and a class table in, the book's items
+    """The one dataset mechanism (VOC, Cityscapes, a user's folders): SplitFiles and a class table in, the book's items
     out, read lazily: only file names are kept, a DataLoader worker decodes an item when it is asked for.
 
     crop_size=None gives whole images (evaluation at the original size). With a crop, images smaller than it are
@@ -225,7 +226,7 @@ class SegDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, files, classes, crop_size=None, normalize=True, void_as_background=False, augment=False):
-        self.classes, self.num_classes, self.fix = classes, len(classes.names), files.fix
+        self.classes, self.num_classes, self.advice = classes, len(classes.names), files.advice
         self.crop_size = None if crop_size is None else tuple(int(s) for s in crop_size)
         self.normalize, self.void_as_background, self.augment = normalize, void_as_background, augment
         self.label_lut, self.colormap2label = files.label_lut, voc_colormap2label(classes.colors)
@@ -243,7 +244,8 @@ class SegDataset(torch.utils.data.Dataset):
                 with Image.open(img_path) as img:
                     w, h = img.size
             except Exception as err:
-                raise UserError(f'{img_path} cannot be read ({error_line(err)}): replace it or {files.fix}') from None
+                raise UserError(f'{img_path} cannot be read ({error_line(err)}): replace it or '
+                                f'{files.advice}') from None
             largest = max(largest, (h, w))
             if h >= self.crop_size[0] and w >= self.crop_size[1]:
                 kept.append((img_path, label_path))
@@ -259,8 +261,8 @@ class SegDataset(torch.utils.data.Dataset):
     def read(self, idx):
         """(uint8 3xHxW image, int64 HxW label) at full size, checked."""
         img_path, label_path = self.items[idx]
-        image = read_image(img_path, 'RGB', self.fix)
-        label = read_label(label_path, self.colormap2label, self.fix)
+        image = read_image(img_path, 'RGB', self.advice)
+        label = read_label(label_path, self.colormap2label, self.advice)
         if self.label_lut is not None:
             label = self.label_lut[label.clamp(0, 255)]
         check_pair(image, label, img_path, label_path, self.num_classes)
@@ -292,11 +294,11 @@ class VOCSegDataset(SegDataset):
 
 def load_data_voc(batch_size, crop_size, data, seed=0, num_workers=None, device=None, channels_last=False,
                   on_device='auto'):
-    """The book's two loaders of random crops: (train_iter, test_iter). `data`: a Data (find_data: VOC, Cityscapes,
-    a folder) or, as in the book, the VOC2012 folder. Without `device`, the book's float32 images and int64 labels;
-    with it, batches arrive on the device, from splits kept there (DeviceData, see data_on_device) or streamed from
-    the workers (DeviceLoader)."""
-    data = data if isinstance(data, Data) else Data('voc', Path(data), VOC, False, 'VOC2012')
+    """The book's two loaders of random crops: (train_iter, test_iter). `data`: a DataSource (find_data: VOC,
+    Cityscapes, a folder) or, as in the book, the VOC2012 folder. Without `device`, the book's float32 images and
+    int64 labels; with it, batches arrive on the device, from splits kept there (DeviceData, see data_on_device) or
+    streamed from the workers (DeviceLoader)."""
+    data = data if isinstance(data, DataSource) else DataSource('voc', Path(data), VOC, False, 'VOC2012')
     train = open_dataset(data, True, crop_size, normalize=device is None)
     test = open_dataset(data, False, crop_size, normalize=device is None)
     if data.classes not in (VOC, CITYSCAPES):      # a user's own classes: is every one labelled? (counted once)
@@ -338,8 +340,8 @@ def fcn_resnet18(num_classes=21, pretrained=False, weights_path=None):
     pretrained_net = resnet18_backbone(pretrained, weights_path)
     net = nn.Sequential(*list(pretrained_net.children())[:-2])
     net.add_module('final_conv', nn.Conv2d(512, num_classes, kernel_size=1))
-    net.add_module('transpose_conv', ShuffleConvTranspose2d(num_classes, num_classes, kernel_size=64, padding=16,
-                                                            stride=32))
+    net.add_module('transpose_conv', nn.ConvTranspose2d(num_classes, num_classes, kernel_size=64, padding=16,
+                                                        stride=32))
     nn.init.xavier_uniform_(net.final_conv.weight)     # the book's text asks for it; its code leaves it out
     net.transpose_conv.weight.data.copy_(bilinear_kernel(num_classes, num_classes, 64))
     return net
@@ -375,7 +377,7 @@ class NonFiniteLoss(Exception):
         self.step = step
 
 
-def train_epoch_ch13(net, batches, loss, trainer, amp=None, scaler=None, accum_steps=1, augment=None, seed=0):
+def train_epoch(net, batches, loss, trainer, amp=None, scaler=None, accum_steps=1, augment=None, seed=0):
     """One epoch of updates, each from accum_steps micro-batches (an incomplete last group is dropped, as the book
     drops a partial batch). Nothing waits for the device inside the loop: the sums stay there and the loss is
     checked once, at the end. `augment` draws from seed_for(seed, micro-batch, rank): a resumed epoch draws what an
@@ -434,7 +436,7 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint
             start = time.time()
             batches = tqdm(train_iter, desc=f'epoch {epoch + 1}/{num_epochs}', leave=False,
                            disable=not is_main_process() or None)
-            l_total, n, correct, pixels = train_epoch_ch13(net, batches, loss, trainer, amp, scaler, accum_steps,
+            l_total, n, correct, pixels = train_epoch(net, batches, loss, trainer, amp, scaler, accum_steps,
                                                            augment, seed_for(run_seed, run_epoch, AUGMENT_DRAWS))
             trained = time.time()
             train_time += trained - start
@@ -549,7 +551,7 @@ def save_image_grid(path, rows, title, row_titles=None, col_titles=None, scale=2
             if row_titles and c == 0:
                 ax.set_ylabel(row_titles[r], fontsize=8)
     fig.suptitle(title, fontsize=10, y=1.08 if col_titles else 0.98)   # above multi-line column titles
-    save_figure(fig, path, 'free some disk space, or pass another --picture')
+    save_figure(fig, path, 'pass another --picture')
 
 
 # ======================================================================================================================
@@ -578,7 +580,7 @@ class ResNetUNet(nn.Module):
         self.layer3_1x1 = convrelu(256, 256, 1, 0)
         self.layer4 = self.base_layers[7]                       # 1/32, 512
         self.layer4_1x1 = convrelu(512, 512, 1, 0)
-        self.upsample = Upsample2x()
+        self.upsample = nn.Upsample(scale_factor=2, mode='bilinear', align_corners=True)
         self.conv_up3 = convrelu(256 + 512, 512, 3, 1)
         self.conv_up2 = convrelu(128 + 512, 256, 3, 1)
         self.conv_up1 = convrelu(64 + 256, 256, 3, 1)
@@ -634,6 +636,12 @@ CITYSCAPES_TRAIN_CLASSES = sorted((c for c in torchvision.datasets.Cityscapes.cl
                                   key=lambda c: c.train_id)
 CITYSCAPES_CLASSES = [c.name for c in CITYSCAPES_TRAIN_CLASSES]
 CITYSCAPES_COLORMAP = [list(c.color) for c in CITYSCAPES_TRAIN_CLASSES]
+# labelIds -> the 19 train ids (every other id, 'ignore in eval' ones too, -> 255), and back for predictions (uint8;
+# 255 -> 0, 'unlabeled')
+CITYSCAPES_ID_TO_TRAINID = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
+CITYSCAPES_ID_TO_TRAINID[[c.id for c in CITYSCAPES_TRAIN_CLASSES]] = torch.arange(len(CITYSCAPES_TRAIN_CLASSES))
+CITYSCAPES_TRAINID_TO_ID = torch.zeros(256, dtype=torch.uint8)
+CITYSCAPES_TRAINID_TO_ID[:len(CITYSCAPES_TRAIN_CLASSES)] = torch.tensor([c.id for c in CITYSCAPES_TRAIN_CLASSES])
 CITYSCAPES = Classes(CITYSCAPES_CLASSES, CITYSCAPES_COLORMAP)
 # Neither can be downloaded without an account: what a user with an empty --data-dir is told.
 CITYSCAPES_STEPS = ('Cityscapes needs a free account at https://www.cityscapes-dataset.com: download '
@@ -659,27 +667,11 @@ def cityscapes_files(root, is_train=True):
     for kind in ('labelIds', 'labelTrainIds'):
         labels[kind] = [Path(root) / 'gtFine' / split / p.parent.relative_to(image_dir) /
                         p.name.replace('_leftImg8bit.png', f'_gtFine_{kind}.png') for p in images]
-    for kind, lut in (('labelIds', cityscapes_id_to_trainid()), ('labelTrainIds', None)):
+    for kind, lut in (('labelIds', CITYSCAPES_ID_TO_TRAINID), ('labelTrainIds', None)):
         if all(p.exists() for p in labels[kind]):
-            return Files(list(zip(images, labels[kind])), image_dir, 'remove it', lut)
+            return SplitFiles(list(zip(images, labels[kind])), image_dir, 'remove it', lut)
     first = next(p for p in labels['labelIds'] if not p.exists())
     raise UserError(f'{first} is missing (and not every image has a *_labelTrainIds.png instead): restore gtFine/')
-
-
-def cityscapes_id_to_trainid():
-    """A 256-entry lookup: raw labelId -> train id, every other id (and 'ignore in eval') -> 255."""
-    lut = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
-    for c in CITYSCAPES_TRAIN_CLASSES:
-        lut[c.id] = c.train_id
-    return lut
-
-
-def cityscapes_trainid_to_id():
-    """The way back, for predictions: train id -> labelId (uint8; 255 -> 0, 'unlabeled')."""
-    lut = torch.zeros(256, dtype=torch.uint8)
-    for c in CITYSCAPES_TRAIN_CLASSES:
-        lut[c.train_id] = c.id
-    return lut
 
 
 class CityscapesSegDataset(SegDataset):
@@ -752,7 +744,7 @@ class EvoNorm2dB0(nn.Module):
         self.gamma = nn.Parameter(torch.ones(1, num_features, 1, 1))
         self.beta = nn.Parameter(torch.zeros(1, num_features, 1, 1))
         self.v1 = nn.Parameter(torch.ones(1, num_features, 1, 1))
-        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer('running_var', torch.ones(num_features))
 
     def forward(self, x):
         xf = x.float()  # statistics in fp32: squares overflow/lose precision under fp16 autocast
@@ -795,15 +787,15 @@ class EvoNorm2dS0(nn.Module):
 def _norm_like(bn, norm):
     """The replacement for one BatchNorm layer, keeping its affine part (pretrained gamma/beta) when it has one."""
     c = bn.num_features
-    if norm == "instance":
+    if norm == 'instance':
         # track_running_stats=False: instance statistics in eval too. Fails on 1x1 maps (e.g. an image-pooling branch).
-        new, weight, bias = nn.InstanceNorm2d(c, affine=True, track_running_stats=False), "weight", "bias"
-    elif norm == "group":
-        new, weight, bias = nn.GroupNorm(num_groups(c), c), "weight", "bias"
-    elif norm == "evo_b0":
-        new, weight, bias = EvoNorm2dB0(c, eps=bn.eps), "gamma", "beta"
+        new, weight, bias = nn.InstanceNorm2d(c, affine=True, track_running_stats=False), 'weight', 'bias'
+    elif norm == 'group':
+        new, weight, bias = nn.GroupNorm(num_groups(c), c), 'weight', 'bias'
+    elif norm == 'evo_b0':
+        new, weight, bias = EvoNorm2dB0(c, eps=bn.eps), 'gamma', 'beta'
     else:  # "evo" / "evo_s0": the names are checked once, by the flags (NORMS)
-        new, weight, bias = EvoNorm2dS0(c), "gamma", "beta"
+        new, weight, bias = EvoNorm2dS0(c), 'gamma', 'beta'
     if bn.affine:
         with torch.no_grad():
             getattr(new, weight).copy_(bn.weight.view_as(getattr(new, weight)))
@@ -815,7 +807,7 @@ def _norm_like(bn, norm):
 def replace_norm(model, norm, replaced=None):
     """Swap every BatchNorm2d in `model` (recursively, in place) for `norm`; returns the model.
 
-    norm: batch (no change) | instance | group | evo (= evo_s0) | evo_b0 | evo_s0.
+    norm: batch (no change) | instance | group | evo_s0 (also called evo) | evo_b0.
     The BN's weight/bias are copied into the new layer's affine parameters so a pretrained backbone keeps its
     learned scale/shift (its running statistics cannot carry over: the new layers normalise differently).
     For the EvoNorm variants every nn.ReLU becomes nn.Identity, since EvoNorm carries its own non-linearity
@@ -825,9 +817,9 @@ def replace_norm(model, norm, replaced=None):
     both base_model.bn1 and layer0[1]) gets one replacement (`replaced` maps each old layer to its new one): two
     copies would leave one without gradients, and DistributedDataParallel stops on unused parameters.
     """
-    if norm == "batch":
+    if norm == 'batch':
         return model
-    evo, replaced = norm.startswith("evo"), {} if replaced is None else replaced
+    evo, replaced = norm.startswith('evo'), {} if replaced is None else replaced
     for name, child in model.named_children():
         if isinstance(child, (nn.BatchNorm2d, nn.SyncBatchNorm)):
             setattr(model, name, replaced.setdefault(child, _norm_like(child, norm)))
@@ -870,7 +862,7 @@ class FocalLoss(nn.Module):
         self.gamma = gamma
         self.ignore_index = ignore_index
         # a buffer: FocalLoss(...).to(device) moves the class weights, as for any module
-        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+        self.register_buffer('weight', None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
 
     def forward(self, logits, target):
         logp = F.log_softmax(logits.float(), dim=1)  # fp32: log p of rare classes underflows in half precision
@@ -895,10 +887,8 @@ def make_loss(name='ce', weight=None, gamma=2.0, device=None):
         if weight is None:
             raise UserError('--loss weighted_ce needs class weights')
         return lambda inputs, targets: cross_entropy_loss(inputs, targets, weight)
-    if name == 'focal':
-        focal = FocalLoss(gamma=gamma, weight=weight)
-        return lambda inputs, targets: focal(inputs, targets).mean(1).mean(1)
-    raise UserError(f'unknown loss {name!r}: choose one of {", ".join(LOSSES)}')
+    focal = FocalLoss(gamma=gamma, weight=weight)      # 'focal': the flags allow no other name (LOSSES)
+    return lambda inputs, targets: focal(inputs, targets).mean(1).mean(1)
 
 
 def class_pixel_counts(dataset, cache_dir):
@@ -921,11 +911,11 @@ def class_pixel_counts(dataset, cache_dir):
     return counts[:n], float(counts[n])
 
 
-def class_pixel_weights(counts, mode="inverse_log"):
+def class_pixel_weights(counts):
     """Per-class loss weights from per-class pixel counts (void excluded).
 
-    inverse_log (ENet, Paszke et al. 2016): w = 1 / ln(1.02 + freq); the 1.02 bounds the weight at ~50 so
-    very rare classes do not dominate. median_freq (SegNet): w = median(freq) / freq.
+    ENet's inverse log (Paszke et al. 2016): w = 1 / ln(1.02 + freq); the 1.02 bounds the weight at ~50 so
+    very rare classes do not dominate.
     Weights are scaled so their mean over the classes seen in `counts` is 1 (the loss scale, hence the
     learning rate, stays comparable to the unweighted loss). Classes with count 0 get the largest weight of
     the seen classes: they may still appear in validation, and 1/ln(1.02) would be an arbitrary extreme.
@@ -935,12 +925,7 @@ def class_pixel_weights(counts, mode="inverse_log"):
     if not seen.any():
         return torch.ones_like(counts, dtype=torch.float32)
     freq = counts / counts.sum()
-    if mode == "inverse_log":
-        w = 1.0 / torch.log(1.02 + freq)
-    elif mode == "median_freq":
-        w = freq[seen].median() / freq.clamp(min=1e-12)
-    else:
-        raise ValueError(f"unknown class weight mode {mode!r}")
+    w = 1.0 / torch.log(1.02 + freq)
     w = w / w[seen].mean()
     w[~seen] = w[seen].max()
     return w.float()
@@ -966,7 +951,7 @@ def plot_class_frequencies(counts, class_names, path, title):
     ax.set_ylabel('share of labelled pixels')
     ax.set_yscale('log')
     ax.set_title(title, fontsize=9)
-    save_figure(fig, path, 'free some disk space, or run the script from a folder where pictures/ can be written')
+    save_figure(fig, path, 'run the script from a folder where pictures/ can be written')
 
 
 # -------------------------------------------------------------------------------------------------- CutMix and CopyBlob
@@ -1017,14 +1002,6 @@ def blob_boxes(masks):
     return torch.stack(extents, 1)
 
 
-def upload(t, device):
-    """A small host tensor on the device without waiting: through pinned memory on CUDA (a copy from pageable
-    memory makes the host wait for the device first)."""
-    if device.type == 'cuda':
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def copyblob(images, labels, pairs, prob=0.5, generator=None):
     """CopyBlob (the tutorial's class-imbalance augmentation with a visual prior): paste the pixels of a rare
     class from another sample onto a plausible host class (e.g. a bicycle onto road). Returns new tensors.
@@ -1051,7 +1028,8 @@ def copyblob(images, labels, pairs, prob=0.5, generator=None):
                 plan.append((i, 0.0, 0))
             else:
                 plan.append((donors[_randint(len(donors), generator)], float(torch.rand((), generator=generator)), 1))
-        plan = upload(torch.tensor(plan, dtype=torch.float64), labels.device)
+        plan = torch.tensor(plan, dtype=torch.float64)     # to the device without waiting: pinned memory on CUDA
+        plan = (plan.pin_memory() if labels.is_cuda else plan).to(labels.device, non_blocking=True)
         donor, pastes = plan[:, 0].long(), plan[:, 2].bool()
         y0, y1, x0, x1 = boxes[donor].unbind(1)
         bh, bw = (y1 - y0).view(n, 1, 1), (x1 - x0).view(n, 1, 1)
@@ -1200,7 +1178,7 @@ def evaluate_full(net, dataset, scales=None, amp=None, test_size=None, num_worke
                                          worker_init_fn=quiet_worker,
                                          sampler=SeededSampler(dataset, shuffle=False), num_workers=workers)
     with torch.inference_mode(), autocast(net_device(net), amp):
-        for batch in tqdm(handed_over(loader), desc='evaluating', total=len(loader), leave=False,
+        for batch in tqdm(guarded_batches(loader), desc='evaluating', total=len(loader), leave=False,
                           disable=not is_main_process() or None):
             by_size = {}
             for image, label in batch:
@@ -1247,16 +1225,15 @@ def evaluate_checkpoint(net, ckpt_path, dataset, title, scales=None, amp=None, t
     table = metrics_table([('single', other), ('mst', result)] if scales else [('mst', other), ('single', result)],
                           names)
     print(f'\n{ckpt_path} on {len(dataset)} val images of {title} at original size\n{table}')
-    fix = ('the results go beside the checkpoint: free some disk space there, or copy the checkpoint to a writable '
-           'folder and pass --checkpoint')
+    advice = 'the results go beside the checkpoint: copy it to a writable folder with room and pass --checkpoint'
     for suffix, text in (('.json', json.dumps(result, indent=1)), ('.txt', table + '\n')):
-        write_atomically(results_path(ckpt_path, suffix, bool(scales)), lambda f: f.write(text.encode()), fix)
+        write_atomically(results_path(ckpt_path, suffix, bool(scales)), lambda f: f.write(text.encode()), advice)
     save_confusion_matrix(cm, names, Path(ckpt_path).with_name(Path(ckpt_path).stem + '_confusion.png'),
-                          f'{Path(ckpt_path).name}: mIoU {result["miou"]:.3f} - {title}', fix)
+                          f'{Path(ckpt_path).name}: mIoU {result["miou"]:.3f} - {title}', advice)
     return result
 
 
-def save_confusion_matrix(cm, class_names, path, title, fix):
+def save_confusion_matrix(cm, class_names, path, title, advice):
     """Rows normalised: row i shows where the pixels of class i went."""
     plt = pyplot()
     m = cm.mat.cpu().double()
@@ -1270,7 +1247,7 @@ def save_confusion_matrix(cm, class_names, path, title, fix):
     ax.set_ylabel('ground truth')
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(title, fontsize=9)
-    save_figure(fig, path, fix)
+    save_figure(fig, path, advice)
 
 
 # ======================================================================================================================
@@ -1334,14 +1311,7 @@ def folder_files(root, is_train=True):
             raise UserError(f'{mask} has no image {image_dir / stem}.jpg (or .png, ...): add it, or move the mask away')
     if not images:
         raise UserError(f'no images in {image_dir} (.jpg, .png, ...): put the {split} images there')
-    return Files([(images[stem], masks[stem]) for stem in sorted(images)], image_dir, 'move it and its pair away')
-
-
-class FolderSegDataset(SegDataset):
-    """A user's own data in the folder layout (folder_files) with its class table."""
-
-    def __init__(self, is_train, crop_size, root, classes, void_as_background=False, normalize=True):
-        super().__init__(folder_files(root, is_train), classes, crop_size, normalize, void_as_background)
+    return SplitFiles([(images[stem], masks[stem]) for stem in sorted(images)], image_dir, 'move it and its pair away')
 
 
 def check_labelled_classes(dataset, cache_dir):
@@ -1391,16 +1361,10 @@ def segment_files(net, files, out_dir, classes, scales=None, amp=None, test_size
                 raise UserError(f'{out_dir / name} is an input image: pass another --out-dir')
         for name, picture in outs.items():
             write_atomically(out_dir / name, functools.partial(picture.save, format='PNG'),
-                             'free some disk space, or pass another --out-dir')
+                             'pass another --out-dir')
         done += 1
     done, skipped = (int(n) for n in all_reduce_sum([done, skipped]))
     log(f'segmented {done} image(s) into {out_dir}' + (f', skipped {skipped} unreadable' if skipped else ''))
-
-
-def segment_inputs(net, ckpt, inputs, out_dir, scales=None, amp=None, test_size=None, mst_mode='softmax'):
-    """Your own images (files, or the images in folders) -> colour, overlay and label-id PNGs in out_dir, in the
-    checkpoint's class colours. Needs no dataset."""
-    segment_files(net, image_files(inputs), out_dir, checkpoint_classes(ckpt), scales, amp, test_size, mst_mode)
 
 
 def segmentation_pictures(image, pred, classes):
@@ -1408,7 +1372,7 @@ def segmentation_pictures(image, pred, classes):
     draw_segmentation_masks, half and half) and the class ids as a palette PNG; for Cityscapes also the label ids
     (*_labelIds.png, what Cityscapes' evaluation scripts and the tutorial's challenge read)."""
     colors = classes.colors
-    pictures = [('labelIds', Image.fromarray(cityscapes_trainid_to_id()[pred.long()].numpy()))] \
+    pictures = [('labelIds', Image.fromarray(CITYSCAPES_TRAINID_TO_ID[pred.long()].numpy()))] \
         if classes == CITYSCAPES else []
     classes = torch.arange(len(colors))
     overlay = torchvision.utils.draw_segmentation_masks(image, pred[None] == classes[:, None, None], alpha=0.5,
@@ -1440,7 +1404,7 @@ def error_line(err):
 class Terminated(KeyboardInterrupt):
     """SIGTERM, what SLURM and Kubernetes send before they kill a job: stops a run exactly as Ctrl-C does."""
     received = False    # also checked between training steps: a raise that lands in a __del__ is swallowed there
-    hold = False        # True while a batch is handed over (handed_over): the stop waits for it
+    hold = False        # True while a batch is handed over (guarded_batches): the stop waits for it
 
 
 def raise_terminated(signum, frame):
@@ -1618,16 +1582,30 @@ def upsample2x(x):
     return (cols @ y).reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
 
 
-class Upsample2x(nn.Module):
-    """The U-Net's x2 bilinear upsample (align_corners=True): upsample2x on CUDA; on the CPU, whose backward has no
-    atomics problem, F.interpolate. `everywhere = True` (a switch for the tests) takes the CUDA branch on any
-    device, so that the CPU runs the GPU's path whole."""
+class Upsample2x(nn.Upsample):
+    """The U-Net's nn.Upsample(scale_factor=2, mode='bilinear', align_corners=True): upsample2x on CUDA; on the CPU,
+    whose backward has no atomics problem, nn.Upsample's own. `everywhere = True` (a switch for the tests) takes the
+    CUDA branch on any device, so that the CPU runs the GPU's path whole."""
     everywhere = False
 
     def forward(self, x):
         if x.is_cuda or self.everywhere:
             return upsample2x(x)
-        return F.interpolate(x, scale_factor=2, mode='bilinear', align_corners=True)
+        return super().forward(x)
+
+
+def fast_layers(model):
+    """The book's layers become their faster equivalents, in place, where a model is placed for training or
+    inference: the FCN's transposed conv a ShuffleConvTranspose2d, the U-Net's x2 upsample an Upsample2x. Each is a
+    subclass that only computes differently (same parameters, state_dict and results), so checkpoints load either
+    way and an optimizer made before keeps its parameters."""
+    for module in model.modules():
+        if type(module) is nn.ConvTranspose2d:
+            module.__class__ = ShuffleConvTranspose2d       # its forward falls back where the kernel does not fit
+        elif type(module) is nn.Upsample and module.scale_factor in (2, 2.0) and module.mode == 'bilinear' \
+                and module.align_corners:
+            module.__class__ = Upsample2x
+    return model
 
 
 class SeededSampler(torch.utils.data.distributed.DistributedSampler):
@@ -1708,11 +1686,11 @@ class DeviceLoader:
         return len(self.loader)
 
     def __iter__(self):
-        for X, y in handed_over(self.loader):
+        for X, y in guarded_batches(self.loader):
             yield to_device(X, y, self.device, self.channels_last)
 
 
-def handed_over(loader):
+def guarded_batches(loader):
     """The loader's batches, with a SIGTERM held back while each is handed over from a DataLoader worker (a stop in
     the middle of that leaves the worker a broken connection, and a traceback): the stop comes right after."""
     batches = iter(loader)
@@ -1798,27 +1776,27 @@ def autocast(device, dtype):
 HERE = Path(__file__).resolve().parent
 DATA_DIR = HERE / 'data'                                    # --download and --demo write here
 # Where a run's data is: kind (voc, cityscapes, folder), root folder, class table, void as background, its title.
-Data = collections.namedtuple('Data', 'kind root classes void_as_background title')
+DataSource = collections.namedtuple('DataSource', 'kind root classes void_as_background title')
 
 
 def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_background=False, classes=None):
-    """The Data of --dataset/--data-dir/--demo/--download/--classes. --demo (voc or folder) writes the synthetic set
-    once, --download fetches VOC once (under torchrun, rank 0 does either while the others wait). `classes`: a class
-    file for the VOC layout; a folder dataset reads DIR/classes.txt unless it is given."""
+    """The DataSource of --dataset/--data-dir/--demo/--download/--classes. --demo (voc or folder) writes the
+    synthetic set once, --download fetches VOC once (under torchrun, rank 0 does either while the others wait).
+    `classes`: a class file for the VOC layout; a folder dataset reads DIR/classes.txt unless it is given."""
     if kind == 'cityscapes':
         if demo or classes:
             raise UserError(f'--{"demo" if demo else "classes"} does not go with --dataset cityscapes: drop it')
         if data_dir is None:
             raise UserError('--dataset cityscapes needs --data-dir, the folder holding leftImg8bit/ and gtFine/; '
                             + CITYSCAPES_STEPS)
-        return Data('cityscapes', Path(data_dir), CITYSCAPES, False, 'Cityscapes')
+        return DataSource('cityscapes', Path(data_dir), CITYSCAPES, False, 'Cityscapes')
     if demo:
         folder = demo == 'folder' or kind == 'folder'
         main_process_first(make_demo_folder if folder else make_demo_voc)
         if folder:
-            return Data('folder', DEMO_FOLDER, read_classes(DEMO_FOLDER / 'classes.txt'), void_as_background,
+            return DataSource('folder', DEMO_FOLDER, read_classes(DEMO_FOLDER / 'classes.txt'), void_as_background,
                         'DEMO data (synthetic, folder layout)')
-        return Data('voc', DEMO_DIR, VOC, void_as_background, 'DEMO data (synthetic)')
+        return DataSource('voc', DEMO_DIR, VOC, void_as_background, 'DEMO data (synthetic)')
     if kind == 'folder':
         if data_dir is None:
             raise UserError('--dataset folder needs --data-dir, the folder holding images/, masks/ and classes.txt')
@@ -1827,20 +1805,21 @@ def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_back
         if not classes and not found:
             raise UserError(f'{root / "classes.txt"} is missing: write one class a line (`name`, or `name R G B` for '
                             'colour masks), background first, or pass --classes FILE')
-        return Data('folder', root, read_classes(classes or found[0]), void_as_background, root.name)
+        return DataSource('folder', root, read_classes(classes or found[0]), void_as_background, root.name)
     if download:    # 2 GB may take longer than the process group's timeout (nccl's: 10 minutes)
         main_process_first(functools.partial(download_voc, DATA_DIR if data_dir is None else Path(data_dir)),
                            timeout=datetime.timedelta(hours=DOWNLOAD_HOURS))
-    return Data('voc', find_voc_dir(data_dir), read_classes(classes) if classes else VOC, void_as_background,
+    return DataSource('voc', find_voc_dir(data_dir), read_classes(classes) if classes else VOC, void_as_background,
                 'VOC2012')
 
 
 def open_dataset(data, is_train, crop_size=None, normalize=True):
-    """The training or validation split of a Data."""
+    """The training or validation split of a DataSource."""
     if data.kind == 'cityscapes':
         return CityscapesSegDataset(is_train, crop_size, data.root, normalize)
     if data.kind == 'folder':
-        return FolderSegDataset(is_train, crop_size, data.root, data.classes, data.void_as_background, normalize)
+        return SegDataset(folder_files(data.root, is_train), data.classes, crop_size, normalize,
+                          data.void_as_background)
     return VOCSegDataset(is_train, crop_size, data.root, data.void_as_background, normalize, data.classes)
 
 
@@ -1897,7 +1876,7 @@ def download_voc(root, sources=VOC_SOURCES, checksums=VOC_TAR_CHECKSUMS):
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise write_failed(root, err) from None
+            raise download_write_error(root, err) from None
         fetch_voc_tar(tar, sources, checksums)
     unpack_voc_tar(tar, voc)
     log(f'VOC2012 is in {voc}; {tar} is kept (delete it to free {checksums["size"] / 1e9:.1f} GB)')
@@ -1938,7 +1917,7 @@ def fetch_voc_tar(tar, sources, checksums):
 def fetch_part(url, part, size):
     """Appends url's bytes to part, after the bytes already there (an HTTP Range request, answered 206); a server
     that answers 200 sends the whole file, so part starts again from byte 0. Network faults raise OSError or
-    HTTPException with part holding every byte received; a write that fails is a UserError (write_failed)."""
+    HTTPException with part holding every byte received; a write that fails is a UserError (download_write_error)."""
     from tqdm import tqdm
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={'Range': f'bytes={have}-'} if have else {})
@@ -1970,7 +1949,7 @@ def open_part(part, append):
     try:
         return open(part, 'ab' if append else 'wb')
     except OSError as err:
-        raise write_failed(part, err, kept=part if append else None) from None
+        raise download_write_error(part, err, kept=part if append else None) from None
 
 
 def write_chunk(out, part, chunk):
@@ -1982,14 +1961,13 @@ def write_chunk(out, part, chunk):
     except OSError as err:
         with contextlib.suppress(OSError):
             out.close()
-        raise write_failed(part, err, kept=part) from None
+        raise download_write_error(part, err, kept=part) from None
 
 
-def write_failed(path, err, kept=None):
-    """The UserError of a write that fails (full disk, read-only folder): the file, the fix, and what is kept."""
+def download_write_error(path, err, kept=None):
+    """write_error for the download's files, saying what is kept for a rerun."""
     note = f'; {kept} is kept so that a rerun with --download continues' if kept else ''
-    return UserError(f'could not write {path} ({error_line(err)}): free space there, or pass --data-dir to a folder '
-                     f'with room (the tar is 2 GB, unpacked 2 GB more){note}')
+    return write_error(path, err, f'pass --data-dir a folder with room (the tar is 2 GB, unpacked 2 GB more){note}')
 
 
 def tar_mismatch(path, checksums):
@@ -2027,7 +2005,7 @@ def unpack_voc_tar(tar, voc):
         raise UserError(f'could not unpack {tar} ({error_line(err)}): nothing was unpacked; get a copy whose md5 is '
                         f'{VOC_TAR_CHECKSUMS["md5"]}') from None
     except OSError as err:
-        raise write_failed(voc, err, kept=tar) from None
+        raise download_write_error(voc, err, kept=tar) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -2147,12 +2125,28 @@ def backbone_state_dict(arch, weights_path=None):
 
 
 # ------------------------------------------------------------------------------------------ file writes and checkpoints
-def write_atomically(path, write, fix):
+def write_error(path, err, advice):
+    """The one report of a failed write: a UserError line with the file, the reason, the remedy that fits the reason
+    (space, permissions, a file where a folder must be) and `advice`, what else to do. The reason is the OSError
+    behind err, whatever a writer raised for it (torch's zip writer raises its own RuntimeError while an OSError is
+    handled)."""
+    path, cause = Path(path), next((e for e in (err, err.__context__, err.__cause__) if isinstance(e, OSError)), err)
+    code = getattr(cause, 'errno', None)
+    blocker = next((p for p in (*reversed(path.parents), path) if p.is_file()), None) \
+        if code in (errno.ENOTDIR, errno.EEXIST) else None
+    remedy = ('free some disk space' if code in (errno.ENOSPC, errno.EDQUOT) else
+              f'{blocker} is a file where a folder must be: move it' if blocker else
+              f'make {next(p for p in path.parents if p.exists())} writable' if code in (errno.EACCES, errno.EPERM)
+              else '')
+    reason = getattr(cause, 'strerror', None) or error_line(cause)
+    return UserError(f'cannot write {path} ({reason}): {remedy + ", or " if remedy else ""}{advice}')
+
+
+def write_atomically(path, write, advice):
     """Every file the scripts write goes through here: write(f) fills a temporary file beside `path` (f: binary),
     which is flushed to disk and renamed over it, so that a kill, a full disk or a read-only folder at any moment
-    leaves the old file whole (or none), and never a partial one. A failure, whatever a writer raises for it (torch's
-    zip writer raises its own RuntimeError while an OSError is handled), is one UserError line: the file, the
-    reason, `fix`."""
+    leaves the old file whole (or none), and never a partial one. A failure is one line (write_error) ending in
+    `advice`."""
     path = Path(path)
     tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')      # two runs writing one file do not collide
     try:
@@ -2167,16 +2161,14 @@ def write_atomically(path, write, fix):
             tmp.unlink()
         if not isinstance(err, Exception):
             raise
-        cause = next((e for e in (err, err.__context__, err.__cause__) if isinstance(e, OSError)), err)
-        raise UserError(f'cannot write {path} ({getattr(cause, "strerror", None) or error_line(cause)}): {fix}') \
-            from None
+        raise write_error(path, err, advice) from None
 
 
 def save_checkpoint(obj, path):
     """torch.save through write_atomically: a failed save leaves the previous checkpoint whole and says so."""
-    kept = f'{path} still holds the last finished epoch, ' if Path(path).exists() else ''
-    write_atomically(path, lambda f: torch.save(obj, f), f'{kept}free some disk space and run the same command with '
-                     '--resume, or pass --save a path on a disk with room')
+    kept = f'; {path} still holds the last finished epoch' if Path(path).exists() else ''
+    write_atomically(path, lambda f: torch.save(obj, f), f'pass --save a path on a disk with room{kept}: run the '
+                     'same command with --resume to continue')
 
 
 class Checkpoint:
@@ -2208,8 +2200,7 @@ class Checkpoint:
             try:
                 os.replace(self.path, prev)
             except OSError as err:
-                raise UserError(f'cannot rename {path} to {prev} ({err.strerror or err}): pass --resume to continue '
-                                'it, or another --save') from None
+                raise write_error(prev, err, f'pass --resume to continue {path}, or another --save') from None
             log(f'{path} existed: kept as {prev} (use --resume to continue it instead)')
         self.state.update(config=config, classes=classes._asdict())
 
@@ -2288,11 +2279,12 @@ def setup_run(device=None, amp=None, channels_last=None, cudnn_benchmark=True, d
 
 
 def place_model(model, device, channels_last=False, sync_bn=False, compile=False):
-    """Moves the model to the device (in place) and returns what the loop runs: the model, wrapped in
-    DistributedDataParallel under torchrun, compiled with compile=True. Checkpoints keep saving the model."""
+    """Moves the model to the device (in place, with its fast_layers) and returns what the loop runs: the model,
+    wrapped in DistributedDataParallel under torchrun, compiled with compile=True. Checkpoints keep saving the
+    model."""
     if sync_bn and world_size() > 1 and device.type == 'cuda':
         nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
+    fast_layers(model).to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     net = model
@@ -2330,11 +2322,11 @@ def load_model(path, device):
     except RuntimeError:
         raise UserError(f'{path}: its weights do not fit a {args["name"]} with {args["num_classes"]} classes '
                         '(an edited or foreign checkpoint): retrain, or pass the right file') from None
-    return net.to(device).eval(), ckpt
+    return fast_layers(net).to(device).eval(), ckpt
 
 
 def checkpoint_data(path, ckpt, kind=None, data_dir=None, demo=None, void_as_background=False, classes=None):
-    """The Data a checkpoint was trained on, with its class table, unless flags say otherwise (so `python
+    """The DataSource a checkpoint was trained on, with its class table, unless flags say otherwise (so `python
     my_predict.py` after `my_train.py --demo` needs none), checked against the classes the checkpoint predicts."""
     cfg = ckpt['config']
     if not demo and data_dir is None:
@@ -2361,10 +2353,10 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path, fix):
+def save_figure(fig, path, advice):
     try:
         write_atomically(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:], dpi=100, bbox_inches='tight'),
-                         fix)
+                         advice)
     finally:
         pyplot().close(fig)
 
@@ -2391,8 +2383,8 @@ def plot_history(history, path, title, stage_start=0):
     ax2.set_ylim(0, 1)
     ax2.legend()
     fig.suptitle(title, fontsize=10)
-    save_figure(fig, path, "free some disk space: this epoch's checkpoint is written, run the same command with "
-                '--resume')
+    save_figure(fig, path, "run the script from a folder where pictures/ can be written; this epoch's checkpoint is "
+                'written: run the same command with --resume to continue')
 
 
 def recipe_title(config):
@@ -2406,7 +2398,7 @@ def recipe_title(config):
     return text + (f' ({", ".join(extras)})' if extras else '')
 
 
-def known_metrics(ckpt_path, ckpt):
+def metrics_for_title(ckpt_path, ckpt):
     """A picture title's figures: full-resolution results if --eval wrote them, else the last epoch's crops."""
     path = results_path(ckpt_path, '.json')
     if path.exists():
@@ -2437,6 +2429,7 @@ def parse_with_demo(parser, demo):
 
 def add_data_args(parser, dataset_default='voc'):
     """The data and machine flags of all four scripts."""
+    dataset_shown = dataset_default or "the checkpoint's"
     g = parser.add_argument_group('data and machine')
     g.add_argument('--data-dir', help='the VOC2012 folder (default: VOC2012, VOCdevkit/VOC2012 or '
                    'data/VOCdevkit/VOC2012 next to the scripts); with --dataset cityscapes, the folder holding '
@@ -2450,7 +2443,7 @@ def add_data_args(parser, dataset_default='voc'):
                    'and a CPU-sized recipe: for a machine with no dataset and no GPU (default: off)')
     g.add_argument('--dataset', choices=['voc', 'cityscapes', 'folder'], default=dataset_default,
                    help='voc: the VOC layout; folder: DIR/images/{train,val}/, DIR/masks/{train,val}/ and '
-                   f'DIR/classes.txt (default: {dataset_default or "the checkpoint" + chr(39) + "s"})')
+                   f'DIR/classes.txt (default: {dataset_shown})')
     g.add_argument('--classes', metavar='FILE', help='your own classes, one a line: `name` or `name R G B` (the '
                    'colour in pictures and in RGB masks), or a class_dict.csv (name,r,g,b) (default: VOC\'s 21; '
                    '--dataset folder: DIR/classes.txt; predict scripts: the checkpoint\'s)')
@@ -2466,18 +2459,20 @@ def add_data_args(parser, dataset_default='voc'):
 
 def add_recipe_args(parser, epochs, lr, weight_decay, batch_size, crop_size, save, demo):
     """The recipe's flags, defaulting to the script's constants; `demo` is the script's --demo override."""
+    def shown(value):
+        return f'{value:g}' if isinstance(value, float) else ' '.join(map(str, value)) if isinstance(value, list) \
+            else str(value)
+
     def default(key, value):
-        return f'default: {value:g}' if isinstance(value, float) else f'default: {value}' + (
-            f'; --demo: {demo[key]}' if key in demo else '')
+        return f'default: {shown(value)}' + (f'; --demo: {shown(demo[key])}' if key in demo else '')
     g = parser.add_argument_group('recipe (the constants at the top of the script)')
     g.add_argument('--epochs', type=int, default=epochs, help=default('epochs', epochs))
-    g.add_argument('--lr', type=float, default=lr, help='learning rate (' + default('lr', lr) + (
-        f'; --demo: {demo["lr"]:g})' if 'lr' in demo else ')'))
+    g.add_argument('--lr', type=float, default=lr, help=f'learning rate ({default("lr", lr)})')
     g.add_argument('--weight-decay', type=float, default=weight_decay, help=default('weight_decay', weight_decay))
     g.add_argument('--batch-size', type=int, default=batch_size, help='examples per update, over all processes ('
                    + default('batch_size', batch_size) + ')')
     g.add_argument('--crop-size', type=int, nargs=2, default=crop_size, metavar=('H', 'W'),
-                   help='random training crop (' + default('crop_size', ' '.join(map(str, crop_size))) + ')')
+                   help=f'random training crop ({default("crop_size", crop_size)})')
     g.add_argument('--no-pretrained', dest='pretrained', action='store_false', help='random backbone weights '
                    '(default: ImageNet weights; --demo: random)')
     g.add_argument('--backbone-weights', help='the ImageNet backbone file, e.g. resnet18-f37072fd.pth (default: '
@@ -2555,7 +2550,7 @@ def check_writable(*paths):
             probe.write_bytes(b'')
             probe.unlink()
         except OSError as err:
-            raise UserError(f'cannot write to {folder} ({err.strerror or err}): pass a writable path') from None
+            raise write_error(probe, err, 'pass a path in a writable folder') from None
 
 
 # --------------------------------------------------------------------------------------------------- the demo generator
@@ -2569,9 +2564,11 @@ DEMO_CLASSES = (1, 3, 7, 8, 15)  # aeroplane, bird, car, cat, person
 
 def _draw_object(cls, cx, cy, s, size, rng):
     """Return (part mask: 0 outside, 1 main part, 2 secondary part, main colour, secondary colour)."""
-    m = Image.new("L", size, 0)
+    m = Image.new('L', size, 0)
     d = ImageDraw.Draw(m)
-    jit = lambda c: np.clip(np.array(c) + rng.integers(-20, 21, 3), 0, 255)
+
+    def jit(color):     # each object's colour varies a little
+        return np.clip(np.array(color) + rng.integers(-20, 21, 3), 0, 255)
     if cls == 1:  # aeroplane: fuselage + swept wings + tail fin, light grey/white
         d.ellipse([cx - s / 2, cy - s / 12, cx + s / 2, cy + s / 12], fill=1)
         d.polygon([(cx + s / 10, cy), (cx - s / 8, cy - s / 2), (cx - s / 4, cy - s / 2), (cx - s / 10, cy),
@@ -2624,7 +2621,10 @@ def _make_pair(h, w, rng):
     # void contour: both pixels on each side of a label change -> 2 px band, like VOC
     edge = np.zeros_like(lab, bool)
     dh, dv = lab[:, 1:] != lab[:, :-1], lab[1:, :] != lab[:-1, :]
-    edge[:, 1:] |= dh; edge[:, :-1] |= dh; edge[1:, :] |= dv; edge[:-1, :] |= dv
+    edge[:, 1:] |= dh
+    edge[:, :-1] |= dh
+    edge[1:, :] |= dv
+    edge[:-1, :] |= dv
     lab[edge] = 255
     img = np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
     return img, lab
@@ -2638,17 +2638,15 @@ def make_demo_voc(root=DEMO_DIR, num_train=120, num_val=40, seed=0, min_size=DEM
     demo crop: every code path of the real dataset runs on it, on a machine that has none. Image sizes are drawn
     between min_size and max_size, or from the (height, width) list `sizes` (the benchmark's VOC-like mix).
     """
-    root = str(root)
-    marker = os.path.join(root, ".demo_complete")
-    split_dir = os.path.join(root, "ImageSets", "Segmentation")
-    if os.path.exists(marker) and os.path.exists(os.path.join(split_dir, "val.txt")):
+    root = Path(root)
+    marker, split_dir = root / '.demo_complete', root / 'ImageSets' / 'Segmentation'
+    if marker.exists() and (split_dir / 'val.txt').exists():
         return root
-    for sub in ("JPEGImages", "SegmentationClass"):
-        os.makedirs(os.path.join(root, sub), exist_ok=True)
-    os.makedirs(split_dir, exist_ok=True)
+    for folder in (root / 'JPEGImages', root / 'SegmentationClass', split_dir):
+        folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     pil_palette, k = palette(VOC_COLORMAP).reshape(-1).tolist(), 0
-    for split, n in (("train", num_train), ("val", num_val)):
+    for split, n in (('train', num_train), ('val', num_val)):
         small = set(rng.choice(n, min(num_small, n), replace=False).tolist())
         ids = []
         for i in range(n):
@@ -2661,16 +2659,14 @@ def make_demo_voc(root=DEMO_DIR, num_train=120, num_val=40, seed=0, min_size=DEM
             if i in small:  # below a 64x96 crop in one dimension, so crop filters have work to do
                 h, w = (48, w) if sorted(small).index(i) % 2 == 0 else (h, 80)
             img, lab = _make_pair(h, w, rng)
-            name = "demo_%06d" % k
-            Image.fromarray(img).save(os.path.join(root, "JPEGImages", name + ".jpg"), quality=95)
-            p = Image.frombytes("P", (w, h), lab.tobytes())  # raw indices, no colour conversion
+            name = f'demo_{k:06d}'
+            Image.fromarray(img).save(root / 'JPEGImages' / f'{name}.jpg', quality=95)
+            p = Image.frombytes('P', (w, h), lab.tobytes())  # raw indices, no colour conversion
             p.putpalette(pil_palette)
-            p.save(os.path.join(root, "SegmentationClass", name + ".png"))
+            p.save(root / 'SegmentationClass' / f'{name}.png')
             ids.append(name)
-        with open(os.path.join(split_dir, split + ".txt"), "w") as f:
-            f.write("\n".join(ids) + "\n")
-    with open(marker, "w") as f:  # written last: an interrupted run has no marker and is redone
-        f.write("ok\n")
+        (split_dir / f'{split}.txt').write_text('\n'.join(ids) + '\n')
+    marker.write_text('ok\n')      # written last: an interrupted run has no marker and is redone
     return root
 
 

@@ -49,6 +49,15 @@ BREAKS = [
           'weight = self.weight.view(cin, cout, 2, s, 2, s).permute(1, 3, 5, 0, 2, 4).flip(4, 5)',
           'weight = self.weight.view(cin, cout, 2, s, 2, s).permute(1, 3, 5, 0, 2, 4)',
           ('tests/test_speed_paths.py::test_shuffle_conv_transpose_is_the_transposed_conv',)),
+    Break("placement: the book's layers not swapped for the fast ones", SD,
+          'fast_layers(model).to(device)',
+          'model.to(device)',
+          ('tests/test_speed_paths.py::test_the_fcn_runs_the_fast_kernel_not_a_transposed_conv',
+           'tests/test_speed_paths.py::test_the_unet_upsamples_with_it_once_placed')),
+    Break('prediction: the fast layers not swapped in', SD,
+          'return fast_layers(net).to(device).eval(), ckpt',
+          'return net.to(device).eval(), ckpt',
+          ('tests/test_speed_paths.py::test_a_checkpoint_loads_into_the_fast_layers_and_back',)),
     # -------------------------------------------------------------------------------------- the upsample
     Break('upsample: the matrix path never taken', SD,
           'if x.is_cuda or self.everywhere:',
@@ -207,8 +216,10 @@ BREAKS = [
           'self.label_lut, self.colormap2label = files.label_lut, voc_colormap2label()',
           ('tests/test_own_data.py::test_folder_dataset_reads_both_mask_kinds_alike',)),
     Break('Cityscapes: raw ids not mapped to train ids', SD,
-          'lut[c.id] = c.train_id',
-          'lut[c.id] = min(c.id, 18)',
+          'CITYSCAPES_ID_TO_TRAINID[[c.id for c in CITYSCAPES_TRAIN_CLASSES]] = '
+          'torch.arange(len(CITYSCAPES_TRAIN_CLASSES))',
+          'CITYSCAPES_ID_TO_TRAINID[[c.id for c in CITYSCAPES_TRAIN_CLASSES]] = '
+          'torch.tensor([min(c.id, 18) for c in CITYSCAPES_TRAIN_CLASSES])',
           ('tests/test_cityscapes.py::test_synthetic_label_ids_map_to_train_ids',)),
     Break("Cityscapes: the tutorial's flip moves the image only", SD,
           'image, label = image.flip(-1), label.flip(-1)',

@@ -168,7 +168,7 @@ def test_synthetic_train_ids_back_to_label_ids(synthetic):
     and back is the frame itself wherever its id is one of the 19 classes, and 0 (unlabeled) elsewhere."""
     ds = sd.CityscapesSegDataset(False, None, synthetic)
     raw = torch.from_numpy(np.array(Image.open(ds.items[0][1]), dtype=np.int64))
-    back = sd.cityscapes_trainid_to_id()[ds.read(0)[1]].long()
+    back = sd.CITYSCAPES_TRAINID_TO_ID[ds.read(0)[1]].long()
     official = torch.tensor(list(TRAIN_ID_OF))
     assert torch.equal(back, torch.where(torch.isin(raw, official), raw, 0))
     assert set(back.unique().tolist()) == set(RAW_IDS) & set(TRAIN_ID_OF) | {0}

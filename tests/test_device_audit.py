@@ -173,7 +173,7 @@ def test_the_training_loop_waits_for_the_device_only_at_the_end_of_an_epoch():
                                     torch.randint(0, 5, (2, 32, 32), dtype=torch.uint8), dev.device)
                        for _ in range(steps)]
             dev.reset()
-            sd.train_epoch_ch13(model, batches, sd.cross_entropy_loss, trainer,
+            sd.train_epoch(model, batches, sd.cross_entropy_loss, trainer,
                                 augment=sd.batch_augment(cutmix=1.0))
             reads[steps] = dev.host_reads
             assert dev.uploads == 0

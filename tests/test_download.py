@@ -320,7 +320,7 @@ def test_a_full_disk_is_one_line_and_the_part_is_kept(tmp_path, server, monkeypa
             raising=False)
         line = fails(tmp_path, [server.url(), server.url()])
     part = tmp_path / f'{TAR}.part'
-    assert line.startswith(f'could not write {part}') and 'No space left' in line
+    assert line.startswith(f'cannot write {part}') and 'No space left' in line
     assert 'free space' in line and '--data-dir' in line and 'kept' in line
     assert len(server.seen) == 1                                    # a full disk is no reason to try the next
     assert part.read_bytes() == GOOD[:room]
@@ -343,7 +343,7 @@ def test_a_disk_full_while_unpacking_leaves_no_half_folder(tmp_path, monkeypatch
     with monkeypatch.context() as m:
         m.setattr(tarfile.TarFile, 'makefile', full_after_one)
         line = fails(tmp_path, [])
-    assert line.startswith('could not write') and 'No space left' in line and f'{tmp_path / TAR} is kept' in line
+    assert line.startswith('cannot write') and 'No space left' in line and f'{tmp_path / TAR} is kept' in line
     assert sorted(p.name for p in tmp_path.iterdir()) == [TAR]      # no half VOCdevkit, no scratch folder
     download(tmp_path, [])                                          # space freed: the rerun unpacks it
     assert_unpacked(tmp_path)
@@ -357,6 +357,6 @@ def test_a_read_only_folder_is_one_line(tmp_path, server, monkeypatch):
 
     monkeypatch.setattr(sd, 'open', read_only, raising=False)      # chmod does not stop root
     line = fails(tmp_path, [server.url()])
-    assert line.startswith(f'could not write {tmp_path / TAR}.part') and 'Permission denied' in line
+    assert line.startswith(f'cannot write {tmp_path / TAR}.part') and 'Permission denied' in line
     assert '--data-dir' in line and 'kept' not in line
     assert len(server.seen) == 1 and list(tmp_path.iterdir()) == []

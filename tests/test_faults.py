@@ -258,7 +258,7 @@ def test_batch_augmentations_draw_from_the_step_alone(monkeypatch):
     model = torch.nn.Conv2d(3, 2, 1)
     for global_seed in (0, 1):
         torch.manual_seed(global_seed)
-        sd.train_epoch_ch13(model, [(images, labels)] * 2, sd.cross_entropy_loss,
+        sd.train_epoch(model, [(images, labels)] * 2, sd.cross_entropy_loss,
                             torch.optim.SGD(model.parameters(), lr=0.1), augment=recorded, seed=7)
     (a0, a1), (b0, b1) = seen[:2], seen[2:]
     assert all(torch.equal(u, v) for u, v in zip(a0 + a1, b0 + b1))     # the same draws, whatever the global state

@@ -47,7 +47,7 @@ def record(monkeypatch, name, module=sd):
 
 
 class Recorded:
-    """The loader's batches as train_epoch_ch13 iterates them, copied on the way (len kept)."""
+    """The loader's batches as train_epoch iterates them, copied on the way (len kept)."""
 
     def __init__(self, batches, into):
         self.batches, self.into = batches, into
@@ -64,7 +64,7 @@ class Recorded:
 def record_batches(monkeypatch):
     """(batches as the loader gives them, batches as the training step receives them, with the loss it calls)."""
     loaded, stepped = [], []
-    epoch, step = sd.train_epoch_ch13, sd.train_batch_ch13
+    epoch, step = sd.train_epoch, sd.train_batch_ch13
     epoch_sig, step_sig = inspect.signature(epoch), inspect.signature(step)
 
     def recorded_epoch(*args, **kwargs):
@@ -76,7 +76,7 @@ def record_batches(monkeypatch):
         bound = step_sig.bind(*args, **kwargs)
         stepped.append((bound.arguments['X'].clone(), bound.arguments['y'].clone(), bound.arguments['loss']))
         return step(*args, **kwargs)
-    monkeypatch.setattr(sd, 'train_epoch_ch13', recorded_epoch)
+    monkeypatch.setattr(sd, 'train_epoch', recorded_epoch)
     monkeypatch.setattr(sd, 'train_batch_ch13', recorded_step)
     return loaded, stepped
 

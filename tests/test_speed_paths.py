@@ -2,6 +2,7 @@
 transposed conv as conv + pixel_shuffle, the U-Net's upsample as matrix products, the splits kept on the device
 against the streaming loader (same batches, same trained weights, exact resume), and a training loop that checks
 the loss once per epoch yet still names the step where it broke."""
+import copy
 import sys
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def test_fcn_keeps_the_books_layer_and_initialisation():
     torch.manual_seed(0)
     net = sd.fcn_resnet18(21)
     t = net.transpose_conv
-    assert isinstance(t, nn.ConvTranspose2d) and (t.kernel_size, t.stride, t.padding) == ((64, 64), (32, 32), (16, 16))
+    assert type(t) is nn.ConvTranspose2d, 'the book\'s block builds the chapter\'s own layer'
+    assert (t.kernel_size, t.stride, t.padding) == ((64, 64), (32, 32), (16, 16))
     assert torch.equal(t.weight, sd.bilinear_kernel(21, 21, 64))
     book = nn.ConvTranspose2d(21, 21, 64, stride=32, padding=16)
     assert {k: v.shape for k, v in t.state_dict().items()} == {k: v.shape for k, v in book.state_dict().items()}
@@ -73,26 +75,28 @@ def test_the_fcn_runs_the_fast_kernel_not_a_transposed_conv():
     """The FCN's 64/32 upsample runs as a 2x2 convolution and pixel_shuffle, forward and backward: no transposed
     convolution runs at all (an isinstance check would pass with the fallback too)."""
     torch.manual_seed(0)
-    net = sd.fcn_resnet18(21)
+    book = sd.fcn_resnet18(21)
     x = torch.randn(2, 3, 64, 96)
+    # the control: the book's block runs its transposed conv, so the count below can see one
+    with Kernels() as k:
+        book(x[:1])
+    assert k.transposed == 1 and k.count(aten.pixel_shuffle.default) == 0
+    net = sd.place_model(copy.deepcopy(book), torch.device('cpu'))      # as the training script places it
     with Kernels() as k:
         out = net(x)
         out.sum().backward()
     assert out.shape == (2, 21, 64, 96)
     assert k.count(aten.pixel_shuffle.default) == 1, 'the fast path did not run'
     assert k.transposed == 0, f'{k.transposed} transposed convolution kernel(s) ran'
-    # the control: a plain nn.ConvTranspose2d does run one, so the count above can see it
-    book = nn.ConvTranspose2d(21, 21, 64, stride=32, padding=16)
-    with Kernels() as k:
-        book(torch.randn(1, 21, 2, 3))
-    assert k.transposed == 1 and k.count(aten.pixel_shuffle.default) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), book(x), rtol=1e-4, atol=1e-4)     # float32 rounding only
 
 
 def test_the_unet_takes_the_matrix_upsample_where_asked(monkeypatch):
     """On CUDA (forced here by Upsample2x.everywhere) each of the U-Net's five upsamples is two matrix products,
     forward and backward, and no bilinear kernel runs; on the CPU it is F.interpolate's kernel."""
     torch.manual_seed(0)
-    net = sd.ResNetUNet(21)
+    net = sd.place_model(sd.ResNetUNet(21), torch.device('cpu'))
     x = torch.randn(1, 3, 64, 64)
     bilinear = (aten.upsample_bilinear2d.default, aten.upsample_bilinear2d.vec,
                 aten.upsample_bilinear2d_backward.default)
@@ -132,11 +136,34 @@ def test_upsample2x_first_met_in_evaluation_still_trains():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_the_unet_upsamples_with_it():
+def test_the_unet_upsamples_with_it_once_placed():
     net = sd.ResNetUNet(21)
+    assert type(net.upsample) is nn.Upsample, 'the block builds the published layout\'s plain upsample'
+    before = net.state_dict()
+    sd.place_model(net, torch.device('cpu'))
     assert isinstance(net.upsample, sd.Upsample2x)
     x = torch.randn(1, 4, 3, 5)
     torch.testing.assert_close(net.upsample(x), sd.upsample2x(x))
+    after = net.state_dict()
+    assert list(after) == list(before) and all(after[k] is before[k] or torch.equal(after[k], before[k])
+                                               for k in before)
+
+
+def test_a_checkpoint_loads_into_the_fast_layers_and_back(tmp_path):
+    """Prediction rebuilds the model from a checkpoint and swaps its fast layers in: the same state_dict, so a
+    checkpoint of either form loads into the other, and the predictions agree."""
+    torch.manual_seed(0)
+    book = sd.fcn_resnet18(21).eval()
+    path = tmp_path / 'fcn.pt'
+    torch.save({'model_args': dict(name='fcn', num_classes=21, norm='batch', aux_loss=False),
+                'model': book.state_dict(), 'classes': sd.VOC._asdict(), 'config': {}}, path)
+    net, _ = sd.load_model(path, torch.device('cpu'))
+    assert type(net.transpose_conv) is sd.ShuffleConvTranspose2d
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), book(x), rtol=1e-4, atol=1e-4)
+    fresh = sd.fcn_resnet18(21)
+    fresh.load_state_dict(net.state_dict())     # and back into the book's layer
 
 
 # ------------------------------------------------------------------------------------------- data on the device

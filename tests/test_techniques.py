@@ -74,8 +74,6 @@ def test_class_pixel_weights():
     freq = counts[:4] / counts.sum()
     raw = 1 / torch.log(1.02 + freq)
     assert torch.allclose(w[:4], (raw / raw.mean()).float())
-    wm = class_pixel_weights(counts, mode="median_freq")
-    assert (wm[:4].diff() > 0).all() and torch.isclose(wm[:4].mean(), torch.tensor(1.0))
     assert torch.equal(class_pixel_weights(torch.zeros(3)), torch.ones(3))
 
 
