@@ -2544,13 +2544,13 @@ def check_training_flags(model, crop_size, batch_size, accum_steps, epochs, outp
 def check_writable(*paths):
     """Fail before hours of training, not after: the folders of the checkpoint and the pictures must be writable."""
     for folder in {Path(path).parent for path in paths}:
+        probe = folder / f'.write_test_{os.getpid()}'
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f'.write_test_{os.getpid()}'
             probe.write_bytes(b'')
             probe.unlink()
         except OSError as err:
-            raise write_error(probe, err, 'pass a path in a writable folder') from None
+            raise write_error(folder, err, 'pass a path in a writable folder') from None
 
 
 # --------------------------------------------------------------------------------------------------- the demo generator

@@ -435,8 +435,6 @@ def test_12_unknown_name_is_rejected_by_argparse(tmp_path, script, flag):
 def test_12b_unknown_names_raise_user_error():
     with pytest.raises(sd.UserError, match='nope'):
         sd.build_model('nope')
-    with pytest.raises(sd.UserError, match='nope'):
-        sd.make_loss('nope')
 
 
 # ------------------------------------------------------------------------------------ 13: unwritable outputs

@@ -527,8 +527,6 @@ def test_make_loss_focal_gamma0_and_weighted_ones_equal_ce():
     assert (some_define.make_loss("focal", gamma=2.0)(logits, target) < ce).all()
     with pytest.raises(some_define.UserError):
         some_define.make_loss("weighted_ce")
-    with pytest.raises(some_define.UserError):
-        some_define.make_loss("dice")
 
 
 def test_fcn_training_crop_not_a_multiple_of_32(tmp_path):
