@@ -2059,11 +2059,12 @@ BACKBONE_WEIGHTS = {'resnet18': torchvision.models.ResNet18_Weights.IMAGENET1K_V
                     'resnet101': torchvision.models.ResNet101_Weights.IMAGENET1K_V1}
 
 
-def load_torch_file(path, what='checkpoint'):
-    """torch.load with weights_only=True: plain tensors and numbers only, a pickle that runs code is refused."""
+def load_torch_file(path, what='checkpoint', advice='train first, or pass a checkpoint these scripts wrote'):
+    """torch.load with weights_only=True: plain tensors and numbers only, a pickle that runs code is refused. Each
+    refusal names `what` the file should be and ends in `advice`, what to do instead."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f'{what} {path} does not exist: train first, or pass the right path')
+    if not path.is_file():
+        raise UserError(f'{what} {path} {"is a folder" if path.is_dir() else "does not exist"}: {advice}')
     try:
         with warnings.catch_warnings():     # torch warns about old pickle protocols before refusing: one line only
             warnings.simplefilter('ignore')
@@ -2072,17 +2073,20 @@ def load_torch_file(path, what='checkpoint'):
         text = str(err)
         if 'Weights only load failed' in text or 'Unsupported global' in text:
             raise UserError(f'{path} holds Python objects, not only tensors and numbers: refused for safety '
-                            '(weights_only=True); use a checkpoint written by these scripts') from None
+                            f'(weights_only=True); {advice}') from None
         raise UserError(f'{path} is not a readable {what} (truncated or corrupt: {error_line(err)}): '
-                        'use another file, or retrain') from None
+                        f'{advice}') from None
 
 
 def check_named_hash(path, url):
-    """A file named the torchvision way, `<name>-<first hex digits of its sha256>.pth`, must hash to that prefix:
-    a wrong file under the right name (a 580 KB one circulates as resnet18-f37072fd.pth) stops here, in one line,
-    not in the unpickler. Files of other names are checked by their keys and shapes only (backbone_state_dict)."""
+    """A file under a name torchvision publishes, `<name>-<first hex digits of its sha256>.pth`, must hash to that
+    prefix: a wrong file under the right name (a 580 KB one circulates as resnet18-f37072fd.pth) stops here, in one
+    line, not in the unpickler. Other names (a user's resnet18-20240115.pth) carry no hash: they are checked by their
+    keys and shapes only (backbone_state_dict)."""
+    published = {w.url.rsplit('/', 1)[1] for name in torchvision.models.list_models()
+                 for w in torchvision.models.get_model_weights(name)}
     match = torch.hub.HASH_REGEX.search(path.name)
-    if not match or len(match.group(1)) < 8:     # torchvision's files carry 8 digits; `run-1.pth` is no hash
+    if path.name not in published or not match or not path.is_file():     # a folder: load_torch_file says so
         return
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
@@ -2096,31 +2100,34 @@ def check_named_hash(path, url):
 
 def backbone_state_dict(arch, weights_path=None):
     """ImageNet weights: --backbone-weights, else the file next to the scripts, in the working folder or in
-    torchvision's cache, else a download into that cache (each checked by the sha256 prefix in its name)."""
-    weights = BACKBONE_WEIGHTS[arch]
-    filename = weights.url.rsplit('/', 1)[1]
-    if weights_path is not None and not Path(weights_path).exists():
-        raise UserError(f'--backbone-weights {weights_path} does not exist')
+    torchvision's cache, else a download into that cache (checked by the sha256 prefix in its name, then read with
+    weights_only=True: torch.hub's own loader unpickles anything)."""
+    url = BACKBONE_WEIGHTS[arch].url
+    filename = url.rsplit('/', 1)[1]
     cached = Path(torch.hub.get_dir()) / 'checkpoints' / filename
-    local = [Path(weights_path)] if weights_path else [p for p in (HERE / filename, Path.cwd() / filename, cached)
-                                                        if p.exists()]
-    source = local[0] if local else weights.url
-    if local:
-        check_named_hash(local[0], weights.url)
-        state = load_torch_file(local[0], what=f'{arch} weights')
-    else:
+    path = Path(weights_path) if weights_path else next(
+        (p for p in (HERE / filename, Path.cwd() / filename) if p.exists()), cached)
+    if weights_path and not path.exists():
+        raise UserError(f'--backbone-weights {weights_path} does not exist')
+    if not path.exists():
         try:
-            state = weights.get_state_dict(progress=is_main_process(), check_hash=True)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(cached), torch.hub.HASH_REGEX.search(filename).group(1),
+                                           progress=is_main_process())
         except Exception as err:
             raise UserError(f'no ImageNet {arch} weights here and the download failed ({error_line(err)}): put '
-                            f'{weights.url} next to the scripts, or pass --backbone-weights FILE, or train from '
+                            f'{url} next to the scripts, or pass --backbone-weights FILE, or train from '
                             'scratch with --no-pretrained') from None
+    check_named_hash(path, url)
+    advice = f'pass torchvision\'s {filename} ({url}), or --no-pretrained'
+    state = load_torch_file(path, f'{arch} weights file', advice)
     with torch.device('meta'):      # the expected names and shapes, without allocating or drawing random numbers
         expected = getattr(torchvision.models, arch)(weights=None).state_dict()
-    if not isinstance(state, dict) or set(state) != set(expected) or any(
-            getattr(state[k], 'shape', None) != expected[k].shape for k in expected):
-        raise UserError(f'{source} is not a torchvision {arch} state_dict: pass the file {filename} or '
-                        '--no-pretrained')
+    # torchvision's files are 2017 state dicts, without the *.num_batches_tracked that BatchNorm's loading fills in
+    needed = {k for k in expected if not k.endswith('.num_batches_tracked')}
+    if not isinstance(state, dict) or not needed <= set(state) <= set(expected) or any(
+            getattr(state[k], 'shape', None) != expected[k].shape for k in state):
+        raise UserError(f'{path} is not a torchvision {arch} state_dict: {advice}')
     return state
 
 
