@@ -1806,11 +1806,14 @@ def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_back
             raise UserError(f'{root / "classes.txt"} is missing: write one class a line (`name`, or `name R G B` for '
                             'colour masks), background first, or pass --classes FILE')
         return DataSource('folder', root, read_classes(classes or found[0]), void_as_background, root.name)
-    if download:    # 2 GB may take longer than the process group's timeout (nccl's: 10 minutes)
+    voc = find_voc_dir(data_dir, missing_ok=download)
+    if download and voc:
+        log(f'VOC2012 is already in {voc}: --download has nothing to fetch')
+    elif download:  # 2 GB may take longer than the process group's timeout (nccl's: 10 minutes)
         main_process_first(functools.partial(download_voc, DATA_DIR if data_dir is None else Path(data_dir)),
                            timeout=datetime.timedelta(hours=DOWNLOAD_HOURS))
-    return DataSource('voc', find_voc_dir(data_dir), read_classes(classes) if classes else VOC, void_as_background,
-                'VOC2012')
+    return DataSource('voc', voc or find_voc_dir(data_dir), read_classes(classes) if classes else VOC,
+                      void_as_background, 'VOC2012')
 
 
 def open_dataset(data, is_train, crop_size=None, normalize=True):
@@ -1823,8 +1826,9 @@ def open_dataset(data, is_train, crop_size=None, normalize=True):
     return VOCSegDataset(is_train, crop_size, data.root, data.void_as_background, normalize, data.classes)
 
 
-def find_voc_dir(data_dir=None):
-    """The VOC2012 folder: --data-dir, or VOC2012 / VOCdevkit/VOC2012 / data/VOCdevkit/VOC2012 next to the scripts."""
+def find_voc_dir(data_dir=None, missing_ok=False):
+    """The VOC2012 folder: --data-dir, or VOC2012 / VOCdevkit/VOC2012 / data/VOCdevkit/VOC2012 next to the scripts;
+    None when there is none and missing_ok (--download then fetches it)."""
     if data_dir is not None:
         base = Path(data_dir)
         candidates = [base, base / 'VOC2012', base / 'VOCdevkit' / 'VOC2012']
@@ -1833,6 +1837,8 @@ def find_voc_dir(data_dir=None):
     for path in candidates:
         if (path / 'ImageSets' / 'Segmentation').is_dir():
             return path
+    if missing_ok:
+        return None
     where = data_dir if data_dir is not None else ' or '.join(str(c) for c in candidates)
     raise UserError(f'no VOC2012 dataset at {where} (needs ImageSets/Segmentation, JPEGImages, SegmentationClass): '
                     'pass --data-dir to it, --download to fetch it (2 GB), or --demo for a small synthetic one')
@@ -1857,54 +1863,81 @@ DOWNLOAD_HOURS = 6              # how long torchrun's other processes wait for r
 def download_voc(root, sources=VOC_SOURCES, checksums=VOC_TAR_CHECKSUMS):
     """PASCAL VOC 2012 trainval into root/VOCdevkit/VOC2012, once. A root/VOCtrainval_11-May-2012.tar the user put
     there is checked and used without any network; otherwise the sources are tried in turn (fetch_voc_tar). The tar
-    stays afterwards: whether its 2 GB go is the user's choice."""
+    stays afterwards: whether its 2 GB go is the user's choice. Two runs on one folder take turns (download_lock):
+    the second finds the first's work done."""
     root = Path(root)
-    voc = root / 'VOCdevkit' / 'VOC2012'
-    if (voc / 'ImageSets' / 'Segmentation' / 'val.txt').exists():
-        return
-    if voc.exists():
-        raise UserError(f'{voc} exists without ImageSets/Segmentation/val.txt (an unpacking that did not finish?): '
-                        'move or delete it and rerun with --download')
-    tar = root / VOC_TAR
-    if tar.exists():
-        log(f'checking {tar} ...')
-        differs = tar_mismatch(tar, checksums)
-        if differs:
-            raise UserError(f'{tar} is not the VOC2012 trainval tar ({differs}): put a copy whose md5 is '
-                            f'{checksums["md5"]} in its place, or move it away and rerun with --download to fetch one')
-    else:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise download_write_error(root, err) from None
-        fetch_voc_tar(tar, sources, checksums)
-    unpack_voc_tar(tar, voc)
+    voc, tar = root / 'VOCdevkit' / 'VOC2012', root / VOC_TAR
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise download_write_error(root, err) from None
+    with download_lock(root / f'{VOC_TAR}.lock'):
+        if (voc / 'ImageSets' / 'Segmentation' / 'val.txt').exists():
+            return
+        if voc.exists():
+            raise UserError(f'{voc} exists without ImageSets/Segmentation/val.txt (an unpacking that did not '
+                            'finish?): move or delete it and rerun with --download')
+        if tar.exists():
+            log(f'checking {tar} ...')
+            differs = tar_mismatch(tar, checksums)
+            if differs:
+                raise UserError(f'{tar} is not the VOC2012 trainval tar ({differs}): put a copy whose md5 is '
+                                f'{checksums["md5"]} in its place, or move it away and rerun with --download')
+        else:
+            fetch_voc_tar(tar, sources, checksums)
+        unpack_voc_tar(tar, voc)
     log(f'VOC2012 is in {voc}; {tar} is kept (delete it to free {checksums["size"] / 1e9:.1f} GB)')
 
 
+@contextlib.contextmanager
+def download_lock(path):
+    """Holds an exclusive flock on the file `path` (NFS honours it across nodes): a second --download of the folder,
+    from another terminal or node, waits and says so. The empty file stays: deleting it would let a waiter lock a
+    file no longer there while a third run locks a new one."""
+    try:
+        import fcntl
+    except ImportError:     # Windows: no flock, one --download at a time is the user's care
+        yield
+        return
+    try:
+        f = open(path, 'a')
+    except OSError as err:
+        raise download_write_error(path, err) from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f'another --download of this folder holds {path}: waiting for it to finish ...')
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def fetch_voc_tar(tar, sources, checksums):
-    """Downloads tar from the first source that delivers the checked file, through tar + '.part'. A source that
+    """Downloads tar from the first source that delivers the checked file, through tar + '.part'. A complete .part
+    left by an earlier run (killed while checking it) is checked first, and deleted if it fails. A source that
     errors is noted and the next one continues the same .part (the checksums decide at the end); a complete .part
     that fails them is deleted and the next source starts afresh. When every source fails, the .part stays so that
     a rerun continues it, and one UserError line lists each source's error and the manual step."""
     part = tar.with_name(tar.name + '.part')
+    if part.exists() and part.stat().st_size >= checksums['size']:
+        differs = keep_checked(part, tar, checksums)
+        if not differs:
+            return
+        log(f'{part}, left by an earlier run, fails the checksums ({differs}): deleted, downloading it again')
     errors = []
     for url in sources:
         try:
-            if not part.exists() or part.stat().st_size < checksums['size']:
-                fetch_part(url, part, checksums['size'])
-        except (OSError, http.client.HTTPException) as err:    # refused, HTTP error, timeout, cut half-way
+            fetch_part(url, part, checksums['size'])
+        except (OSError, http.client.HTTPException) as err:    # refused, HTTP error, timeout, cut, not HTTP
             reason = (f'HTTP {err.code} {err.reason}' if isinstance(err, urllib.error.HTTPError) else
-                      error_line(err.reason if isinstance(err, urllib.error.URLError) else err))
+                      error_line(err.reason) if isinstance(err, urllib.error.URLError) else
+                      error_line(err) if isinstance(err, OSError) else repr(err))     # BadStatusLine('...')
             errors.append(f'{url} ({reason})')
             log(f'{url} failed: {reason}')
             continue
-        log(f'checking {part} ...')
-        differs = tar_mismatch(part, checksums)
+        differs = keep_checked(part, tar, checksums)
         if not differs:
-            os.replace(part, tar)
             return
-        part.unlink()
         errors.append(f'{url} (a file that fails the checksums, deleted: {differs})')
         log(f'{url} sent a file that fails the checksums ({differs}): deleted')
     kept = (f'; {part} ({part.stat().st_size} of {checksums["size"]} bytes) is kept so that a rerun continues it'
@@ -1914,34 +1947,72 @@ def fetch_voc_tar(tar, sources, checksums):
                     f'(or unpack it and pass --data-dir){kept}')
 
 
+def keep_checked(part, tar, checksums):
+    """Renames a complete part that passes the checksums to tar and returns ''; else deletes it and says what
+    differs."""
+    log(f'checking {part} ...')
+    differs = tar_mismatch(part, checksums)
+    if differs:
+        part.unlink()
+    else:
+        os.replace(part, tar)
+    return differs
+
+
 def fetch_part(url, part, size):
-    """Appends url's bytes to part, after the bytes already there (an HTTP Range request, answered 206); a server
-    that answers 200 sends the whole file, so part starts again from byte 0. Network faults raise OSError or
+    """Appends url's bytes to part, after the bytes already there, or writes them from byte 0 (resume_from). A body
+    of another length than the tar's, or one that does not open with a tar header (a captive portal's or a proxy's
+    page, answered 200), is refused before a byte is written. Network faults and malformed answers raise OSError or
     HTTPException with part holding every byte received; a write that fails is a UserError (download_write_error)."""
     from tqdm import tqdm
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={'Range': f'bytes={have}-'} if have else {})
-    with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response:
-        if have and response.status != 206:
-            log(f'{url} does not resume downloads (HTTP {response.status}): starting again from byte 0')
-            have = 0
-        elif have and not response.headers.get('Content-Range', '').startswith(f'bytes {have}-'):
-            raise ConnectionError(f'asked for bytes {have}- and got {response.headers.get("Content-Range")}')
-        length = response.headers.get('Content-Length')
-        if length is not None and have + int(length) != size:   # another file: not worth 2 GB of disk
-            raise ConnectionError(f'serves {have + int(length)} bytes where the tar has {size}')
+    response, have = resume_from(url, part)
+    with response:
+        fields = response.headers.get_all('Content-Length', [])
+        lengths = {value.strip() for field in fields for value in field.split(',')}    # proxies repeat one: N, N
+        if len(lengths) > 1 or not all(value.isdigit() for value in lengths):
+            raise ConnectionError(f'sends a malformed Content-Length: {", ".join(fields)}')
+        length = have + int(lengths.pop()) if lengths else None
+        if length is not None and length != size:          # another file: not worth 2 GB of disk
+            raise ConnectionError(f'serves {length} bytes where the tar has {size}')
+        chunk = response.read(min(1 << 20, size - have))
+        if not have and chunk[257:262] != b'ustar':         # where every tar header, GNU's and POSIX's, says so
+            raise ConnectionError(f'sends {(response.headers.get("Content-Type") or "a body").split(";")[0]} '
+                                  'without a tar header (a captive portal\'s or a proxy\'s page?)')
         with open_part(part, append=have > 0) as out, tqdm(
                 total=size, initial=have, desc=part.name, unit='B', unit_scale=True, unit_divisor=1024,
                 disable=not is_main_process() or None) as bar:
-            while have < size:
-                chunk = response.read(min(1 << 20, size - have))
-                if not chunk:
-                    break
+            while chunk:
                 write_chunk(out, part, chunk)
                 have += len(chunk)
                 bar.update(len(chunk))
+                chunk = response.read(min(1 << 20, size - have))
     if have < size:
         raise ConnectionError(f'the connection closed after {have} of {size} bytes')
+
+
+def resume_from(url, part):
+    """url's answer to a request for the bytes after part's, and the byte its body starts at: part's size for a 206
+    from there; else 0, with the whole file: a 200 (a server that ignores Range) is used as it is, other answers (a
+    416, S3's and Apache's to a Range at or past their end; a 206 of other bytes) are asked again without a Range,
+    since a rerun would get them again."""
+    have = part.stat().st_size if part.exists() else 0
+    if have:
+        try:
+            response = urllib.request.urlopen(urllib.request.Request(url, headers={'Range': f'bytes={have}-'}),
+                                              timeout=DOWNLOAD_TIMEOUT)
+        except urllib.error.HTTPError as err:
+            if err.code != 416:
+                raise
+            response = err
+        answer = response.headers.get('Content-Range')
+        if response.status == 206 and (answer or '').startswith(f'bytes {have}-'):
+            return response, have
+        log(f'{url} does not continue {part.name} (HTTP {response.status}, Content-Range {answer}): '
+            'starting again from byte 0')
+        if response.status == 200:
+            return response, 0
+        response.close()
+    return urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT), 0
 
 
 def open_part(part, append):
@@ -1967,7 +2038,7 @@ def write_chunk(out, part, chunk):
 def download_write_error(path, err, kept=None):
     """write_error for the download's files, saying what is kept for a rerun."""
     note = f'; {kept} is kept so that a rerun with --download continues' if kept else ''
-    return write_error(path, err, f'pass --data-dir a folder with room (the tar is 2 GB, unpacked 2 GB more){note}')
+    return write_error(path, err, f'pass --data-dir another folder (the tar takes 2 GB, unpacked 2 GB more){note}')
 
 
 def tar_mismatch(path, checksums):
@@ -2441,10 +2512,10 @@ def add_data_args(parser, dataset_default='voc'):
     g.add_argument('--data-dir', help='the VOC2012 folder (default: VOC2012, VOCdevkit/VOC2012 or '
                    'data/VOCdevkit/VOC2012 next to the scripts); with --dataset cityscapes, the folder holding '
                    'leftImg8bit/ and gtFine/; with --dataset folder, the one holding images/, masks/ and classes.txt')
-    g.add_argument('--download', action='store_true', help='fetch VOC2012 (VOCtrainval_11-May-2012.tar, 2 GB) into '
-                   "data/ (or --data-dir) first: the book's mirror, then Oxford's; checked by size, md5, sha256 and "
-                   'sha1; an interrupted download resumes on rerun; a tar you put there yourself is checked and '
-                   'unpacked (default: off)')
+    g.add_argument('--download', action='store_true', help='fetch VOC2012 (VOCtrainval_11-May-2012.tar, 2 GB), unless '
+                   "it is there, into data/ (or --data-dir): the book's mirror, then Oxford's; checked by size, md5, "
+                   'sha256 and sha1; an interrupted download resumes on rerun; a tar you put there yourself is checked '
+                   'and unpacked (default: off)')
     g.add_argument('--demo', nargs='?', const='voc', choices=['voc', 'folder'], help='a small synthetic dataset '
                    'in the exact VOC layout (data/demo/VOC2012; --demo folder: in the folder layout, data/demo/folder) '
                    'and a CPU-sized recipe: for a machine with no dataset and no GPU (default: off)')
