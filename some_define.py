@@ -1997,6 +1997,10 @@ def resume_from(url, part):
     since a rerun would get them again."""
     have = part.stat().st_size if part.exists() else 0
     if have:
+        with open(part, 'rb') as f:
+            if f.read(262)[257:] != b'ustar':     # a page an earlier version kept: nothing worth continuing
+                log(f'{part} does not start with a tar header: starting again from byte 0')
+                return urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT), 0
         try:
             response = urllib.request.urlopen(urllib.request.Request(url, headers={'Range': f'bytes={have}-'}),
                                               timeout=DOWNLOAD_TIMEOUT)

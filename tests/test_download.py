@@ -229,7 +229,7 @@ def test_a_stalled_source_times_out_and_the_next_is_used(tmp_path, server, monke
 
 def test_a_server_that_ignores_range_restarts_the_download(tmp_path, server):
     part = tmp_path / f'{TAR}.part'
-    part.write_bytes(b'\0' * 1000)                  # bytes a continued download would wrongly keep
+    part.write_bytes(GOOD[:1000])                   # an earlier run's start: appending the whole file would break it
     download(tmp_path, [server.url('norange')])
     assert server.seen == [(f'/norange/{TAR}', 'bytes=1000-')]
     assert_unpacked(tmp_path)
@@ -451,6 +451,15 @@ def test_a_web_page_answered_200_is_not_kept(tmp_path, server):
     part.unlink()
     download(tmp_path, [server.url('portal'), server.url()])
     assert server.seen[-1] == (f'/ok/{TAR}', None)
+    assert_unpacked(tmp_path)
+
+
+def test_a_part_that_is_a_web_page_is_not_continued(tmp_path, server):
+    """A .part an earlier version kept from a captive portal: the rerun starts the tar from byte 0, not after it."""
+    part = tmp_path / f'{TAR}.part'
+    part.write_bytes(PORTAL)
+    download(tmp_path, [server.url()])
+    assert server.seen == [(f'/ok/{TAR}', None)]
     assert_unpacked(tmp_path)
 
 
