@@ -33,7 +33,7 @@ def main():
         return              # your own images only: no dataset needed
 
     data = sd.checkpoint_data(path, ckpt, args.dataset, args.data_dir, args.demo, args.void_as_background,
-                              args.classes)
+                              args.classes, args.val_share)
     val, colors = sd.open_dataset(data, is_train=False, normalize=False), data.classes.colors
     columns = []            # compare.png's checkpoints: those that predict the same classes (this one loaded once)
     for p in map(Path, args.compare or [p for p in COMPARE if Path(p).exists()]):

@@ -83,7 +83,8 @@ def main():
     device, amp, channels_last = sd.setup_run(args.device, args.amp, args.channels_last, args.cudnn_benchmark,
                                               args.detect_anomaly, args.seed)
 
-    data = sd.find_data(args.dataset, args.data_dir, args.demo, args.download, args.void_as_background, args.classes)
+    data = sd.find_data(args.dataset, args.data_dir, args.demo, args.download, args.void_as_background, args.classes,
+                         args.val_share)
     train_iter, test_iter = sd.load_data_voc(args.batch_size // args.accum_steps, args.crop_size, data, seed=args.seed,
                                              num_workers=args.workers, device=device, channels_last=channels_last,
                                              on_device=args.data_on_device)

@@ -25,7 +25,7 @@ def main():
             return          # your own images only: no dataset needed
 
     data = sd.checkpoint_data(path, ckpt, args.dataset, args.data_dir, args.demo, args.void_as_background,
-                              args.classes)
+                              args.classes, args.val_share)
     val = sd.open_dataset(data, is_train=False, normalize=False)    # whole images: metrics at the original size
     colors = data.classes.colors
     if args.eval:

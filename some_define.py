@@ -44,7 +44,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 import torchvision
-from PIL import Image, ImageDraw
+from PIL import ExifTags, Image, ImageDraw, ImageOps
 from torch import nn
 from torch.nn import functional as F
 from torchvision import tv_tensors
@@ -98,9 +98,12 @@ def read_voc_images(voc_dir, is_train=True):
     return features, labels
 
 
-def voc_files(voc_dir, is_train=True):
+def voc_files(voc_dir, is_train=True, val_share=None):
     """The (image, label) pairs of a VOC split, each checked to exist."""
-    split, ids = read_split(voc_dir, is_train)
+    split, ids = read_split(voc_dir, is_train, val_share)
+    if not (Path(voc_dir) / 'JPEGImages').is_dir():
+        raise UserError(f'{Path(voc_dir) / "JPEGImages"} is missing: put the images there (CVAT exports them when '
+                        '"Save images" is ticked)')
     items = [voc_paths(voc_dir, name) for name in ids]
     for name, pair in zip(ids, items):
         for path in pair:
@@ -109,29 +112,52 @@ def voc_files(voc_dir, is_train=True):
     return SplitFiles(items, split, f'remove its id from {split}')
 
 
-def read_split(voc_dir, is_train=True):
-    txt = Path(voc_dir) / 'ImageSets' / 'Segmentation' / ('train.txt' if is_train else 'val.txt')
+def read_split(voc_dir, is_train=True, val_share=None):
+    """(split file, ids): ImageSets/Segmentation/train.txt or val.txt; with `val_share`, default.txt (CVAT's export
+    of a task without subsets) with that share of its ids held out as val, drawn with a fixed seed."""
+    folder = Path(voc_dir) / 'ImageSets' / 'Segmentation'
+    txt, default = folder / ('train.txt' if is_train else 'val.txt'), folder / 'default.txt'
+    if val_share and txt.exists():
+        raise UserError(f'{txt} exists: --val-share is for {default.name} alone, drop it')
+    if not val_share and not txt.exists() and default.exists():
+        raise UserError(f'{folder} has {default.name} but no {txt.name} (a CVAT export of a task without subsets): '
+                        f'pass --val-share 0.2 to hold a seeded fifth of it out as val, or split {default.name} into '
+                        'train.txt and val.txt')
+    txt = default if val_share else txt
     if not txt.exists():
         raise UserError(f'split file {txt} is missing: the VOC2012 folder is incomplete, unpack the dataset again')
     ids = [line.strip() for line in txt.read_text().splitlines() if line.strip()]
     if not ids:
         raise UserError(f'split file {txt} lists no ids: the VOC2012 folder is incomplete, unpack the dataset again')
+    if val_share:
+        k = round(val_share * len(ids))
+        if not 0 < k < len(ids):
+            raise UserError(f'--val-share {val_share:g} holds {k} of the {len(ids)} ids of {txt} out: pass a share '
+                            'that leaves ids for both train and val, e.g. 0.2')
+        held = set(np.random.default_rng(0).choice(len(ids), k, replace=False).tolist())
+        ids = [name for i, name in enumerate(ids) if (i in held) != is_train]
     return txt, ids
 
 
 def voc_paths(voc_dir, name):
-    return Path(voc_dir) / 'JPEGImages' / f'{name}.jpg', Path(voc_dir) / 'SegmentationClass' / f'{name}.png'
+    """An id's image and label: JPEGImages/<id>.jpg, or the suffix the image came with (CVAT keeps it)."""
+    images = Path(voc_dir) / 'JPEGImages'
+    found = (p for s in IMAGE_SUFFIXES for p in (images / f'{name}{s}', images / f'{name}{s.upper()}') if p.exists())
+    return next(found, images / f'{name}.jpg'), Path(voc_dir) / 'SegmentationClass' / f'{name}.png'
 
 
 def read_image(path, mode='RGB', advice='remove it'):
-    """A file as a uint8 CxHxW tensor: mode 'RGB' gives 3 channels, 'UNCHANGED' what is stored (a palette PNG gives
-    its indices). PIL decodes: torchvision.io's decoders are deprecated from torchvision 0.29 on. A missing or broken
-    file ends in one line naming it and `advice`."""
+    """A file as a uint8 CxHxW tensor: mode 'RGB' gives 3 channels as shown (a phone's portrait photo upright, as
+    viewers, labelling tools and OpenCV show it), 'UNCHANGED' what is stored (a palette PNG gives its indices). PIL
+    decodes: torchvision.io's decoders are deprecated from torchvision 0.29 on. A missing or broken file ends in one
+    line naming it and `advice`."""
     path = Path(path)
     if not path.exists():
         raise UserError(f'{path} is missing: restore it or {advice}')
     try:
         with Image.open(path) as img:
+            if mode == 'RGB':
+                ImageOps.exif_transpose(img, in_place=True)
             array = torch.from_numpy(np.array(img.convert('RGB') if mode == 'RGB' else img))
     except Exception as err:
         raise UserError(f'{path} cannot be read ({error_line(err)}): replace it or {advice}') from None
@@ -173,14 +199,28 @@ def read_label(path, colormap2label=None, advice='remove it'):
 
 
 def check_pair(image, label, img_path, label_path, num_classes):
-    if image.shape[1:] != label.shape:
-        raise UserError(f'{label_path} is {label.shape[0]}x{label.shape[1]} but {img_path} is '
-                        f'{image.shape[1]}x{image.shape[2]}: image and label must have the same size')
+    (h, w), (lh, lw) = image.shape[1:], label.shape
+    if (h, w) != (lh, lw):
+        with Image.open(img_path) as img:
+            turn = quarter_turn(img)
+        if turn and (lh, lw) == (w, h):     # a mask drawn by a tool that ignores the orientation
+            raise UserError(f"{label_path} is {lw}x{lh} (width x height), the size of {img_path}'s stored pixels; "
+                            f'{Path(img_path).name} is shown turned (EXIF orientation {turn}) as {w}x{h}: draw the '
+                            'mask on the photo as shown')
+        raise UserError(f'{label_path} is {lw}x{lh} but {img_path} is {w}x{h} (width x height): image and label must '
+                        'have the same size')
     bad = ((label < 0) | (label >= num_classes)) & (label != IGNORE_INDEX)
     if bad.any():
         values = sorted(set(label[bad].unique().tolist()))[:5]
         raise UserError(f'{label_path} holds label values {values} outside 0..{num_classes - 1} and '
                         f'{IGNORE_INDEX}: is it a label of this dataset?')
+
+
+def quarter_turn(img):
+    """An opened image's EXIF orientation if it shows the stored pixels turned a quarter (5 to 8: a phone's portrait
+    photo), else None; read from the header by the base class's reader, as PNG's own decodes the pixels first."""
+    turn = Image.Image.getexif(img).get(ExifTags.Base.Orientation)
+    return turn if turn in (5, 6, 7, 8) else None
 
 
 def voc_rand_crop(feature, label, height, width, generator=None):
@@ -236,13 +276,13 @@ class SegDataset(torch.utils.data.Dataset):
         log(f'read {len(self.items)} examples')
 
     def large_enough(self, files):
-        """The items at least as large as the crop, and their (height, width), judged from the image headers
-        (nothing is decoded)."""
+        """The items at least as large as the crop, and their (height, width) as shown, judged from the image
+        headers (nothing is decoded)."""
         kept, sizes, largest = [], [], (0, 0)
         for img_path, label_path in files.items:
             try:
                 with Image.open(img_path) as img:
-                    w, h = img.size
+                    w, h = img.size[::-1] if quarter_turn(img) else img.size
             except Exception as err:
                 raise UserError(f'{img_path} cannot be read ({error_line(err)}): replace it or '
                                 f'{files.advice}') from None
@@ -1258,28 +1298,36 @@ UNLABELLED_WARNING = 0.01       # a class without pixels while this share or mor
 
 
 def read_classes(path):
-    """A class table from a file: one class a line, `name` or `name R G B` (blank lines and # comments skipped), or
-    a CSV with a name,r,g,b header (class_dict.csv). Classes without a colour get palette_colors not taken yet;
-    names and colours must be distinct, and 255 (VOC's void colour) is left to ignored pixels."""
+    """A class table from a file: one class a line, `name` or `name R G B` (blank lines and # comments skipped), a
+    CSV with a name,r,g,b header (class_dict.csv), or CVAT's labelmap.txt (`name:R,G,B:parts:actions`). Classes
+    without a colour get palette_colors not taken yet; names and colours must be distinct, and 255 (VOC's void
+    colour) is left to ignored pixels."""
     path = Path(path)
     try:
         lines = [line.strip() for line in path.read_text().splitlines()]
     except OSError as err:
         raise UserError(f'--classes {path} cannot be read ({err.strerror or err}): pass a class file') from None
     csv = bool(lines) and lines[0].replace(' ', '').lower().startswith('name,r,g,b')
+    labelmap = not csv and all(line.count(':') == 3 for line in lines if line and not line.startswith('#'))
     names, colors = [], []
     for n, line in enumerate(lines, 1):
         if not line or line.startswith('#') or (csv and n == 1):
             continue
-        parts = [p.strip() for p in line.split(',')][:4] if csv else line.rsplit(maxsplit=3)
-        if not csv and not parts[-1].isdigit():
-            names.append(line)
-            colors.append(None)
-        elif len(parts) == 4 and all(v.isdigit() and int(v) < 256 for v in parts[1:]):
+        if labelmap:
+            name, rgb = line.split(':')[:2]
+            parts = [name, *rgb.split(',')] if rgb.strip() else [name]
+        else:
+            parts = line.split(',')[:4] if csv else line.rsplit(maxsplit=3) if line.split()[-1].isdigit() else [line]
+        parts = [p.strip() for p in parts]
+        if len(parts) == 4 and all(v.isdigit() and int(v) < 256 for v in parts[1:]):
             names.append(parts[0])
             colors.append([int(v) for v in parts[1:]])
+        elif len(parts) == 1 and not csv:
+            names.append(parts[0])
+            colors.append(None)
         else:
-            raise UserError(f'{path} line {n}: {line!r} is not `name` or `name R G B` (0-255)')
+            form = '`name:R,G,B::`' if labelmap else '`name,r,g,b`' if csv else '`name` or `name R G B`'
+            raise UserError(f'{path} line {n}: {line!r} is not {form} (0-255)')
     free = (c for c in palette_colors(255) if c not in colors and c != VOID_COLOR)
     colors = [c or next(free) for c in colors]
     problem = f'{len(names)} classes (2 to 255 work)' if not 2 <= len(names) <= 255 else next(
@@ -1775,14 +1823,21 @@ def autocast(device, dtype):
 # ---------------------------------------------------------------------------------------------------- where the data is
 HERE = Path(__file__).resolve().parent
 DATA_DIR = HERE / 'data'                                    # --download and --demo write here
-# Where a run's data is: kind (voc, cityscapes, folder), root folder, class table, void as background, its title.
-DataSource = collections.namedtuple('DataSource', 'kind root classes void_as_background title')
+# Where a run's data is: kind (voc, cityscapes, folder), root folder, class table, void as background, its title, and
+# the share of a VOC layout's default.txt held out as val (--val-share).
+DataSource = collections.namedtuple('DataSource', 'kind root classes void_as_background title val_share',
+                                    defaults=(None,))
 
 
-def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_background=False, classes=None):
-    """The DataSource of --dataset/--data-dir/--demo/--download/--classes. --demo (voc or folder) writes the
-    synthetic set once, --download fetches VOC once (under torchrun, rank 0 does either while the others wait).
-    `classes`: a class file for the VOC layout; a folder dataset reads DIR/classes.txt unless it is given."""
+def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_background=False, classes=None,
+              val_share=None):
+    """The DataSource of --dataset/--data-dir/--demo/--download/--classes/--val-share. --demo (voc or folder) writes
+    the synthetic set once, --download fetches VOC once (under torchrun, rank 0 does either while the others wait).
+    `classes`: a class file; without it the VOC layout reads labelmap.txt where there is one (a CVAT export), a
+    folder dataset DIR/classes.txt."""
+    if val_share and (demo or kind != 'voc'):
+        raise UserError(f'--val-share splits the VOC layout\'s ImageSets/Segmentation/default.txt: drop it with '
+                        f'--{"demo" if demo else "dataset " + kind}')
     if kind == 'cityscapes':
         if demo or classes:
             raise UserError(f'--{"demo" if demo else "classes"} does not go with --dataset cityscapes: drop it')
@@ -1812,18 +1867,19 @@ def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_back
     elif download:  # 2 GB may take longer than the process group's timeout (nccl's: 10 minutes)
         main_process_first(functools.partial(download_voc, DATA_DIR if data_dir is None else Path(data_dir)),
                            timeout=datetime.timedelta(hours=DOWNLOAD_HOURS))
-    return DataSource('voc', voc or find_voc_dir(data_dir), read_classes(classes) if classes else VOC,
-                      void_as_background, 'VOC2012')
+    root = voc or find_voc_dir(data_dir)
+    classes = classes or (root / 'labelmap.txt' if (root / 'labelmap.txt').exists() else None)
+    return DataSource('voc', root, read_classes(classes) if classes else VOC, void_as_background,
+                      root.name if classes else 'VOC2012', val_share)
 
 
 def open_dataset(data, is_train, crop_size=None, normalize=True):
     """The training or validation split of a DataSource."""
     if data.kind == 'cityscapes':
         return CityscapesSegDataset(is_train, crop_size, data.root, normalize)
-    if data.kind == 'folder':
-        return SegDataset(folder_files(data.root, is_train), data.classes, crop_size, normalize,
-                          data.void_as_background)
-    return VOCSegDataset(is_train, crop_size, data.root, data.void_as_background, normalize, data.classes)
+    files = folder_files(data.root, is_train) if data.kind == 'folder' else voc_files(data.root, is_train,
+                                                                                       data.val_share)
+    return SegDataset(files, data.classes, crop_size, normalize, data.void_as_background)
 
 
 def find_voc_dir(data_dir=None, missing_ok=False):
@@ -2407,14 +2463,15 @@ def load_model(path, device):
     return fast_layers(net).to(device).eval(), ckpt
 
 
-def checkpoint_data(path, ckpt, kind=None, data_dir=None, demo=None, void_as_background=False, classes=None):
+def checkpoint_data(path, ckpt, kind=None, data_dir=None, demo=None, void_as_background=False, classes=None,
+                    val_share=None):
     """The DataSource a checkpoint was trained on, with its class table, unless flags say otherwise (so `python
     my_predict.py` after `my_train.py --demo` needs none), checked against the classes the checkpoint predicts."""
     cfg = ckpt['config']
     if not demo and data_dir is None:
-        demo, data_dir = cfg.get('demo'), cfg.get('data_dir')
+        demo, data_dir, val_share = cfg.get('demo'), cfg.get('data_dir'), val_share or cfg.get('val_share')
     data = find_data(kind or cfg.get('dataset', 'voc'), data_dir, demo, False,
-                     void_as_background or bool(cfg.get('void_as_background')), classes)
+                     void_as_background or bool(cfg.get('void_as_background')), classes, val_share)
     data = data if classes else data._replace(classes=checkpoint_classes(ckpt))
     if ckpt['num_classes'] != len(data.classes.names):
         raise UserError(f'{path} predicts {ckpt["num_classes"]} classes, {data.kind} has {len(data.classes.names)}: '
@@ -2527,8 +2584,12 @@ def add_data_args(parser, dataset_default='voc'):
                    help='voc: the VOC layout; folder: DIR/images/{train,val}/, DIR/masks/{train,val}/ and '
                    f'DIR/classes.txt (default: {dataset_shown})')
     g.add_argument('--classes', metavar='FILE', help='your own classes, one a line: `name` or `name R G B` (the '
-                   'colour in pictures and in RGB masks), or a class_dict.csv (name,r,g,b) (default: VOC\'s 21; '
-                   '--dataset folder: DIR/classes.txt; predict scripts: the checkpoint\'s)')
+                   'colour in pictures and in RGB masks), a class_dict.csv (name,r,g,b) or a CVAT labelmap.txt '
+                   "(default: the VOC layout's labelmap.txt if there is one, else VOC's 21; --dataset folder: "
+                   "DIR/classes.txt; predict scripts: the checkpoint's)")
+    g.add_argument('--val-share', type=float, metavar='SHARE', help='with ImageSets/Segmentation/default.txt and '
+                   'no train.txt/val.txt (a CVAT export of a task without subsets): hold this share of its ids out '
+                   'as val, the same ids every run, e.g. 0.2 (default: none, train.txt and val.txt are read)')
     g.add_argument('--device', help='cpu, cuda or cuda:N (default: the GPU if there is one, else the CPU)')
     g.add_argument('--workers', type=int, help=f'DataLoader worker processes (default: min(4, CPUs), here '
                    f'{default_workers()})')

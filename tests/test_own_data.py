@@ -266,3 +266,146 @@ def test_masks_saved_as_0_255_are_named_before_training(tmp_path, foreground):
         assert len(warnings) == 1 and 'crack has no labelled pixel' in warnings[0], res.out
         assert f'{share:.1%}' in warnings[0] and '0/1' in warnings[0] and 'colours' in warnings[0]
         assert res.out.index('warning:') < res.out.index('epoch 1/1')
+
+
+# ------------------------------------------------------------------------------- as labelling tools export it
+# CVAT's "Segmentation mask" export, as its documentation (docs.cvat.ai, "Segmentation Mask" format) and Datumaro's
+# VOC writer lay it out: labelmap.txt under the header `# label:color_rgb:parts:actions`, one `name:R,G,B:parts:actions`
+# a line, background first with 0,0,0; ImageSets/Segmentation/default.txt (train.txt and val.txt when the task has
+# those subsets), ids without extension; SegmentationClass/<id>.png, RGB masks in the label colours;
+# SegmentationObject/<id>.png, instances in VOC's instance colours; JPEGImages/<id> with the image's own suffix when
+# the export has the images.
+CVAT_LABELS = [('background', (0, 0, 0)), ('crack', (250, 50, 83)), ('rust stain', (51, 221, 255))]
+CVAT_SUFFIXES = ['.jpg', '.png', '.JPG']        # CVAT keeps each image's name: a phone's IMG_0001.JPG stays so
+
+
+def write_cvat_export(root, subsets):
+    """A CVAT "Segmentation mask 1.1" export with images: {subset: number of images}."""
+    rng = np.random.default_rng(0)
+    for folder in ('ImageSets/Segmentation', 'SegmentationClass', 'SegmentationObject', 'JPEGImages'):
+        (root / folder).mkdir(parents=True)
+    (root / 'labelmap.txt').write_text('# label:color_rgb:parts:actions\n' + ''.join(
+        f'{name}:{r},{g},{b}::\n' for name, (r, g, b) in CVAT_LABELS))
+    truth, k = {}, 0
+    for subset, n in subsets.items():
+        ids = [f'IMG_{k + i:04d}' for i in range(n)]
+        (root / 'ImageSets' / 'Segmentation' / f'{subset}.txt').write_text(''.join(i + '\n' for i in ids))
+        for i, name in enumerate(ids):
+            index = np.zeros((48, 72), np.uint8)
+            index[4 + i:30, 10:40], index[30:44, 40 - i:70] = 1, 2
+            colors = np.array([c for _, c in CVAT_LABELS], np.uint8)
+            Image.fromarray(colors[index]).save(root / 'SegmentationClass' / f'{name}.png')
+            Image.fromarray(np.array([(0, 0, 0), (128, 0, 0), (0, 128, 0)], np.uint8)[index]).save(
+                root / 'SegmentationObject' / f'{name}.png')
+            image = rng.integers(0, 256, (48, 72, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / 'JPEGImages' / f'{name}{CVAT_SUFFIXES[i % 3]}')
+            truth[name] = torch.from_numpy(index).long()
+        k += n
+    return root, truth
+
+
+def test_a_cvat_export_trains_as_exported(tmp_path):
+    """--data-dir export/ and nothing else: the classes and colours from labelmap.txt, the masks through them, images
+    whatever their suffix; the checkpoint and the predict script carry CVAT's names."""
+    root, truth = write_cvat_export(tmp_path / 'export', {'train': 6, 'val': 3})
+    data = sd.find_data('voc', root)
+    assert data.classes == sd.Classes([n for n, _ in CVAT_LABELS], [list(c) for _, c in CVAT_LABELS])
+    assert data.title == 'export'
+    for is_train in (True, False):
+        ds = sd.open_dataset(data, is_train)
+        assert [p.suffix for p, _ in ds.items] == CVAT_SUFFIXES[:len(ds)] * (len(ds) // 3)
+        for i, (image, label) in enumerate(ds.read(i) for i in range(len(ds))):
+            assert image.shape == (3, 48, 72) and torch.equal(label, truth[ds.items[i][1].stem])
+    res = run_inprocess(ORIGIN_TRAIN, ['--data-dir', root] + FAST, tmp_path)
+    assert res.code == 0, res.err + res.out
+    assert sd.load_torch_file(tmp_path / 'checkpoints' / 'origin.pt')['classes']['names'][2] == 'rust stain'
+    res = run_inprocess(ORIGIN_PREDICT, ['--eval', '--workers', '0'], tmp_path)
+    assert res.code == 0 and 'rust stain' in res.out, res.err + res.out
+
+
+def test_a_cvat_export_without_subsets_holds_a_seeded_share_out(tmp_path):
+    """default.txt alone: one line names it and both ways on (split it, or --val-share); --val-share 0.2 holds out
+    the same fifth every run (whatever --seed), and the predict script finds it again from the checkpoint."""
+    root, _ = write_cvat_export(tmp_path / 'export', {'default': 10})
+    line = one_error_line(run_inprocess(ORIGIN_TRAIN, ['--data-dir', root] + FAST, tmp_path), 'default.txt',
+                          '--val-share', 'train.txt', 'val.txt')
+    assert 'ImageSets/Segmentation' in line, line
+    splits = [[sd.voc_files(root, is_train, 0.2).items for is_train in (True, False)] for _ in range(2)]
+    train, val = splits[0]
+    assert splits[0] == splits[1] and len(train) == 8 and len(val) == 2 and not set(train) & set(val)
+    res = run_inprocess(ORIGIN_TRAIN, ['--data-dir', root, '--val-share', '0.2', '--seed', '3'] + FAST, tmp_path)
+    assert res.code == 0, res.err + res.out
+    res = run_inprocess(ORIGIN_PREDICT, ['--eval', '--workers', '0'], tmp_path)
+    assert res.code == 0 and 'on 2 val images' in res.out, res.err + res.out
+    for share in ('0.01', '1.5'):
+        one_error_line(run_inprocess(ORIGIN_TRAIN, ['--data-dir', root, '--val-share', share] + FAST, tmp_path),
+                       f'--val-share {share}', 'default.txt')
+
+
+def test_labelmap_lines_are_checked(tmp_path):
+    f = tmp_path / 'labelmap.txt'
+    f.write_text('# label:color_rgb:parts:actions\nbackground:0,0,0::\ncrack:1,2::\n')
+    with pytest.raises(sd.UserError, match='line 3') as info:
+        sd.read_classes(f)
+    assert str(f) in str(info.value) and 'name:R,G,B' in str(info.value)
+    f.write_text('# label:color_rgb:parts:actions\nbackground:0,0,0::\ncrack:::\n')
+    assert sd.read_classes(f) == sd.Classes(['background', 'crack'], [[0, 0, 0], [128, 0, 0]])
+
+
+# A portrait photo from a phone: landscape pixels and EXIF Orientation 6 ("turn a quarter clockwise to show"),
+# shown upright by every viewer, browser and labelling tool, so its mask is drawn upright.
+def write_phone_folder(root, mask_on_stored_pixels=False):
+    """The folder layout with two portrait phone photos (40 wide, 64 high as shown); their upright pictures."""
+    shown = {}
+    for split in ('train', 'val'):
+        for folder in ('images', 'masks'):
+            (root / folder / split).mkdir(parents=True)
+        upright = np.zeros((64, 40, 3), np.uint8)
+        upright[:16] = (230, 20, 20)                       # a red band at the top, as the photo is shown
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(
+            root / 'images' / split / 'x.jpg', exif=exif, quality=95)
+        mask = np.zeros((64, 40), np.uint8)
+        mask[:16] = 1
+        mask = np.rot90(mask) if mask_on_stored_pixels else mask        # the stored pixels: a quarter anticlockwise
+        Image.fromarray(np.ascontiguousarray(mask), mode='L').save(root / 'masks' / split / 'x.png')
+        shown[split] = upright
+    (root / 'classes.txt').write_text('background\nred\n')
+    return root, shown
+
+
+def test_phone_photos_are_read_as_shown(tmp_path):
+    """Images are read turned as the EXIF orientation says (as OpenCV and mmsegmentation read them), headers judge
+    the crop by the shown size, and predictions on such a photo come out upright."""
+    root, shown = write_phone_folder(tmp_path / 'phone')
+    data = sd.find_data('folder', root)
+    ds = sd.open_dataset(data, True, crop_size=(56, 32))      # fits the shown 64x40, not the stored 40x64
+    assert len(ds) == 1 and ds.sizes == [(64, 40)]
+    image, label = ds.read(0)
+    assert image.shape == (3, 64, 40) and (image.float() - torch.from_numpy(shown['train']).permute(2, 0, 1)).abs(
+        ).mean() < 4
+    assert torch.equal(label, (torch.arange(64) < 16).long()[:, None].expand(64, 40))
+    net = sd.build_model('fcn', num_classes=2).eval()
+    with torch.no_grad():
+        sd.segment_files(net, [root / 'images' / 'val' / 'x.jpg'], tmp_path / 'seg', data.classes)
+    for kind in ('labels', 'color', 'overlay'):
+        with Image.open(tmp_path / 'seg' / f'x_{kind}.png') as picture:
+            assert picture.size == (40, 64)
+
+
+def test_a_mask_drawn_on_a_phone_photos_stored_pixels_is_named(tmp_path):
+    root, _ = write_phone_folder(tmp_path / 'phone', mask_on_stored_pixels=True)
+    args = ['--dataset', 'folder', '--data-dir', root] + FAST + ['--crop-size', '32', '32', '--batch-size', '1']
+    res = run_inprocess(ORIGIN_TRAIN, args, tmp_path)
+    line = one_error_line(res, root / 'masks' / 'train' / 'x.png', 'x.jpg', 'EXIF orientation 6', '64x40', '40x64')
+    assert 'stored pixels' in line and 'as shown' in line, line
+
+
+def test_real_voc_jpegs_read_as_stored(voc_sample):
+    """VOC's photos carry no EXIF orientation: reading them as shown changes nothing."""
+    for path in sorted((voc_sample / 'JPEGImages').glob('*.jpg')):
+        with Image.open(path) as img:
+            assert 0x0112 not in img.getexif()
+            stored = torch.from_numpy(np.array(img.convert('RGB'))).permute(2, 0, 1)
+        assert torch.equal(sd.read_image(path), stored)
