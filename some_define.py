@@ -256,14 +256,10 @@ def normalize_image(img):
 
 class SegDataset(torch.utils.data.Dataset):
     """The one dataset mechanism (VOC, Cityscapes, a user's folders): SplitFiles and a class table in, the book's items
-    out, read lazily: only file names are kept, a DataLoader worker decodes an item when it is asked for.
-
-    crop_size=None gives whole images (evaluation at the original size). With a crop, images smaller than it are
-    dropped, as the book does, unless `augment` (the tutorial's transform) pads them. normalize=False gives uint8
-    images and labels for the training loop, which normalises and widens them on the device. Items may be asked for
-    as (index, seed): the crop then comes from that seed, so a run is reproducible whatever the number of workers
-    (see SeededSampler).
-    """
+    out, read lazily (a DataLoader worker decodes an item when asked). crop_size=None gives whole images; with a
+    crop, images smaller than it are dropped, as the book does, unless `augment` (the tutorial's transform) pads
+    them. normalize=False gives uint8 images and labels, normalised and widened on the device. An item asked for as
+    (index, seed) takes its crop from that seed: a run is the same whatever the number of workers (SeededSampler)."""
 
     def __init__(self, files, classes, crop_size=None, normalize=True, void_as_background=False, augment=False):
         self.classes, self.num_classes, self.advice = classes, len(classes.names), files.advice
@@ -476,8 +472,8 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint
             start = time.time()
             batches = tqdm(train_iter, desc=f'epoch {epoch + 1}/{num_epochs}', leave=False,
                            disable=not is_main_process() or None)
-            l_total, n, correct, pixels = train_epoch(net, batches, loss, trainer, amp, scaler, accum_steps,
-                                                           augment, seed_for(run_seed, run_epoch, AUGMENT_DRAWS))
+            l_total, n, correct, pixels = train_epoch(net, batches, loss, trainer, amp, scaler, accum_steps, augment,
+                                                      seed_for(run_seed, run_epoch, AUGMENT_DRAWS))
             trained = time.time()
             train_time += trained - start
             seen += n
@@ -703,10 +699,9 @@ def cityscapes_files(root, is_train=True):
     images = sorted(image_dir.rglob('*_leftImg8bit.png'))
     if not images:
         raise UserError(f'no *_leftImg8bit.png under {image_dir}: {CITYSCAPES_STEPS}')
-    labels = {}
-    for kind in ('labelIds', 'labelTrainIds'):
-        labels[kind] = [Path(root) / 'gtFine' / split / p.parent.relative_to(image_dir) /
-                        p.name.replace('_leftImg8bit.png', f'_gtFine_{kind}.png') for p in images]
+    labels = {kind: [Path(root) / 'gtFine' / split / p.parent.relative_to(image_dir) /
+                     p.name.replace('_leftImg8bit.png', f'_gtFine_{kind}.png') for p in images]
+              for kind in ('labelIds', 'labelTrainIds')}
     for kind, lut in (('labelIds', CITYSCAPES_ID_TO_TRAINID), ('labelTrainIds', None)):
         if all(p.exists() for p in labels[kind]):
             return SplitFiles(list(zip(images, labels[kind])), image_dir, 'remove it', lut)
@@ -773,10 +768,7 @@ def num_groups(channels, max_groups=32):
 
 class EvoNorm2dB0(nn.Module):
     """EvoNorm-B0 (Liu et al. 2020): y = x / max(sqrt(batch_var + eps), v1*x + sqrt(instance_var + eps)) * gamma + beta.
-
-    The batch variance is tracked as a running average like BatchNorm (used in eval), so eval output
-    does not depend on the batch. The max() makes the layer non-linear: no ReLU is needed after it.
-    """
+    The batch variance is a running average in eval, as BatchNorm's; the max() is the non-linearity (no ReLU)."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1):
         super().__init__()
@@ -802,11 +794,8 @@ class EvoNorm2dB0(nn.Module):
 
 
 class EvoNorm2dS0(nn.Module):
-    """EvoNorm-S0 (Liu et al. 2020): y = x * sigmoid(v1*x) / group_std(x) * gamma + beta.
-
-    Only per-sample statistics (groups of channels x H x W), so train and eval behave alike and the output
-    of a sample never depends on the rest of the batch; the swish-like numerator replaces the ReLU.
-    """
+    """EvoNorm-S0 (Liu et al. 2020): y = x * sigmoid(v1*x) / group_std(x) * gamma + beta. Per-sample statistics
+    only: train and eval alike, no sample depends on its batch; the swish-like numerator replaces the ReLU."""
 
     def __init__(self, num_features, groups=32, eps=1e-5):
         super().__init__()
@@ -845,18 +834,11 @@ def _norm_like(bn, norm):
 
 
 def replace_norm(model, norm, replaced=None):
-    """Swap every BatchNorm2d in `model` (recursively, in place) for `norm`; returns the model.
-
-    norm: batch (no change) | instance | group | evo_s0 (also called evo) | evo_b0.
-    The BN's weight/bias are copied into the new layer's affine parameters so a pretrained backbone keeps its
-    learned scale/shift (its running statistics cannot carry over: the new layers normalise differently).
-    For the EvoNorm variants every nn.ReLU becomes nn.Identity, since EvoNorm carries its own non-linearity
-    (as the tutorial did). Modules are replaced by attribute, so a torchvision BasicBlock's self.relu, used
-    twice in forward (after bn1 and after the residual add), disappears at both places; functional F.relu
-    calls inside a forward cannot be reached and stay. A layer registered under two parents (the U-Net's bn1 is
-    both base_model.bn1 and layer0[1]) gets one replacement (`replaced` maps each old layer to its new one): two
-    copies would leave one without gradients, and DistributedDataParallel stops on unused parameters.
-    """
+    """Every BatchNorm2d in `model` swapped, in place, for `norm` (batch: no change; instance, group, evo_s0 alias
+    evo, evo_b0), keeping a pretrained backbone's scale and shift (its running statistics cannot carry over). With
+    EvoNorm, which carries its own non-linearity, every nn.ReLU module becomes nn.Identity, as the tutorial did
+    (F.relu calls inside a forward stay). A layer under two parents (the U-Net's bn1 is base_model.bn1 and
+    layer0[1]) gets one replacement (`replaced`): two would leave one without gradients, and DDP stops on those."""
     if norm == 'batch':
         return model
     evo, replaced = norm.startswith('evo'), {} if replaced is None else replaced
@@ -891,11 +873,8 @@ TUTORIAL_CITYSCAPES_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9
 
 
 class FocalLoss(nn.Module):
-    """Softmax focal loss (Lin et al. 2017) for segmentation, per-pixel: -w[y] * (1 - p_y)^gamma * log p_y.
-
-    Returns the N,H,W loss map (reduction 'none', 0 at ignored pixels) so the caller chooses the reduction,
-    exactly like F.cross_entropy(..., reduction='none'); with gamma=0 the two are identical.
-    """
+    """Softmax focal loss (Lin et al. 2017) per pixel: -w[y] * (1 - p_y)^gamma * log p_y, as an N,H,W map (0 at
+    ignored pixels) like F.cross_entropy(..., reduction='none'), which it equals at gamma=0."""
 
     def __init__(self, gamma=2.0, weight=None, ignore_index=IGNORE_INDEX):
         super().__init__()
@@ -935,8 +914,10 @@ def class_pixel_counts(dataset, cache_dir):
     """(labelled pixels per class, ignored pixels) over a whole split at full size: counted once, then read from a
     JSON file in cache_dir (or checkpoints/, where cache_dir is read-only) named after what it depends on."""
     n = dataset.num_classes
-    key = json.dumps([dataset.classes, [str(p) for p in dataset.items[0]], len(dataset), dataset.void_as_background,
-                      dataset.label_lut is not None, 'and the ignored pixels'])
+    # Every mask by path, size and time: another split, crop filter or an edited mask is counted again.
+    masks = [(str(p), s.st_size, s.st_mtime_ns) for p, s in ((p, Path(p).stat()) for _, p in dataset.items)]
+    key = json.dumps([dataset.classes, masks, dataset.void_as_background, dataset.label_lut is not None,
+                      'and the ignored pixels'])
     name = f'class_pixels_{hashlib.sha1(key.encode()).hexdigest()[:10]}.json'
     candidates = (Path(cache_dir) / name, Path('checkpoints') / name)
     cached = [json.loads(path.read_text()) for path in candidates if path.exists()]
@@ -952,14 +933,9 @@ def class_pixel_counts(dataset, cache_dir):
 
 
 def class_pixel_weights(counts):
-    """Per-class loss weights from per-class pixel counts (void excluded).
-
-    ENet's inverse log (Paszke et al. 2016): w = 1 / ln(1.02 + freq); the 1.02 bounds the weight at ~50 so
-    very rare classes do not dominate.
-    Weights are scaled so their mean over the classes seen in `counts` is 1 (the loss scale, hence the
-    learning rate, stays comparable to the unweighted loss). Classes with count 0 get the largest weight of
-    the seen classes: they may still appear in validation, and 1/ln(1.02) would be an arbitrary extreme.
-    """
+    """Per-class loss weights from pixel counts (void excluded): ENet's 1 / ln(1.02 + share), bounded at ~50 so that
+    very rare classes do not dominate, scaled to mean 1 over the seen classes (the lr stays comparable to the
+    unweighted loss's). Unseen classes get the largest seen weight: they may still appear in validation."""
     counts = torch.as_tensor(counts, dtype=torch.float64)
     seen = counts > 0
     if not seen.any():
@@ -1007,12 +983,9 @@ def _randint(high, generator):
 
 def cutmix_segmentation(images, labels, prob=0.5, alpha=1.0, generator=None):
     """CutMix (Yun et al. 2019) for segmentation: a box of a partner sample replaces the same box of each sample,
-    image and label alike, so every pixel keeps its own label. Returns new tensors.
-
-    One draw decides for the whole batch. The box has area ratio about 1 - lam, lam ~ Beta(alpha, alpha),
-    centred uniformly and clipped to the frame. Every draw comes from `generator` (the Beta draws through NumPy,
-    seeded from it: torch.distributions takes no generator).
-    """
+    image and label alike, so every pixel keeps its label; one draw decides for the batch. The box's area ratio is
+    about 1 - lam, lam ~ Beta(alpha, alpha), centred uniformly, clipped to the frame. Every draw comes from
+    `generator` (the Beta's through NumPy, seeded from it: torch.distributions takes no generator)."""
     src_images, src_labels = images, labels  # paste from the untouched inputs, never from an earlier paste
     images, labels = images.clone(), labels.clone()
     if prob <= 0 or float(torch.rand((), generator=generator)) >= prob:
@@ -1043,17 +1016,12 @@ def blob_boxes(masks):
 
 
 def copyblob(images, labels, pairs, prob=0.5, generator=None):
-    """CopyBlob (the tutorial's class-imbalance augmentation with a visual prior): paste the pixels of a rare
-    class from another sample onto a plausible host class (e.g. a bicycle onto road). Returns new tensors.
-
-    For each (src_class, host_class) pair and each sample i, with probability `prob`: pick another sample j
-    containing src_class, take the bounding box of all its src_class pixels, and paste it where the box lies
-    fully inside the frame and its centre pixel is host_class in sample i (a spot drawn uniformly among those).
-    Only pixels that are src_class in j are pasted (image and label), so the rest of the box, void included, is
-    left as it was. Sources are the unmodified inputs, so blobs are never copied from an earlier paste; placement
-    sees earlier pastes. Draws come from `generator`; the device is read once per pair (which samples hold the
-    class), everything else is computed for the whole batch on the device.
-    """
+    """CopyBlob (the tutorial's class-imbalance augmentation with a visual prior): the pixels of a rare class from
+    another sample pasted onto a plausible host class (a bicycle onto road). For each (src, host) pair and sample i,
+    with probability `prob`: another sample j holding src, the bounding box of its src pixels, pasted where the box
+    fits the frame and its centre pixel is host in i (a spot drawn uniformly). Only j's src pixels are pasted, from
+    the unmodified inputs (never from an earlier paste). Draws come from `generator`; the device is read once per
+    pair (which samples hold src), the rest is computed for the whole batch on the device. Returns new tensors."""
     src_images, src_labels = images, labels
     images, labels = images.clone(), labels.clone()
     n, _, h, w = images.shape
@@ -2280,11 +2248,28 @@ def write_error(path, err, advice):
     return UserError(f'cannot write {path} ({reason}): {remedy + ", or " if remedy else ""}{advice}')
 
 
+def sync_folder(folder):
+    """A rename is on disk once the folder's entry is: POSIX makes it durable by an fsync of the folder, without
+    which a power cut after the rename can bring back the old file (or none). Windows opens no folder, and some
+    filesystems refuse an fsync of one (EINVAL): there the OS keeps the entry its own way, and this is skipped."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:     # Windows: a folder is not a file to open
+        return
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
 def write_atomically(path, write, advice):
     """Every file the scripts write goes through here: write(f) fills a temporary file beside `path` (f: binary),
-    which is flushed to disk and renamed over it, so that a kill, a full disk or a read-only folder at any moment
-    leaves the old file whole (or none), and never a partial one. A failure is one line (write_error) ending in
-    `advice`."""
+    which is flushed to disk and renamed over it, then the folder's entry is flushed too, so that a kill, a power
+    cut, a full disk or a read-only folder at any moment leaves the old file whole (or none), and never a partial
+    one. A failure is one line (write_error) ending in `advice`."""
     path = Path(path)
     tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')      # two runs writing one file do not collide
     try:
@@ -2292,8 +2277,9 @@ def write_atomically(path, write, advice):
         with open(tmp, 'wb') as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())    # the data on disk before the name points at it
         os.replace(tmp, path)
+        sync_folder(path.parent)    # and the name on disk: a checkpoint is durable before the run goes on
     except BaseException as err:    # noqa: BLE001 - the partial file goes, whatever stopped the write
         with contextlib.suppress(OSError):
             tmp.unlink()
