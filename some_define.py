@@ -2004,8 +2004,7 @@ def fetch_voc_tar(tar, sources, checksums):
 
 
 def keep_checked(part, tar, checksums):
-    """Renames a complete part that passes the checksums to tar and returns ''; else deletes it and says what
-    differs."""
+    """Renames part to tar when it passes the checksums and returns ''; else deletes it and returns what differs."""
     log(f'checking {part} ...')
     differs = tar_mismatch(part, checksums)
     if differs:
@@ -2019,7 +2018,7 @@ def fetch_part(url, part, size):
     """Appends url's bytes to part, after the bytes already there, or writes them from byte 0 (resume_from). A body
     of another length than the tar's, or one that does not open with a tar header (a captive portal's or a proxy's
     page, answered 200), is refused before a byte is written. Network faults and malformed answers raise OSError or
-    HTTPException with part holding every byte received; a write that fails is a UserError (download_write_error)."""
+    HTTPException with part holding every byte received; a write that fails is a UserError line."""
     from tqdm import tqdm
     response, have = resume_from(url, part)
     with response:
@@ -2034,11 +2033,20 @@ def fetch_part(url, part, size):
         if not have and chunk[257:262] != b'ustar':         # where every tar header, GNU's and POSIX's, says so
             raise ConnectionError(f'sends {(response.headers.get("Content-Type") or "a body").split(";")[0]} '
                                   'without a tar header (a captive portal\'s or a proxy\'s page?)')
-        with open_part(part, append=have > 0) as out, tqdm(
-                total=size, initial=have, desc=part.name, unit='B', unit_scale=True, unit_divisor=1024,
-                disable=not is_main_process() or None) as bar:
+        try:
+            out = open(part, 'ab' if have else 'wb')
+        except OSError as err:
+            raise download_write_error(part, err, kept=part if have else None) from None
+        with out, tqdm(total=size, initial=have, desc=part.name, unit='B', unit_scale=True, unit_divisor=1024,
+                       disable=not is_main_process() or None) as bar:
             while chunk:
-                write_chunk(out, part, chunk)
+                try:    # flushed: the .part on disk holds exactly the bytes a rerun continues after
+                    out.write(chunk)
+                    out.flush()
+                except OSError as err:      # a full disk: closed first, so that the with's close cannot raise again
+                    with contextlib.suppress(OSError):
+                        out.close()
+                    raise download_write_error(part, err, kept=part) from None
                 have += len(chunk)
                 bar.update(len(chunk))
                 chunk = response.read(min(1 << 20, size - have))
@@ -2073,26 +2081,6 @@ def resume_from(url, part):
             return response, 0
         response.close()
     return urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT), 0
-
-
-def open_part(part, append):
-    """part opened for writing (appended to, or from byte 0); a folder that refuses it is one UserError line."""
-    try:
-        return open(part, 'ab' if append else 'wb')
-    except OSError as err:
-        raise download_write_error(part, err, kept=part if append else None) from None
-
-
-def write_chunk(out, part, chunk):
-    """Writes and flushes one chunk, so that the .part on disk holds exactly the bytes a rerun continues after; a
-    write that fails (full disk) is one UserError line, with the file closed so that closing it cannot raise again."""
-    try:
-        out.write(chunk)
-        out.flush()
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            out.close()
-        raise download_write_error(part, err, kept=part) from None
 
 
 def download_write_error(path, err, kept=None):
