@@ -1513,8 +1513,7 @@ def is_main_process():
 
 
 def world_size():
-    """The number of processes of this run: torchrun's WORLD_SIZE (rank's source too), set before its process group
-    starts; 1 without torchrun."""
+    """The number of processes of this run: torchrun's WORLD_SIZE, set as RANK is; 1 without torchrun."""
     return int(os.environ.get('WORLD_SIZE', '1'))
 
 
@@ -1559,8 +1558,7 @@ def main_process_first(work, timeout=None):
 
 
 def seed_for(*keys):
-    """One 63-bit seed from several whole numbers (NumPy's SeedSequence mixes them: nearby keys give unrelated
-    seeds)."""
+    """One 63-bit seed from several whole numbers (NumPy's SeedSequence mixes them: nearby keys, unrelated seeds)."""
     return int(np.random.SeedSequence([k % 2 ** 64 for k in keys]).generate_state(1, np.uint64)[0] >> 1)
 
 
@@ -1669,20 +1667,17 @@ class SeededSampler(torch.utils.data.distributed.DistributedSampler):
         self.eval_limit = None
 
     def __iter__(self):
-        if self.shuffle:
-            indices = list(super().__iter__())
-        else:   # evaluation: the first eval_limit items (the book drops the last partial batch), dealt out by rank
-            indices = list(range(len(self.dataset) if self.eval_limit is None else self.eval_limit))
-            indices = indices[self.rank::self.num_replicas]
+        indices = super().__iter__() if self.shuffle else self.eval_indices()
         gen = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, CROP_DRAWS))
         seeds = torch.randint(0, 2 ** 62, (len(self.dataset),), generator=gen).tolist()
         return iter([(i, seeds[i]) for i in indices])
 
     def __len__(self):
-        if self.shuffle:
-            return super().__len__()
-        n = len(self.dataset) if self.eval_limit is None else self.eval_limit
-        return len(range(self.rank, n, self.num_replicas))
+        return super().__len__() if self.shuffle else len(self.eval_indices())
+
+    def eval_indices(self):
+        """The first eval_limit items (None: all; the book drops the last partial batch), dealt out by rank."""
+        return range(self.rank, len(self.dataset) if self.eval_limit is None else self.eval_limit, self.num_replicas)
 
 
 def quiet_worker(worker_id):
@@ -1698,8 +1693,7 @@ def default_workers():
 def make_loader(dataset, batch_size, is_train, seed=0, num_workers=None):
     """Shuffled for training; both drop the last partial batch, as the book does. `batch_size` is global: each of
     torchrun's processes loads its share. Evaluation has no gradients to keep (and BatchNorm in eval mode makes each
-    image's scores independent of its batch): its batches are EVAL_BATCH_FACTOR times larger, over the same
-    images."""
+    image's scores independent of its batch): its batches are EVAL_BATCH_FACTOR times larger, same images."""
     workers = default_workers() if num_workers is None else num_workers
     sampler = SeededSampler(dataset, shuffle=is_train, seed=seed)
     if not is_train and len(dataset) >= batch_size:
@@ -1723,8 +1717,7 @@ def to_device(X, y, device, channels_last=False):
 
 
 class DeviceLoader:
-    """A DataLoader of uint8 batches, delivered on the device by to_device; len, dataset and sampler as the
-    DataLoader's."""
+    """A DataLoader's uint8 batches, delivered on the device by to_device; len, dataset and sampler are its own."""
 
     def __init__(self, loader, device, channels_last=False):
         self.loader, self.device, self.channels_last = loader, device, channels_last
@@ -1810,9 +1803,9 @@ def amp_dtype(device, amp=None):
         amp = device.type == 'cuda'
     if not amp:
         return None
-    if device.type != 'cuda':
-        return torch.bfloat16
-    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    if device.type == 'cuda' and torch.cuda.get_device_capability(device) < (8, 0):
+        return torch.float16
+    return torch.bfloat16
 
 
 def autocast(device, dtype):
