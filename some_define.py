@@ -2651,8 +2651,15 @@ def add_predict_args(parser, checkpoint, picture):
 
 
 def check_training_flags(model, crop_size, batch_size, accum_steps, epochs, outputs=()):
-    """Fail before hours of training, not after: the flags that cannot work together, and the outputs' folders."""
-    check_writable(*outputs)
+    """Fail before hours of training, not after: flags that cannot work together, output folders that refuse writes."""
+    for folder in {Path(path).parent for path in outputs}:
+        probe = folder / f'.write_test_{os.getpid()}'
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b'')
+            probe.unlink()
+        except OSError as err:
+            raise write_error(folder, err, 'pass a path in a writable folder') from None
     if model == 'fcn' and any(side % NET_STRIDE for side in crop_size):
         raise UserError(f'--crop-size {crop_size[0]} {crop_size[1]}: the FCN needs multiples of {NET_STRIDE} (its '
                         'transposed conv upsamples exactly 32x; the book uses 320 480)')
@@ -2663,18 +2670,6 @@ def check_training_flags(model, crop_size, batch_size, accum_steps, epochs, outp
     if batch_size % (accum_steps * world_size()):
         raise UserError(f'--batch-size {batch_size} must be a multiple of --accum-steps times the number of '
                         f'processes ({accum_steps} x {world_size()})')
-
-
-def check_writable(*paths):
-    """Fail before hours of training, not after: the folders of the checkpoint and the pictures must be writable."""
-    for folder in {Path(path).parent for path in paths}:
-        probe = folder / f'.write_test_{os.getpid()}'
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b'')
-            probe.unlink()
-        except OSError as err:
-            raise write_error(folder, err, 'pass a path in a writable folder') from None
 
 
 # --------------------------------------------------------------------------------------------------- the demo generator
