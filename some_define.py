@@ -2102,8 +2102,7 @@ def unpack_voc_tar(tar, voc):
     """Unpacks tar's VOCdevkit/VOC2012 as voc (root/VOCdevkit/VOC2012). Every member is checked before anything is
     written (safe_voc_members); the files land in a scratch folder inside root and the finished folder moves into
     place last, so an interrupted run never leaves a half folder that looks complete."""
-    root = voc.parent.parent
-    scratch = root / '.VOCtrainval-unpacking'
+    scratch = voc.parent.parent / '.VOCtrainval-unpacking'
     # tarfile's 'data' filter (Python 3.12, 3.11.4, 3.10.12) checks again while extracting: links through links
     safe = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}
     log(f'unpacking {tar} ...')
@@ -2262,10 +2261,9 @@ def write_error(path, err, advice):
 
 
 def write_atomically(path, write, advice):
-    """Every file the scripts write goes through here: write(f) fills a temporary file beside `path` (f: binary),
-    which is flushed to disk and renamed over it, so that a kill, a full disk or a read-only folder at any moment
-    leaves the old file whole (or none), and never a partial one. A failure is one line (write_error) ending in
-    `advice`."""
+    """Every file the scripts write goes through here: write(f) fills a temporary file beside `path` (f: binary), which
+    is flushed to disk and renamed over it, so that a kill, a full disk or a read-only folder at any moment leaves the
+    old file whole (or none), and never a partial one. A failure is one line (write_error) ending in `advice`."""
     path = Path(path)
     tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')      # two runs writing one file do not collide
     try:
@@ -2398,9 +2396,8 @@ def setup_run(device=None, amp=None, channels_last=None, cudnn_benchmark=True, d
 
 
 def place_model(model, device, channels_last=False, sync_bn=False, compile=False):
-    """Moves the model to the device (in place, with its fast_layers) and returns what the loop runs: the model,
-    wrapped in DistributedDataParallel under torchrun, compiled with compile=True. Checkpoints keep saving the
-    model."""
+    """Moves the model to the device (in place, with its fast_layers) and returns what the loop runs: the model, wrapped
+    in DistributedDataParallel under torchrun, compiled with compile=True. Checkpoints keep saving the model."""
     if sync_bn and world_size() > 1 and device.type == 'cuda':
         nn.SyncBatchNorm.convert_sync_batchnorm(model)
     fast_layers(model).to(device)
