@@ -1481,8 +1481,7 @@ def is_main_process():
 
 
 def world_size():
-    """The number of processes of this run: torchrun's WORLD_SIZE (rank's source too), set before its process group
-    starts; 1 without torchrun."""
+    """The number of processes of this run: torchrun's WORLD_SIZE, set as RANK is; 1 without torchrun."""
     return int(os.environ.get('WORLD_SIZE', '1'))
 
 
@@ -1527,8 +1526,7 @@ def main_process_first(work, timeout=None):
 
 
 def seed_for(*keys):
-    """One 63-bit seed from several whole numbers (NumPy's SeedSequence mixes them: nearby keys give unrelated
-    seeds)."""
+    """One 63-bit seed from several whole numbers (NumPy's SeedSequence mixes them: nearby keys, unrelated seeds)."""
     return int(np.random.SeedSequence([k % 2 ** 64 for k in keys]).generate_state(1, np.uint64)[0] >> 1)
 
 
@@ -1637,20 +1635,17 @@ class SeededSampler(torch.utils.data.distributed.DistributedSampler):
         self.eval_limit = None
 
     def __iter__(self):
-        if self.shuffle:
-            indices = list(super().__iter__())
-        else:   # evaluation: the first eval_limit items (the book drops the last partial batch), dealt out by rank
-            indices = list(range(len(self.dataset) if self.eval_limit is None else self.eval_limit))
-            indices = indices[self.rank::self.num_replicas]
+        indices = super().__iter__() if self.shuffle else self.eval_indices()
         gen = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, CROP_DRAWS))
         seeds = torch.randint(0, 2 ** 62, (len(self.dataset),), generator=gen).tolist()
         return iter([(i, seeds[i]) for i in indices])
 
     def __len__(self):
-        if self.shuffle:
-            return super().__len__()
-        n = len(self.dataset) if self.eval_limit is None else self.eval_limit
-        return len(range(self.rank, n, self.num_replicas))
+        return super().__len__() if self.shuffle else len(self.eval_indices())
+
+    def eval_indices(self):
+        """The first eval_limit items (None: all; the book drops the last partial batch), dealt out by rank."""
+        return range(self.rank, len(self.dataset) if self.eval_limit is None else self.eval_limit, self.num_replicas)
 
 
 def quiet_worker(worker_id):
@@ -1666,8 +1661,7 @@ def default_workers():
 def make_loader(dataset, batch_size, is_train, seed=0, num_workers=None):
     """Shuffled for training; both drop the last partial batch, as the book does. `batch_size` is global: each of
     torchrun's processes loads its share. Evaluation has no gradients to keep (and BatchNorm in eval mode makes each
-    image's scores independent of its batch): its batches are EVAL_BATCH_FACTOR times larger, over the same
-    images."""
+    image's scores independent of its batch): its batches are EVAL_BATCH_FACTOR times larger, same images."""
     workers = default_workers() if num_workers is None else num_workers
     sampler = SeededSampler(dataset, shuffle=is_train, seed=seed)
     if not is_train and len(dataset) >= batch_size:
@@ -1691,8 +1685,7 @@ def to_device(X, y, device, channels_last=False):
 
 
 class DeviceLoader:
-    """A DataLoader of uint8 batches, delivered on the device by to_device; len, dataset and sampler as the
-    DataLoader's."""
+    """A DataLoader's uint8 batches, delivered on the device by to_device; len, dataset and sampler are its own."""
 
     def __init__(self, loader, device, channels_last=False):
         self.loader, self.device, self.channels_last = loader, device, channels_last
@@ -1778,9 +1771,9 @@ def amp_dtype(device, amp=None):
         amp = device.type == 'cuda'
     if not amp:
         return None
-    if device.type != 'cuda':
-        return torch.bfloat16
-    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    if device.type == 'cuda' and torch.cuda.get_device_capability(device) < (8, 0):
+        return torch.float16
+    return torch.bfloat16
 
 
 def autocast(device, dtype):
@@ -1972,8 +1965,7 @@ def fetch_voc_tar(tar, sources, checksums):
 
 
 def keep_checked(part, tar, checksums):
-    """Renames a complete part that passes the checksums to tar and returns ''; else deletes it and says what
-    differs."""
+    """Renames part to tar when it passes the checksums and returns ''; else deletes it and returns what differs."""
     log(f'checking {part} ...')
     differs = tar_mismatch(part, checksums)
     if differs:
@@ -1987,7 +1979,7 @@ def fetch_part(url, part, size):
     """Appends url's bytes to part, after the bytes already there, or writes them from byte 0 (resume_from). A body
     of another length than the tar's, or one that does not open with a tar header (a captive portal's or a proxy's
     page, answered 200), is refused before a byte is written. Network faults and malformed answers raise OSError or
-    HTTPException with part holding every byte received; a write that fails is a UserError (download_write_error)."""
+    HTTPException with part holding every byte received; a write that fails is a UserError line."""
     from tqdm import tqdm
     response, have = resume_from(url, part)
     with response:
@@ -2002,11 +1994,20 @@ def fetch_part(url, part, size):
         if not have and chunk[257:262] != b'ustar':         # where every tar header, GNU's and POSIX's, says so
             raise ConnectionError(f'sends {(response.headers.get("Content-Type") or "a body").split(";")[0]} '
                                   'without a tar header (a captive portal\'s or a proxy\'s page?)')
-        with open_part(part, append=have > 0) as out, tqdm(
-                total=size, initial=have, desc=part.name, unit='B', unit_scale=True, unit_divisor=1024,
-                disable=not is_main_process() or None) as bar:
+        try:
+            out = open(part, 'ab' if have else 'wb')
+        except OSError as err:
+            raise download_write_error(part, err, kept=part if have else None) from None
+        with out, tqdm(total=size, initial=have, desc=part.name, unit='B', unit_scale=True, unit_divisor=1024,
+                       disable=not is_main_process() or None) as bar:
             while chunk:
-                write_chunk(out, part, chunk)
+                try:    # flushed: the .part on disk holds exactly the bytes a rerun continues after
+                    out.write(chunk)
+                    out.flush()
+                except OSError as err:      # a full disk: closed first, so that the with's close cannot raise again
+                    with contextlib.suppress(OSError):
+                        out.close()
+                    raise download_write_error(part, err, kept=part) from None
                 have += len(chunk)
                 bar.update(len(chunk))
                 chunk = response.read(min(1 << 20, size - have))
@@ -2043,26 +2044,6 @@ def resume_from(url, part):
     return urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT), 0
 
 
-def open_part(part, append):
-    """part opened for writing (appended to, or from byte 0); a folder that refuses it is one UserError line."""
-    try:
-        return open(part, 'ab' if append else 'wb')
-    except OSError as err:
-        raise download_write_error(part, err, kept=part if append else None) from None
-
-
-def write_chunk(out, part, chunk):
-    """Writes and flushes one chunk, so that the .part on disk holds exactly the bytes a rerun continues after; a
-    write that fails (full disk) is one UserError line, with the file closed so that closing it cannot raise again."""
-    try:
-        out.write(chunk)
-        out.flush()
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            out.close()
-        raise download_write_error(part, err, kept=part) from None
-
-
 def download_write_error(path, err, kept=None):
     """write_error for the download's files, saying what is kept for a rerun."""
     note = f'; {kept} is kept so that a rerun with --download continues' if kept else ''
@@ -2089,8 +2070,7 @@ def unpack_voc_tar(tar, voc):
     """Unpacks tar's VOCdevkit/VOC2012 as voc (root/VOCdevkit/VOC2012). Every member is checked before anything is
     written (safe_voc_members); the files land in a scratch folder inside root and the finished folder moves into
     place last, so an interrupted run never leaves a half folder that looks complete."""
-    root = voc.parent.parent
-    scratch = root / '.VOCtrainval-unpacking'
+    scratch = voc.parent.parent / '.VOCtrainval-unpacking'
     # tarfile's 'data' filter (Python 3.12, 3.11.4, 3.10.12) checks again while extracting: links through links
     safe = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}
     log(f'unpacking {tar} ...')
@@ -2403,9 +2383,8 @@ def setup_run(device=None, amp=None, channels_last=None, cudnn_benchmark=True, d
 
 
 def place_model(model, device, channels_last=False, sync_bn=False, compile=False):
-    """Moves the model to the device (in place, with its fast_layers) and returns what the loop runs: the model,
-    wrapped in DistributedDataParallel under torchrun, compiled with compile=True. Checkpoints keep saving the
-    model."""
+    """Moves the model to the device (in place, with its fast_layers) and returns what the loop runs: the model, wrapped
+    in DistributedDataParallel under torchrun, compiled with compile=True. Checkpoints keep saving the model."""
     if sync_bn and world_size() > 1 and device.type == 'cuda':
         nn.SyncBatchNorm.convert_sync_batchnorm(model)
     fast_layers(model).to(device)
@@ -2656,8 +2635,15 @@ def add_predict_args(parser, checkpoint, picture):
 
 
 def check_training_flags(model, crop_size, batch_size, accum_steps, epochs, outputs=()):
-    """Fail before hours of training, not after: the flags that cannot work together, and the outputs' folders."""
-    check_writable(*outputs)
+    """Fail before hours of training, not after: flags that cannot work together, output folders that refuse writes."""
+    for folder in {Path(path).parent for path in outputs}:
+        probe = folder / f'.write_test_{os.getpid()}'
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b'')
+            probe.unlink()
+        except OSError as err:
+            raise write_error(folder, err, 'pass a path in a writable folder') from None
     if model == 'fcn' and any(side % NET_STRIDE for side in crop_size):
         raise UserError(f'--crop-size {crop_size[0]} {crop_size[1]}: the FCN needs multiples of {NET_STRIDE} (its '
                         'transposed conv upsamples exactly 32x; the book uses 320 480)')
@@ -2668,18 +2654,6 @@ def check_training_flags(model, crop_size, batch_size, accum_steps, epochs, outp
     if batch_size % (accum_steps * world_size()):
         raise UserError(f'--batch-size {batch_size} must be a multiple of --accum-steps times the number of '
                         f'processes ({accum_steps} x {world_size()})')
-
-
-def check_writable(*paths):
-    """Fail before hours of training, not after: the folders of the checkpoint and the pictures must be writable."""
-    for folder in {Path(path).parent for path in paths}:
-        probe = folder / f'.write_test_{os.getpid()}'
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b'')
-            probe.unlink()
-        except OSError as err:
-            raise write_error(folder, err, 'pass a path in a writable folder') from None
 
 
 # --------------------------------------------------------------------------------------------------- the demo generator
