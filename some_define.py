@@ -2523,11 +2523,16 @@ def picture_crop(config):
 # ---------------------------------------------------------------------------------------------------------------- flags
 def parse_with_demo(parser, demo):
     """parser.parse_args(); with --demo, parsed again with the script's `demo` recipe as defaults (flags given on
-    the command line still win)."""
+    the command line still win). A weights file named with --backbone-weights is used, also where the recipe (the
+    demo's) trains from scratch; with --no-pretrained beside it, one line says they contradict each other."""
     args = parser.parse_args()
     if args.demo:
         parser.set_defaults(**demo)
         args = parser.parse_args()
+    if getattr(args, 'backbone_weights', None) and not args.pretrained:
+        if '--no-pretrained' in sys.argv:
+            raise UserError('--backbone-weights and --no-pretrained contradict each other: drop one')
+        args.pretrained = True
     return args
 
 
@@ -2583,8 +2588,8 @@ def add_recipe_args(parser, epochs, lr, weight_decay, batch_size, crop_size, sav
                    help=f'random training crop ({default("crop_size", crop_size)})')
     g.add_argument('--no-pretrained', dest='pretrained', action='store_false', help='random backbone weights '
                    '(default: ImageNet weights; --demo: random)')
-    g.add_argument('--backbone-weights', help='the ImageNet backbone file, e.g. resnet18-f37072fd.pth (default: '
-                   "that file next to the scripts, else torchvision's cache or download)")
+    g.add_argument('--backbone-weights', help='the ImageNet backbone file, e.g. resnet18-f37072fd.pth, used with '
+                   "--demo too (default: that file next to the scripts, else torchvision's cache or download)")
     g.add_argument('--save', default=save, help=f'checkpoint path (default: {save})')
     g.add_argument('--resume', action='store_true', help='continue the checkpoint(s) at --save to the planned '
                    'epochs (default: start anew; an existing checkpoint is kept as *.prev.pt)')

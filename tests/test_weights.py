@@ -9,11 +9,13 @@ name carrying the stand-in's own sha256 prefix (an address on a local 127.0.0.1 
 its name as the real one is. Every case runs offline, with the scripts' folder, the working folder and torch's cache
 in tmp_path; the scripts run in this process with training replaced by a capture of the model it would train.
 """
+import argparse
 import contextlib
 import hashlib
 import http.server
 import io
 import runpy
+import sys
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -195,6 +197,20 @@ def test_training_starts_from_the_files_values(places, monkeypatch, demo_voc, sc
     used = {k: v for k, v in state.items() if k in loaded}
     assert set(state) - set(used) == (set() if model == 'resnet_unet' else {'fc.weight', 'fc.bias'})
     assert same_values({k: loaded[k] for k in used}, used)
+
+
+def test_a_weights_file_named_with_demo_is_used(monkeypatch):
+    """--demo trains from scratch by default; a --backbone-weights FILE on the same command line means that file."""
+    parser = argparse.ArgumentParser()
+    sd.add_data_args(parser)
+    sd.add_recipe_args(parser, 1, 0.1, 0.0, 2, [32, 32], 'x.pt', {'pretrained': False})
+    monkeypatch.setattr(sys, 'argv', ['x.py', '--demo', '--backbone-weights', 'resnet18-f37072fd.pth'])
+    assert sd.parse_with_demo(parser, {'pretrained': False}).pretrained
+    monkeypatch.setattr(sys, 'argv', ['x.py', '--demo'])
+    assert not sd.parse_with_demo(parser, {'pretrained': False}).pretrained
+    monkeypatch.setattr(sys, 'argv', ['x.py', '--backbone-weights', 'w.pth', '--no-pretrained'])
+    with pytest.raises(sd.UserError, match='contradict'):
+        sd.parse_with_demo(parser, {'pretrained': False})
 
 
 # ---------------------------------------------------------------------------- 2: nothing runs code while loading
