@@ -264,7 +264,7 @@ def sync(device):
 
 def measure_train(model_name, fast, device, batch, crop, steps, warmup, use_compile):
     torch.manual_seed(0)
-    model = sd.build_model(model_name, num_classes=21).to(device)
+    model = sd.fast_layers(sd.build_model(model_name, num_classes=21)).to(device)     # as the scripts place it
     amp = sd.amp_dtype(device) if fast else None
     channels_last = fast
     if channels_last:
@@ -350,7 +350,7 @@ def run_train_part(args, cfg, device):
 # ------------------------------------------------------------------------------------------------------- inference
 def measure_infer(model_name, device, hw, reps, scales, warmup=True):
     torch.manual_seed(0)
-    net = sd.build_model(model_name, num_classes=21).to(device).eval()
+    net = sd.fast_layers(sd.build_model(model_name, num_classes=21)).to(device).eval()     # as load_model does
     amp = sd.amp_dtype(device)
     image = torch.randint(0, 256, (3,) + tuple(hw), dtype=torch.uint8)
     X = sd.normalize_image(image.to(device)).unsqueeze(0)
