@@ -272,6 +272,10 @@ BREAKS = [
           'if False:',
           ('tests/test_flags.py::test_write_split_segments_every_val_image',)),
     # --- issue 19: weights files
+    Break('weights: a --backbone-weights FILE dropped by the --demo recipe', SD,
+          'args.pretrained = True',
+          'pass',
+          ('tests/test_weights.py::test_a_weights_file_named_with_demo_is_used',)),
     Break('weights files: the published files refused (the counters they lack required)', SD,
           "needed = {k for k in expected if not k.endswith('.num_batches_tracked')}",
           'needed = set(expected)',
