@@ -113,29 +113,17 @@ def voc_files(voc_dir, is_train=True, val_share=None):
 
 
 def read_split(voc_dir, is_train=True, val_share=None):
-    """(split file, ids): ImageSets/Segmentation/train.txt or val.txt; with `val_share`, default.txt (CVAT's export
-    of a task without subsets) with that share of its ids held out as val, drawn with a fixed seed."""
+    """(split file, ids): the ids listed in ImageSets/Segmentation/train.txt or val.txt (a CVAT export's default.txt
+    instead: cvat_split)."""
     folder = Path(voc_dir) / 'ImageSets' / 'Segmentation'
-    txt, default = folder / ('train.txt' if is_train else 'val.txt'), folder / 'default.txt'
-    if val_share and txt.exists():
-        raise UserError(f'{txt} exists: --val-share is for {default.name} alone, drop it')
-    if not val_share and not txt.exists() and default.exists():
-        raise UserError(f'{folder} has {default.name} but no {txt.name} (a CVAT export of a task without subsets): '
-                        f'pass --val-share 0.2 to hold a seeded fifth of it out as val, or split {default.name} into '
-                        'train.txt and val.txt')
-    txt = default if val_share else txt
+    txt = folder / ('train.txt' if is_train else 'val.txt')
+    if val_share or (not txt.exists() and (folder / 'default.txt').exists()):
+        return cvat_split(folder, txt, is_train, val_share)
     if not txt.exists():
         raise UserError(f'split file {txt} is missing: the VOC2012 folder is incomplete, unpack the dataset again')
     ids = [line.strip() for line in txt.read_text().splitlines() if line.strip()]
     if not ids:
         raise UserError(f'split file {txt} lists no ids: the VOC2012 folder is incomplete, unpack the dataset again')
-    if val_share:
-        k = round(val_share * len(ids))
-        if not 0 < k < len(ids):
-            raise UserError(f'--val-share {val_share:g} holds {k} of the {len(ids)} ids of {txt} out: pass a share '
-                            'that leaves ids for both train and val, e.g. 0.2')
-        held = set(np.random.default_rng(0).choice(len(ids), k, replace=False).tolist())
-        ids = [name for i, name in enumerate(ids) if (i in held) != is_train]
     return txt, ids
 
 
@@ -1304,6 +1292,27 @@ def read_classes(path):
         raise UserError(f'{path}: {problem or f"{VOID_COLOR} is the colour of ignored pixels (VOC void)"}: correct '
                         'the class file')
     return Classes(names, colors)
+
+
+def cvat_split(folder, txt, is_train, val_share):
+    """(default.txt, ids) of CVAT's export of a task without subsets: with `val_share`, that share of its ids held
+    out as val, drawn with a fixed seed (the same ids whatever --seed, so that predict finds the same val)."""
+    default = folder / 'default.txt'
+    if val_share and txt.exists():
+        raise UserError(f'{txt} exists: --val-share is for {default.name} alone, drop it')
+    if not val_share:
+        raise UserError(f'{folder} has {default.name} but no {txt.name} (a CVAT export of a task without subsets): '
+                        f'pass --val-share 0.2 to hold a seeded fifth of it out as val, or split {default.name} into '
+                        'train.txt and val.txt')
+    if not default.exists():
+        raise UserError(f'split file {default} is missing: --val-share splits a CVAT export\'s default.txt, drop it')
+    ids = [line.strip() for line in default.read_text().splitlines() if line.strip()]
+    k = round(val_share * len(ids))
+    if not 0 < k < len(ids):
+        raise UserError(f'--val-share {val_share:g} holds {k} of the {len(ids)} ids of {default} out: pass a share '
+                        'that leaves ids for both train and val, e.g. 0.2')
+    held = set(np.random.default_rng(0).choice(len(ids), k, replace=False).tolist())
+    return default, [name for i, name in enumerate(ids) if (i in held) != is_train]
 
 
 def folder_files(root, is_train=True):

@@ -345,8 +345,8 @@ BREAKS = [
           'classes = classes',
           ('tests/test_own_data.py::test_a_cvat_export_trains_as_exported',)),
     Break('--val-share: the share held out for training instead of val', SD,
-          'ids = [name for i, name in enumerate(ids) if (i in held) != is_train]',
-          'ids = [name for i, name in enumerate(ids) if (i in held) == is_train]',
+          'return default, [name for i, name in enumerate(ids) if (i in held) != is_train]',
+          'return default, [name for i, name in enumerate(ids) if (i in held) == is_train]',
           ('tests/test_own_data.py::test_a_cvat_export_without_subsets_holds_a_seeded_share_out',)),
     # --- issue 21
     # -------------------------------------------------------------------- a checkpoint is on disk before it counts

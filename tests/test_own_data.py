@@ -340,6 +340,16 @@ def test_a_cvat_export_without_subsets_holds_a_seeded_share_out(tmp_path):
     for share in ('0.01', '1.5'):
         one_error_line(run_inprocess(ORIGIN_TRAIN, ['--data-dir', root, '--val-share', share] + FAST, tmp_path),
                        f'--val-share {share}', 'default.txt')
+    split = root / 'ImageSets' / 'Segmentation'
+    for name, lines in (('train.txt', ''), ('val.txt', '')):        # the task's own subsets: no share to hold out
+        (split / name).write_text(lines)
+    with pytest.raises(sd.UserError, match='--val-share is for default.txt alone'):
+        sd.voc_files(root, True, 0.2)
+    (split / 'train.txt').unlink()
+    (split / 'val.txt').unlink()
+    (split / 'default.txt').unlink()
+    with pytest.raises(sd.UserError, match="default.txt is missing: --val-share splits a CVAT export's"):
+        sd.voc_files(root, True, 0.2)
 
 
 def test_labelmap_lines_are_checked(tmp_path):
