@@ -2000,7 +2000,7 @@ def fetch_part(url, part, size):
         if length is not None and length != size:          # another file: not worth 2 GB of disk
             raise ConnectionError(f'serves {length} bytes where the tar has {size}')
         chunk = response.read(min(1 << 20, size - have))
-        if not have and chunk[257:262] != b'ustar':         # where every tar header, GNU's and POSIX's, says so
+        if not have and not opens_a_tar(chunk):
             raise ConnectionError(f'sends {(response.headers.get("Content-Type") or "a body").split(";")[0]} '
                                   'without a tar header (a captive portal\'s or a proxy\'s page?)')
         try:
@@ -2032,7 +2032,7 @@ def resume_from(url, part):
     have = part.stat().st_size if part.exists() else 0
     if have:
         with open(part, 'rb') as f:
-            if f.read(262)[257:] != b'ustar':     # a page an earlier version kept: nothing worth continuing
+            if not opens_a_tar(f.read(262)):     # a page an earlier version kept: nothing worth continuing
                 log(f'{part} does not start with a tar header: starting again from byte 0')
                 return urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT), 0
         try:
@@ -2051,6 +2051,11 @@ def resume_from(url, part):
             return response, 0
         response.close()
     return urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT), 0
+
+
+def opens_a_tar(head):
+    """Whether bytes start a tar: every tar header, GNU's and POSIX's, says 'ustar' at byte 257."""
+    return head[257:262] == b'ustar'
 
 
 def download_write_error(path, err, kept=None):
