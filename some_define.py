@@ -1,22 +1,18 @@
 """Named building blocks for the d2l semantic-segmentation chapter, its ResNetUNet improvement and a segmentation
-tutorial's techniques: this project's d2l/torch.py. It holds no recipe; the four scripts do.
-
-It reads in five parts, the book first, as d2l/torch.py runs in chapter order:
+tutorial's techniques: this project's d2l/torch.py, holding no recipe (the four scripts do). Five parts, book first:
   1. The book, in chapter order: "Semantic Segmentation and the Dataset" (VOC_CLASSES, VOC_COLORMAP,
      read_voc_images, voc_colormap2label, voc_label_indices, voc_rand_crop, VOCSegDataset, load_data_voc),
      "Transposed Convolution" (bilinear_kernel), "Fully Convolutional Networks" (fcn_resnet18, the loss,
      train_batch_ch13, train_ch13, predict, label2image, the picture).
   2. The improvement: ResNetUNet, and its fine-tune's checkpoint.
-  3. The tutorial's techniques: Cityscapes data and augmentation, DeepLabV3, BatchNorm/InstanceNorm/GroupNorm/
-     EvoNorm, focal and class-weighted losses, CutMix, CopyBlob, the confusion matrix and mIoU, multi-scale
-     inference, evaluation at the original size.
+  3. The tutorial's techniques: Cityscapes data and augmentation, DeepLabV3, Batch/Instance/Group/EvoNorm, focal
+     and class-weighted losses, CutMix, CopyBlob, confusion matrix and mIoU, multi-scale and original-size evaluation.
   4. Your own data: class files, the images/ + masks/ folders, segmenting your photos.
-  5. The machinery: errors and stops, torchrun's processes and seeds, speed paths (the fast equivalents of the
-     book's layers, data kept on the device, mixed precision), finding and downloading data, weights files, file
-     writes and checkpoints, devices, pictures, flags, the demo-data generator.
-Python looks names up when a function runs, so a book block may call machinery defined further down. Where the book
-is wasteful (the whole split as float32 in memory, a 256**3-entry lookup table) the names and the results stay, the
-waste does not.
+  5. The machinery: errors and stops, torchrun and seeds, speed paths (fast equivalents of the book's layers, data
+     kept on the device, mixed precision), finding and downloading data, weights files, file writes and checkpoints,
+     devices, pictures, flags, the demo-data generator.
+A book block may call machinery defined further down (Python looks names up when a function runs). Where the book is
+wasteful (the whole split as float32 in memory, a 256**3-entry table), the names and results stay, the waste goes.
 """
 import argparse
 import collections
@@ -61,18 +57,10 @@ VOC_CLASSES = ['background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', '
 
 
 def palette_colors(n):
-    """The first n colours of VOC's palette (the colours its label PNGs carry): its 21 class colours, the book's
-    VOC_COLORMAP, then more in the same pattern; index 255 is VOC's void colour. Classes given without a colour
-    get these."""
-    colors = []
-    for i in range(n):
-        rgb, c = [0, 0, 0], i
-        for bit in range(7, -1, -1):
-            for channel in range(3):
-                rgb[channel] |= ((c >> channel) & 1) << bit
-            c >>= 3
-        colors.append(rgb)
-    return colors
+    """The first n colours of VOC's palette (its label PNGs carry them): the book's VOC_COLORMAP, more, 255 void."""
+    k = np.arange(8)[:, None]       # bits 3k, 3k+1 and 3k+2 of a class index give bit 7-k of red, green and blue
+    index = np.arange(n)[:, None, None]
+    return (((index >> (3 * k + np.arange(3))) & 1) << (7 - k)).sum(1).tolist()
 
 
 VOC_COLORMAP = palette_colors(21)   # [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], ..., [0, 64, 128]]
@@ -84,14 +72,12 @@ NET_STRIDE = 32         # every net's coarsest feature map is 1/32 of its input:
 # A class table: names, and one RGB colour per class (drawn in pictures; in an RGB label, the colour of the class).
 Classes = collections.namedtuple('Classes', 'names colors')
 VOC = Classes(VOC_CLASSES, VOC_COLORMAP)
-# What a dataset lister finds: (image, label) path pairs, where they were listed (for messages), what to tell a user
-# whose file is broken, and a 256-entry table from stored label values to classes (None: values are the classes).
+# What a dataset lister finds: (image, label) path pairs, their source and advice (for messages), a value->class LUT.
 SplitFiles = collections.namedtuple('SplitFiles', 'items source advice label_lut', defaults=(None,))
 
 
 def read_voc_images(voc_dir, is_train=True):
-    """The book's reader: every image and RGB label image of a split, as uint8 tensors, all in memory (the
-    benchmark's copy of the book's dataset uses it; training reads lazily, VOCSegDataset)."""
+    """The book's reader: a split's images and RGB labels as uint8 tensors, all in memory (VOCSegDataset: lazily)."""
     files = voc_files(voc_dir, is_train)
     features = [read_image(img, 'RGB', files.advice) for img, _ in files.items]
     labels = [read_image(label, 'RGB', files.advice) for _, label in files.items]
@@ -99,8 +85,18 @@ def read_voc_images(voc_dir, is_train=True):
 
 
 def voc_files(voc_dir, is_train=True, val_share=None):
-    """The (image, label) pairs of a VOC split, each checked to exist."""
-    split, ids = read_split(voc_dir, is_train, val_share)
+    """A split's (image, label) pairs, each checked to exist: the ids in ImageSets/Segmentation/train.txt or val.txt
+    (a CVAT export's default.txt instead: cvat_split)."""
+    folder = Path(voc_dir) / 'ImageSets' / 'Segmentation'
+    txt = folder / ('train.txt' if is_train else 'val.txt')
+    if val_share or (not txt.exists() and (folder / 'default.txt').exists()):
+        split, ids = cvat_split(folder, txt, is_train, val_share)
+    elif txt.exists():
+        split, ids = txt, [line.strip() for line in txt.read_text().splitlines() if line.strip()]
+    else:
+        raise UserError(f'split file {txt} is missing: the VOC2012 folder is incomplete, unpack the dataset again')
+    if not ids:
+        raise UserError(f'split file {txt} lists no ids: the VOC2012 folder is incomplete, unpack the dataset again')
     if not (Path(voc_dir) / 'JPEGImages').is_dir():
         raise UserError(f'{Path(voc_dir) / "JPEGImages"} is missing: put the images there (CVAT exports them when '
                         '"Save images" is ticked)')
@@ -112,21 +108,6 @@ def voc_files(voc_dir, is_train=True, val_share=None):
     return SplitFiles(items, split, f'remove its id from {split}')
 
 
-def read_split(voc_dir, is_train=True, val_share=None):
-    """(split file, ids): the ids listed in ImageSets/Segmentation/train.txt or val.txt (a CVAT export's default.txt
-    instead: cvat_split)."""
-    folder = Path(voc_dir) / 'ImageSets' / 'Segmentation'
-    txt = folder / ('train.txt' if is_train else 'val.txt')
-    if val_share or (not txt.exists() and (folder / 'default.txt').exists()):
-        return cvat_split(folder, txt, is_train, val_share)
-    if not txt.exists():
-        raise UserError(f'split file {txt} is missing: the VOC2012 folder is incomplete, unpack the dataset again')
-    ids = [line.strip() for line in txt.read_text().splitlines() if line.strip()]
-    if not ids:
-        raise UserError(f'split file {txt} lists no ids: the VOC2012 folder is incomplete, unpack the dataset again')
-    return txt, ids
-
-
 def voc_paths(voc_dir, name):
     """An id's image and label: JPEGImages/<id>.jpg, or the suffix the image came with (CVAT keeps it)."""
     images = Path(voc_dir) / 'JPEGImages'
@@ -135,10 +116,8 @@ def voc_paths(voc_dir, name):
 
 
 def read_image(path, mode='RGB', advice='remove it'):
-    """A file as a uint8 CxHxW tensor: mode 'RGB' gives 3 channels as shown (a phone's portrait photo upright, as
-    viewers, labelling tools and OpenCV show it), 'UNCHANGED' what is stored (a palette PNG gives its indices). PIL
-    decodes: torchvision.io's decoders are deprecated from torchvision 0.29 on. A missing or broken file ends in one
-    line naming it and `advice`."""
+    """A file as a uint8 CxHxW tensor: 'RGB' as shown (a phone's portrait photo upright, as labelling tools show it),
+    'UNCHANGED' as stored (a palette PNG's indices). PIL decodes: torchvision.io's decoders are deprecated in 0.29."""
     path = Path(path)
     if not path.exists():
         raise UserError(f'{path} is missing: restore it or {advice}')
@@ -153,8 +132,7 @@ def read_image(path, mode='RGB', advice='remove it'):
 
 
 def voc_colormap2label(colormap=VOC_COLORMAP):
-    """Colour -> class, as sorted packed RGB codes and their classes (one entry a colour and one for VOC's void colour,
-    not the book's 256**3 table)."""
+    """Colour -> class: sorted packed RGB codes and their classes, an entry a colour, not the book's 256**3 table."""
     colors = torch.tensor(list(colormap) + [VOID_COLOR], dtype=torch.int64)
     codes = (colors[:, 0] * 256 + colors[:, 1]) * 256 + colors[:, 2]
     classes = torch.tensor(list(range(len(colormap))) + [IGNORE_INDEX])
@@ -172,11 +150,9 @@ def voc_label_indices(colormap, colormap2label):
 
 
 def read_label(path, colormap2label=None, advice='remove it'):
-    """Class indices (HxW int64) of a label PNG. Palette and greyscale labels (VOC's are palette PNGs) hold the
-    indices themselves; an RGB label goes through the colour lookup, and a colour of no class is an error naming
-    the colour and where it is."""
+    """Class indices (HxW int64) of a label PNG: palette (VOC's) or grey ones hold them, RGB ones are looked up."""
     label = read_image(path, 'UNCHANGED', advice)
-    if label.shape[0] <= 2:         # palette or grey (with alpha): the values are the classes
+    if label.shape[0] <= 2:         # palette or grey, perhaps with alpha
         return label[0].long()
     indices = voc_label_indices(label[:3], colormap2label or voc_colormap2label())
     if (indices < 0).any():
@@ -199,15 +175,14 @@ def check_pair(image, label, img_path, label_path, num_classes):
                         'have the same size')
     bad = ((label < 0) | (label >= num_classes)) & (label != IGNORE_INDEX)
     if bad.any():
-        values = sorted(set(label[bad].unique().tolist()))[:5]
+        values = label[bad].unique().tolist()[:5]
         raise UserError(f'{label_path} holds label values {values} outside 0..{num_classes - 1} and '
                         f'{IGNORE_INDEX}: is it a label of this dataset?')
 
 
 def quarter_turn(img):
-    """An opened image's EXIF orientation if it shows the stored pixels turned a quarter (5 to 8: a phone's portrait
-    photo), else None; read from the header by the base class's reader, as PNG's own decodes the pixels first."""
-    turn = Image.Image.getexif(img).get(ExifTags.Base.Orientation)
+    """An opened image's EXIF orientation if it shows the stored pixels turned a quarter (a phone's portrait photo)."""
+    turn = Image.Image.getexif(img).get(ExifTags.Base.Orientation)     # the header only; PNG's own decodes pixels
     return turn if turn in (5, 6, 7, 8) else None
 
 
@@ -220,23 +195,19 @@ def voc_rand_crop(feature, label, height, width, generator=None):
         top = int(torch.randint(0, h - height + 1, (1,), generator=generator))
         left = int(torch.randint(0, w - width + 1, (1,), generator=generator))
         rect = (top, left, height, width)
-    feature = torchvision.transforms.functional.crop(feature, *rect)
-    label = torchvision.transforms.functional.crop(label, *rect)
-    return feature, label
+    return tuple(torchvision.transforms.functional.crop(t, *rect) for t in (feature, label))
 
 
 @functools.lru_cache(maxsize=8)
 def imagenet_stats(device):
-    """ImageNet's mean and std as 3x1x1 float32 tensors on `device`, made once per device: a copy from the host for
-    every batch would make each step wait for it. Made outside inference_mode, so that evaluation's first call
-    still serves training."""
+    """ImageNet's mean and std as 3x1x1 float32 tensors on `device`, made once (a copy per batch would make each step
+    wait for it) and outside inference_mode, so that evaluation's first call still serves training."""
     with torch.inference_mode(False):
         return tuple(torch.tensor(v, device=device).view(-1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
 
 
 def normalize_image(img):
-    """uint8 or [0,1] float image(s) -> ImageNet-normalised float32, on whatever device they are on. The one place
-    images are normalised (dataset items of the book's path, batches on the device, prediction)."""
+    """uint8 or [0,1] float image(s) -> ImageNet-normalised float32: the one place images are normalised."""
     x = img.float() / 255 if img.dtype == torch.uint8 else img.float()
     mean, std = imagenet_stats(x.device)
     return (x - mean) / std
@@ -244,10 +215,9 @@ def normalize_image(img):
 
 class SegDataset(torch.utils.data.Dataset):
     """The one dataset mechanism (VOC, Cityscapes, a user's folders): SplitFiles and a class table in, the book's items
-    out, read lazily (a DataLoader worker decodes an item when asked). crop_size=None gives whole images; with a
-    crop, images smaller than it are dropped, as the book does, unless `augment` (the tutorial's transform) pads
-    them. normalize=False gives uint8 images and labels, normalised and widened on the device. An item asked for as
-    (index, seed) takes its crop from that seed: a run is the same whatever the number of workers (SeededSampler)."""
+    out, read lazily. crop_size=None gives whole images; with a crop, smaller images are dropped, as the book does,
+    unless `augment` (the tutorial's transform) pads them. normalize=False: uint8 images and labels, to normalise and
+    widen on the device. An item asked for as (index, seed) crops from that seed, whatever the number of workers."""
 
     def __init__(self, files, classes, crop_size=None, normalize=True, void_as_background=False, augment=False):
         self.classes, self.num_classes, self.advice = classes, len(classes.names), files.advice
@@ -260,8 +230,7 @@ class SegDataset(torch.utils.data.Dataset):
         log(f'read {len(self.items)} examples')
 
     def large_enough(self, files):
-        """The items at least as large as the crop, and their (height, width) as shown, judged from the image
-        headers (nothing is decoded)."""
+        """The items at least as large as the crop, and their (height, width) as shown, from the image headers."""
         kept, sizes, largest = [], [], (0, 0)
         for img_path, label_path in files.items:
             try:
@@ -309,8 +278,7 @@ class SegDataset(torch.utils.data.Dataset):
 
 
 class VOCSegDataset(SegDataset):
-    """The book's dataset: a VOC split (ImageSets/Segmentation/{train,val}.txt), read lazily. `classes`: another
-    class table for data in the VOC layout."""
+    """The book's dataset: a VOC split, read lazily. `classes`: another class table for data in the VOC layout."""
 
     def __init__(self, is_train, crop_size, voc_dir, void_as_background=False, normalize=True, classes=VOC):
         super().__init__(voc_files(voc_dir, is_train), classes, crop_size, normalize, void_as_background)
@@ -318,10 +286,8 @@ class VOCSegDataset(SegDataset):
 
 def load_data_voc(batch_size, crop_size, data, seed=0, num_workers=None, device=None, channels_last=False,
                   on_device='auto'):
-    """The book's two loaders of random crops: (train_iter, test_iter). `data`: a DataSource (find_data: VOC,
-    Cityscapes, a folder) or, as in the book, the VOC2012 folder. Without `device`, the book's float32 images and
-    int64 labels; with it, batches arrive on the device, from splits kept there (DeviceData, see data_on_device) or
-    streamed from the workers (DeviceLoader)."""
+    """The book's two loaders of random crops: (train_iter, test_iter). `data`: a DataSource (find_data) or, as in the
+    book, the VOC2012 folder. With `device`, batches arrive there, from splits kept there (DeviceData) or streamed."""
     data = data if isinstance(data, DataSource) else DataSource('voc', Path(data), VOC, False, 'VOC2012')
     train = open_dataset(data, True, crop_size, normalize=device is None)
     test = open_dataset(data, False, crop_size, normalize=device is None)
@@ -372,40 +338,34 @@ def fcn_resnet18(num_classes=21, pretrained=False, weights_path=None):
 
 
 def cross_entropy_loss(inputs, targets, weight=None):
-    """The book's loss: per-pixel cross entropy averaged over height and width, one value per example; ignored
-    pixels count as 0. `weight`: per-class weights (the tutorial's weighted cross entropy), on the inputs' device
-    (make_loss puts them there once: a copy in every step would make the step wait for it)."""
+    """The book's loss: per-pixel cross entropy averaged over height and width, one value per example; ignored pixels
+    count as 0. `weight`: the tutorial's per-class weights, already on the inputs' device (a copy stalls a step)."""
     return F.cross_entropy(inputs, targets, weight=weight, reduction='none', ignore_index=IGNORE_INDEX).mean(1).mean(1)
 
 
 def train_batch_ch13(net, X, y, loss, amp=None, scaler=None, scale=1):
-    """Forward and backward of one (micro-)batch. Like the book, back-propagates the SUM of the per-example losses;
-    `scale` multiplies it (DDP averages gradients over its processes: scale=world size makes the update the sum over
-    the global batch). Returns (loss sum, correct pixels, labelled pixels) as tensors on the device."""
+    """Forward and backward of one (micro-)batch: back-propagates the book's SUM of per-example losses times `scale`
+    (world size: DDP's average is then the global batch's sum). Returns (loss, correct, labelled) on the device."""
     with autocast(X.device, amp):
         out, aux = model_output(net(X))
         l = loss(out, y)
         if aux is not None:     # torchvision's DeepLabV3 auxiliary head, weighted as torchvision's references do
             l = l + AUX_WEIGHT * loss(aux, y)
     l_sum = l.float().sum()
-    scaled = l_sum * scale
-    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    (scaler.scale(l_sum * scale) if scaler is not None else l_sum * scale).backward()
     with torch.no_grad():
         valid = y != IGNORE_INDEX
         return l_sum.detach(), ((out.argmax(1) == y) & valid).sum(), valid.sum()
 
 
 class NonFiniteLoss(Exception):
-    def __init__(self, step):
-        super().__init__(f'step {step}')
-        self.step = step
+    """The loss, or the weights after a finite one, became inf or nan at step args[0]."""
 
 
 def train_epoch(net, batches, loss, trainer, amp=None, scaler=None, accum_steps=1, augment=None, seed=0):
     """One epoch of updates, each from accum_steps micro-batches (an incomplete last group is dropped, as the book
-    drops a partial batch). Nothing waits for the device inside the loop: the sums stay there and the loss is
-    checked once, at the end. `augment` draws from seed_for(seed, micro-batch, rank): a resumed epoch draws what an
-    uninterrupted one did. Returns [loss sum, examples, correct pixels, labelled pixels] over all processes."""
+    drops a partial batch). Nothing waits for the device inside the loop: the sums stay there and the loss is checked
+    once, at the end. `augment` draws from seed_for(seed, micro-batch, rank): a resumed epoch draws as before."""
     world, steps = world_size(), len(batches) // accum_steps
     sums, examples, first_bad = 0, 0, None     # first_bad: the first step whose loss was not finite, on the device
     trainer.zero_grad(set_to_none=True)
@@ -417,8 +377,7 @@ def train_epoch(net, batches, loss, trainer, amp=None, scaler=None, accum_steps=
         if augment is not None:
             X, y = augment(X, y, torch.Generator().manual_seed(seed_for(seed, i, rank())))
         last = (i + 1) % accum_steps == 0
-        sync = net.no_sync() if (not last and hasattr(net, 'no_sync')) else contextlib.nullcontext()
-        with sync:
+        with net.no_sync() if (not last and hasattr(net, 'no_sync')) else contextlib.nullcontext():
             l_sum, correct, labelled = train_batch_ch13(net, X, y, loss, amp, scaler, world)
         sums = sums + torch.stack([l_sum.double(), correct.double(), labelled.double()])
         examples += y.shape[0]
@@ -441,11 +400,11 @@ def train_epoch(net, batches, loss, trainer, amp=None, scaler=None, accum_steps=
 
 def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint, amp=None, accum_steps=1,
                augment=None):
-    """The book's train_ch13 (loss per example, train acc, test acc each epoch; examples/sec at the end), plus what
-    hours of GPU time need: a Checkpoint after every epoch, mixed precision, accumulation, several processes, a stop
-    on a non-finite loss, a clean Ctrl-C or SIGTERM. `net` may be compiled or wrapped in DDP; the checkpoint loads
-    and saves the model inside."""
+    """The book's train_ch13 (loss, train acc, test acc each epoch; examples/sec at the end), plus what hours of GPU
+    time need: a Checkpoint each epoch, mixed precision, accumulation, several processes, a stop on a non-finite loss,
+    a clean Ctrl-C or SIGTERM. `net` may be compiled or in DDP: the checkpoint holds the model inside."""
     from tqdm import tqdm
+    figures = 'loss {loss:.3f}, train acc {train_acc:.3f}, test acc {test_acc:.3f}, test mIoU {test_miou:.3f}'
     ckpt, scaler = checkpoint, torch.amp.GradScaler(net_device(net).type) if amp == torch.float16 else None
     if len(train_iter) // accum_steps == 0:
         raise UserError(f'--accum-steps {accum_steps} is more than the {len(train_iter)} batches of an epoch')
@@ -472,20 +431,17 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint
                 'seconds': time.time() - start, 'train_seconds': trained - start,
                 'eval_seconds': time.time() - trained})
             h = ckpt.history[-1]
-            log(f'epoch {epoch + 1}/{num_epochs}: loss {h["loss"]:.3f}, train acc {h["train_acc"]:.3f}, '
-                f'test acc {h["test_acc"]:.3f}, test mIoU {h["test_miou"]:.3f} ({h["seconds"]:.0f} s)')
+            log(f'epoch {epoch + 1}/{num_epochs}: {figures.format(**h)} ({h["seconds"]:.0f} s)')
     except KeyboardInterrupt as stop:      # Ctrl-C, or SIGTERM from a scheduler (run_main makes it one)
         log(f'\n{stop_name(stop)}: {ckpt.path} holds {ckpt.saved} finished epoch(s); run the same command with '
             '--resume to continue')
         raise SystemExit(stop_status(stop)) from None
     except NonFiniteLoss as err:
         kept = f'{ckpt.path} (epoch {ckpt.saved}) is kept' if ckpt.saved else 'no checkpoint was written'
-        raise UserError(f'the loss became inf or nan at epoch {ckpt.epoch + 1}, step {err.step}; {kept}: lower '
+        raise UserError(f'the loss became inf or nan at epoch {ckpt.epoch + 1}, step {err.args[0]}; {kept}: lower '
                         '--lr, or find the operation with --detect-anomaly') from None
     if ckpt.history:
-        h = ckpt.history[-1]
-        log(f'loss {h["loss"]:.3f}, train acc {h["train_acc"]:.3f}, test acc {h["test_acc"]:.3f}, '
-            f'test mIoU {h["test_miou"]:.3f}')
+        log(figures.format(**ckpt.history[-1]))
     if train_time > 0:
         log(f'{seen / train_time:.1f} examples/sec on {[str(net_device(net))] * world_size()}')
     return ckpt.history
@@ -503,8 +459,7 @@ def evaluate_crops(net, data_iter, amp=None):
 
 
 def predict(net, img, scales=None, test_size=None, mst_mode='softmax'):
-    """The book's predict: a uint8 image 3xHxW (or a batch Nx3xHxW) -> class indices HxW (NxHxW), at any size;
-    `scales` for multi-scale + flip, combined by `mst_mode` (predict_scores)."""
+    """The book's predict: uint8 image 3xHxW (batch Nx3xHxW) -> class indices HxW (NxHxW); `scales`: predict_scores."""
     X = normalize_image(img.to(net_device(net)))
     batch = X if X.ndim == 4 else X.unsqueeze(0)
     pred = predict_scores(net, batch, scales, test_size, mode=mst_mode).argmax(dim=1).cpu()
@@ -522,9 +477,8 @@ def label2image(pred, colormap=VOC_COLORMAP):
 
 
 def val_crops(dataset, n, crop, min_share=0.02):
-    """The book's picture material: n val (image, label) pairs cropped at (0, 0, h, w). Images smaller than the crop
-    are passed over, and so are crops where objects (classes after the first, the background) cover less than
-    min_share, while enough others are left: a picture of background shows nothing."""
+    """The book's picture material: n val (image, label) pairs cropped at (0, 0, h, w) from images that large, those
+    where objects (classes but 0) cover min_share first: a picture of background shows nothing."""
     chosen, fallback = [], []
     for i in range(len(dataset)):
         image, label = dataset.read(i)
@@ -540,9 +494,8 @@ def val_crops(dataset, n, crop, min_share=0.02):
 
 
 def show_predictions(path, crops, predictions, colors, title, names=None):
-    """The book's picture of val crops (crops: (image, label) pairs; predictions: one list of class maps per net):
-    for one net three rows, image, prediction, ground truth; for several (`names`: their column titles) a row per
-    image: image, ground truth, then each net's prediction."""
+    """The book's picture of val crops ((image, label) pairs) and predictions (class maps, a list per net): one net
+    gives rows image, prediction, ground truth; several (`names`) a row per image: image, ground truth, each net's."""
     images = [X.permute(1, 2, 0) for X, _ in crops]
     truths = [label2image(y, colors) for _, y in crops]
     drawn = [[label2image(p, colors) for p in preds] for preds in predictions]
@@ -564,8 +517,7 @@ def save_image_grid(path, rows, title, row_titles=None, col_titles=None, scale=2
     for r, row in enumerate(rows):
         for c in range(n_cols):
             ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             if c < len(row):
                 ax.imshow(np.asarray(row[c]))
             else:
@@ -586,8 +538,7 @@ def convrelu(in_channels, out_channels, kernel, padding):
 
 
 class ResNetUNet(nn.Module):
-    """The widely used resnet18 U-Net (the improvement's model). Pads any input to a multiple of NET_STRIDE inside
-    and crops back (run_padded), so any size works with the same weights."""
+    """The widely used resnet18 U-Net, the improvement's model; any input size works (run_padded)."""
 
     def __init__(self, n_class=21, pretrained=False, weights_path=None):
         super().__init__()
@@ -634,8 +585,7 @@ class ResNetUNet(nn.Module):
 
 def run_padded(forward, x):
     """forward(x) for any input size: x zero-padded (the mean colour, after normalisation) at the bottom and right
-    to a multiple of NET_STRIDE, the output cropped back by the same fraction (an output may have a lower resolution
-    than its input). The U-Net runs itself this way; prediction runs every net this way."""
+    to a multiple of NET_STRIDE, the output cropped back by the same fraction (it may be coarser than the input)."""
     h, w = x.shape[-2:]
     if not (h % NET_STRIDE or w % NET_STRIDE):      # F.pad would copy the batch for nothing
         return forward(x)
