@@ -608,15 +608,12 @@ def finetune_path(save):
 # Cityscapes / MiniCity (the tutorial's data): torchvision's class table gives the 19 train ids, names and colours.
 CITYSCAPES_TRAIN_CLASSES = sorted((c for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 19),
                                   key=lambda c: c.train_id)
-CITYSCAPES_CLASSES = [c.name for c in CITYSCAPES_TRAIN_CLASSES]
-CITYSCAPES_COLORMAP = [list(c.color) for c in CITYSCAPES_TRAIN_CLASSES]
-# labelIds -> the 19 train ids (every other id, 'ignore in eval' ones too, -> 255), and back for predictions (uint8;
-# 255 -> 0, 'unlabeled')
+CITYSCAPES = Classes([c.name for c in CITYSCAPES_TRAIN_CLASSES], [list(c.color) for c in CITYSCAPES_TRAIN_CLASSES])
+# labelIds -> the 19 train ids (every other id, 'ignore in eval' ones too, -> 255); back for predictions, 255 -> 0
 CITYSCAPES_ID_TO_TRAINID = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
 CITYSCAPES_ID_TO_TRAINID[[c.id for c in CITYSCAPES_TRAIN_CLASSES]] = torch.arange(len(CITYSCAPES_TRAIN_CLASSES))
 CITYSCAPES_TRAINID_TO_ID = torch.zeros(256, dtype=torch.uint8)
 CITYSCAPES_TRAINID_TO_ID[:len(CITYSCAPES_TRAIN_CLASSES)] = torch.tensor([c.id for c in CITYSCAPES_TRAIN_CLASSES])
-CITYSCAPES = Classes(CITYSCAPES_CLASSES, CITYSCAPES_COLORMAP)
 # Neither can be downloaded without an account: what a user with an empty --data-dir is told.
 CITYSCAPES_STEPS = ('Cityscapes needs a free account at https://www.cityscapes-dataset.com: download '
                     'gtFine_trainvaltest.zip (241 MB) and leftImg8bit_trainvaltest.zip (11 GB), unzip both into one '
@@ -626,17 +623,14 @@ CITYSCAPES_STEPS = ('Cityscapes needs a free account at https://www.cityscapes-d
 
 
 def cityscapes_files(root, is_train=True):
-    """leftImg8bit/<split>/[city/]<name>_leftImg8bit.png with gtFine/<same>: the official layout (city folders) and
-    MiniCity's flat one. Labels: *_gtFine_labelIds.png through torchvision's table to the 19 train ids, else
-    *_gtFine_labelTrainIds.png as the official scripts write them."""
+    """leftImg8bit/<split>/[city/]<name>_leftImg8bit.png with gtFine/<same>, in city folders or MiniCity's flat
+    layout. Labels: *_gtFine_labelIds.png mapped to the train ids, else the official scripts' *_labelTrainIds.png."""
     split = 'train' if is_train else 'val'
     image_dir = Path(root) / 'leftImg8bit' / split
-    if not image_dir.is_dir():
-        raise UserError(f'no Cityscapes {split} images at {image_dir}: pass --data-dir to the folder that holds '
-                        f'leftImg8bit/ and gtFine/; {CITYSCAPES_STEPS}')
     images = sorted(image_dir.rglob('*_leftImg8bit.png'))
     if not images:
-        raise UserError(f'no *_leftImg8bit.png under {image_dir}: {CITYSCAPES_STEPS}')
+        raise UserError(f'no Cityscapes {split} images (*_leftImg8bit.png) under {image_dir}: pass --data-dir to the '
+                        f'folder that holds leftImg8bit/ and gtFine/; {CITYSCAPES_STEPS}')
     labels = {kind: [Path(root) / 'gtFine' / split / p.parent.relative_to(image_dir) /
                      p.name.replace('_leftImg8bit.png', f'_gtFine_{kind}.png') for p in images]
               for kind in ('labelIds', 'labelTrainIds')}
@@ -656,9 +650,8 @@ class CityscapesSegDataset(SegDataset):
 
 
 def tutorial_augment(image, label, crop_size, generator):
-    """The tutorial's training transform: random scale 0.75-2.0 (image bilinear, label nearest), a random crop padded
-    with void where the scaled image is smaller, a horizontal flip half the time, and brightness, contrast and
-    saturation each scaled by 0.7-1.3. Every draw comes from `generator`."""
+    """The tutorial's training transform: random scale 0.75-2.0 (label nearest), a random crop (void padding where the
+    image is smaller), a flip half the time, brightness, contrast, saturation each x0.7-1.3. Draws from `generator`."""
     s = 0.75 + 1.25 * float(torch.rand((), generator=generator))
     size = [round(image.shape[-2] * s), round(image.shape[-1] * s)]
     image = v2.functional.resize(tv_tensors.Image(image), size, antialias=True).as_subclass(torch.Tensor)
@@ -681,21 +674,17 @@ AUX_WEIGHT = 0.4        # DeepLabV3's auxiliary loss, as torchvision's reference
 
 def deeplabv3(name, num_classes=21, pretrained=False, weights_path=None, aux_loss=False):
     """torchvision's DeepLabV3 (the tutorial's model); the ImageNet backbone comes by the same rules as resnet18."""
-    from torchvision.models import segmentation
-    arch = name.split('_')[1]
-    net = getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=num_classes,
-                                      aux_loss=aux_loss)
+    net = getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None,
+                                                         num_classes=num_classes, aux_loss=aux_loss)
     if pretrained:
-        state = backbone_state_dict(arch, weights_path)
+        state = backbone_state_dict(name.split('_')[1], weights_path)    # resnet50 / resnet101
         net.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith('fc.')})
     return net
 
 
 def model_output(out):
     """(main scores, auxiliary scores or None): torchvision's segmentation models return a dict."""
-    if isinstance(out, dict):
-        return out['out'], out.get('aux')
-    return out, None
+    return (out['out'], out.get('aux')) if isinstance(out, dict) else (out, None)
 
 
 # Normalisation swaps (the tutorial's BatchNorm / InstanceNorm / GroupNorm / EvoNorm comparison)
@@ -744,10 +733,8 @@ class EvoNorm2dS0(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        n, c, h, w = xf.shape
-        grouped = xf.reshape(n, self.groups, -1)
-        std = (grouped.var(dim=2, unbiased=False, keepdim=True) + self.eps).sqrt()
-        std = std.expand_as(grouped).reshape(n, c, h, w)
+        grouped = xf.reshape(len(xf), self.groups, -1)
+        std = (grouped.var(dim=2, unbiased=False, keepdim=True) + self.eps).sqrt().expand_as(grouped).reshape(xf.shape)
         return (xf * torch.sigmoid(self.v1 * xf) / std * self.gamma + self.beta).to(x.dtype)
 
 
@@ -756,27 +743,24 @@ def _norm_like(bn, norm):
     c = bn.num_features
     if norm == 'instance':
         # track_running_stats=False: instance statistics in eval too. Fails on 1x1 maps (e.g. an image-pooling branch).
-        new, weight, bias = nn.InstanceNorm2d(c, affine=True, track_running_stats=False), 'weight', 'bias'
+        new = nn.InstanceNorm2d(c, affine=True, track_running_stats=False)
     elif norm == 'group':
-        new, weight, bias = nn.GroupNorm(num_groups(c), c), 'weight', 'bias'
-    elif norm == 'evo_b0':
-        new, weight, bias = EvoNorm2dB0(c, eps=bn.eps), 'gamma', 'beta'
-    else:  # "evo" / "evo_s0": the names are checked once, by the flags (NORMS)
-        new, weight, bias = EvoNorm2dS0(c), 'gamma', 'beta'
+        new = nn.GroupNorm(num_groups(c), c)
+    else:  # "evo" / "evo_s0" / "evo_b0": the names are checked once, by the flags (NORMS)
+        new = EvoNorm2dB0(c, eps=bn.eps) if norm == 'evo_b0' else EvoNorm2dS0(c)
     if bn.affine:
-        with torch.no_grad():
-            getattr(new, weight).copy_(bn.weight.view_as(getattr(new, weight)))
-            getattr(new, bias).copy_(bn.bias.view_as(getattr(new, bias)))
+        with torch.no_grad():       # each norm's first two parameters are its scale and shift
+            for mine, pretrained in zip(new.parameters(), (bn.weight, bn.bias)):
+                mine.copy_(pretrained.view_as(mine))
     ref = next(iter(list(bn.parameters()) + list(bn.buffers())), None)
     return new if ref is None else new.to(ref.device)
 
 
 def replace_norm(model, norm, replaced=None):
-    """Every BatchNorm2d in `model` swapped, in place, for `norm` (batch: no change; instance, group, evo_s0 alias
-    evo, evo_b0), keeping a pretrained backbone's scale and shift (its running statistics cannot carry over). With
-    EvoNorm, which carries its own non-linearity, every nn.ReLU module becomes nn.Identity, as the tutorial did
-    (F.relu calls inside a forward stay). A layer under two parents (the U-Net's bn1 is base_model.bn1 and
-    layer0[1]) gets one replacement (`replaced`): two would leave one without gradients, and DDP stops on those."""
+    """Every BatchNorm2d in `model` swapped in place for `norm` (evo is evo_s0), keeping a pretrained backbone's scale
+    and shift (its running statistics cannot carry over). EvoNorm carries its own non-linearity: every nn.ReLU module
+    becomes nn.Identity, as in the tutorial (F.relu calls stay). A layer under two parents (the U-Net's bn1 is
+    base_model.bn1 and layer0[1]) gets one replacement: two would leave one without gradients, which stops DDP."""
     if norm == 'batch':
         return model
     evo, replaced = norm.startswith('evo'), {} if replaced is None else replaced
@@ -816,8 +800,7 @@ class FocalLoss(nn.Module):
 
     def __init__(self, gamma=2.0, weight=None, ignore_index=IGNORE_INDEX):
         super().__init__()
-        self.gamma = gamma
-        self.ignore_index = ignore_index
+        self.gamma, self.ignore_index = gamma, ignore_index
         # a buffer: FocalLoss(...).to(device) moves the class weights, as for any module
         self.register_buffer('weight', None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
 
@@ -828,15 +811,12 @@ class FocalLoss(nn.Module):
         logp_y = logp.gather(1, safe_target.unsqueeze(1)).squeeze(1)
         # clamp: exp(log_softmax) can exceed 1 by an ulp, and a negative base breaks a fractional gamma
         focal = (1.0 - logp_y.exp()).clamp(min=0.0) ** self.gamma  # torch gives 0**0 == 1: gamma=0 is plain CE
-        loss = -focal * logp_y
-        if self.weight is not None:
-            loss = loss * self.weight[safe_target]
-        return torch.where(valid, loss, torch.zeros_like(loss))
+        weight = 1.0 if self.weight is None else self.weight[safe_target]
+        return torch.where(valid, -focal * logp_y * weight, torch.zeros_like(logp_y))
 
 
 def make_loss(name='ce', weight=None, gamma=2.0, device=None):
-    """A per-example loss by name (ce, weighted_ce, focal), each averaged over H and W like the book's. The class
-    weights go to `device` (the batches') here, once."""
+    """A per-example loss by name (LOSSES), averaged over H and W like the book's; weights moved to `device` once."""
     weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32).to(device)
     if name == 'ce':
         return cross_entropy_loss
@@ -878,8 +858,7 @@ def class_pixel_weights(counts):
     seen = counts > 0
     if not seen.any():
         return torch.ones_like(counts, dtype=torch.float32)
-    freq = counts / counts.sum()
-    w = 1.0 / torch.log(1.02 + freq)
+    w = 1.0 / torch.log(1.02 + counts / counts.sum())
     w = w / w[seen].mean()
     w[~seen] = w[seen].max()
     return w.float()
@@ -902,15 +881,13 @@ def plot_class_frequencies(counts, class_names, path, title):
     fig, ax = plt.subplots(figsize=(10, 3.5))
     ax.bar(range(len(class_names)), (counts / counts.sum().clamp(min=1)).tolist())
     ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
-    ax.set_ylabel('share of labelled pixels')
-    ax.set_yscale('log')
+    ax.set(ylabel='share of labelled pixels', yscale='log')
     ax.set_title(title, fontsize=9)
     save_figure(fig, path, 'run the script from a folder where pictures/ can be written')
 
 
 # -------------------------------------------------------------------------------------------------- CutMix and CopyBlob
-# CopyBlob's (rare class : plausible host) pairs: the tutorial's for Cityscapes; for VOC, a bottle stands on a table
-# and the other objects stand free.
+# CopyBlob's (rare class : plausible host) pairs: the tutorial's for Cityscapes; VOC's bottle stands on a table.
 COPYBLOB_PAIRS = {'cityscapes': ['wall:sidewalk', 'fence:sidewalk', 'bus:road', 'train:road'],
                   'voc': ['bottle:diningtable', 'pottedplant:background', 'chair:background', 'boat:background']}
 
@@ -920,10 +897,9 @@ def _randint(high, generator):
 
 
 def cutmix_segmentation(images, labels, prob=0.5, alpha=1.0, generator=None):
-    """CutMix (Yun et al. 2019) for segmentation: a box of a partner sample replaces the same box of each sample,
-    image and label alike, so every pixel keeps its label; one draw decides for the batch. The box's area ratio is
-    about 1 - lam, lam ~ Beta(alpha, alpha), centred uniformly, clipped to the frame. Every draw comes from
-    `generator` (the Beta's through NumPy, seeded from it: torch.distributions takes no generator)."""
+    """CutMix (Yun et al. 2019) for segmentation: a box of a partner sample replaces the same box of each sample, image
+    and label alike; one draw decides for the batch. The box's area is about 1 - lam, lam ~ Beta(alpha, alpha), centred
+    uniformly, clipped to the frame. Draws from `generator` (the Beta's via NumPy: torch.distributions takes none)."""
     src_images, src_labels = images, labels  # paste from the untouched inputs, never from an earlier paste
     images, labels = images.clone(), labels.clone()
     if prob <= 0 or float(torch.rand((), generator=generator)) >= prob:
@@ -943,23 +919,19 @@ def cutmix_segmentation(images, labels, prob=0.5, alpha=1.0, generator=None):
 
 
 def blob_boxes(masks):
-    """(n, 4) bounding boxes (y0, y1, x0, x1), ends exclusive, of the True pixels of each (h, w) mask of an
-    (n, h, w) batch; y1 is 0 for an empty mask. Computed where the masks are: nothing waits for the device."""
+    """(n, 4) boxes (y0, y1, x0, x1), ends exclusive, of each mask's True pixels (y1 0 if none), with no device sync."""
     extents = []
     for hit in (masks.any(2), masks.any(1)):        # rows and columns holding the blob
-        size = hit.shape[1]
-        first, after_last = hit.int().argmax(1), size - hit.flip(1).int().argmax(1)
+        first, after_last = hit.int().argmax(1), hit.shape[1] - hit.flip(1).int().argmax(1)
         extents += [first, torch.where(hit.any(1), after_last, 0)]
     return torch.stack(extents, 1)
 
 
 def copyblob(images, labels, pairs, prob=0.5, generator=None):
-    """CopyBlob (the tutorial's class-imbalance augmentation with a visual prior): the pixels of a rare class from
-    another sample pasted onto a plausible host class (a bicycle onto road). For each (src, host) pair and sample i,
-    with probability `prob`: another sample j holding src, the bounding box of its src pixels, pasted where the box
-    fits the frame and its centre pixel is host in i (a spot drawn uniformly). Only j's src pixels are pasted, from
-    the unmodified inputs (never from an earlier paste). Draws come from `generator`; the device is read once per
-    pair (which samples hold src), the rest is computed for the whole batch on the device. Returns new tensors."""
+    """CopyBlob (the tutorial's class-imbalance augmentation with a visual prior): a rare class pasted onto a plausible
+    host (a bus onto road). For each (src, host) pair and sample i, with probability `prob`: the src pixels of another
+    sample j, pasted where their bounding box fits the frame centred on a host pixel of i (drawn uniformly), from the
+    unmodified inputs. Draws from `generator`; the device is read once per pair (which samples hold src)."""
     src_images, src_labels = images, labels
     images, labels = images.clone(), labels.clone()
     n, _, h, w = images.shape
@@ -1015,8 +987,7 @@ def parse_pairs(pairs, class_names, dataset='voc'):
 
 
 def batch_augment(cutmix=0.0, copyblob_prob=0.0, pairs=()):
-    """augment(X, y, generator): CutMix and CopyBlob on a batch on the device (the images are already normalised
-    there: any dtype works), every draw from `generator`; or None when both are off."""
+    """augment(X, y, generator): CopyBlob, then CutMix, on a normalised batch of any dtype, draws from `generator`."""
     if not cutmix and not copyblob_prob:
         return None
 
@@ -1042,8 +1013,7 @@ class ConfusionMatrix:
         self.mat = torch.zeros((num_classes, num_classes), dtype=torch.int64)
 
     def update(self, pred, target):
-        """Adds a batch where it is: the matrix follows the predictions to their device, and only bincount (which
-        needs its output's size) waits for the device."""
+        """Adds a batch on the predictions' device; only bincount (which needs its output's size) waits for it."""
         n = self.num_classes
         target, pred = target.reshape(-1).long(), pred.reshape(-1).long()
         counted = (target >= 0) & (target < n) & (target != self.ignore_index)
@@ -1058,17 +1028,15 @@ class ConfusionMatrix:
 
     def compute(self):
         h = self.mat.cpu().double()
-        diag, gt, pr = h.diag(), h.sum(1), h.sum(0)
-        total = h.sum()
+        diag, gt, pr, total = h.diag(), h.sum(1), h.sum(0), h.sum()
         acc = diag / gt                                         # NaN for a class absent from the ground truth
         iou = diag / (gt + pr - diag)                           # NaN for a class absent from both
         present = ~torch.isnan(iou)
-        freq = gt / total if total > 0 else gt
-        return {
-            'pixel_acc': float(diag.sum() / total) if total > 0 else float('nan'),
-            'mean_acc': float(acc[~torch.isnan(acc)].mean()) if (~torch.isnan(acc)).any() else float('nan'),
-            'miou': float(iou[present].mean()) if present.any() else float('nan'),
-            'fwiou': float((freq[present] * iou[present]).sum()) if present.any() else float('nan'),
+        return {        # with no pixel or no class, 0 / 0 and the mean of nothing are NaN
+            'pixel_acc': float(diag.sum() / total),
+            'mean_acc': float(acc[~torch.isnan(acc)].mean()),
+            'miou': float(iou[present].mean()),
+            'fwiou': float((gt[present] / total * iou[present]).sum()) if present.any() else float('nan'),
             'iou': iou.tolist(),
             'acc': acc.tolist(),
             'pixels': int(total),
@@ -1077,12 +1045,10 @@ class ConfusionMatrix:
 
 @torch.inference_mode()
 def predict_scores(net, X, scales=None, test_size=None, flip=True, mode='softmax'):
-    """Class scores (N,C,H,W) at the size of normalised images X (N,3,H,W): the logits of one pass, or with `scales`
-    the softmax probabilities of every scale (and its horizontal flip) resized to H,W and averaged. mode='tutorial'
-    combines them as the tutorial's code does: the raw scores averaged (its sum over the passes, divided by their
-    number), every resize with align_corners=True and the scaled sizes rounded down (its scale_factor); a pass with
-    large scores then outvotes the others. test_size: the net sees X resized to it first, the scores come back to
-    H,W (the tutorial's Cityscapes evaluation). The caller sets net.eval()."""
+    """Class scores (N,C,H,W) at the size of normalised images X (N,3,H,W): the logits of one pass, or with `scales` the
+    softmax of every scale (and its horizontal flip) resized to H,W and averaged. mode='tutorial' as the tutorial's
+    code: raw scores averaged (a pass with large scores outvotes the others), align_corners=True, scaled sizes rounded
+    down. test_size: the net sees X at that size (the tutorial's Cityscapes evaluation). The caller sets net.eval()."""
     h, w = X.shape[-2:]
     if test_size:
         X = F.interpolate(X, size=tuple(test_size), mode='bilinear', align_corners=False)
@@ -1093,7 +1059,7 @@ def predict_scores(net, X, scales=None, test_size=None, flip=True, mode='softmax
     else:
         sh, sw = X.shape[-2:]
         tutorial = mode == 'tutorial'
-        out, passes = 0, 0
+        out = 0
         for s in scales:
             size = tuple(max(1, math.floor(side * s) if tutorial else round(side * s)) for side in (sh, sw))
             x = X if size == (sh, sw) else F.interpolate(X, size=size, mode='bilinear', align_corners=tutorial)
@@ -1102,8 +1068,7 @@ def predict_scores(net, X, scales=None, test_size=None, flip=True, mode='softmax
                 scores = F.interpolate(scores.float(), size=(sh, sw), mode='bilinear', align_corners=tutorial)
                 scores = scores if tutorial else scores.softmax(1)
                 out = out + (scores.flip(-1) if flipped else scores)
-                passes += 1
-        out = out / passes
+        out = out / (len(scales) * (2 if flip else 1))
     if test_size:
         out = F.interpolate(out.float(), size=(h, w), mode='bilinear', align_corners=False)
     return out
@@ -1111,18 +1076,15 @@ def predict_scores(net, X, scales=None, test_size=None, flip=True, mode='softmax
 
 def evaluate_full(net, dataset, scales=None, amp=None, test_size=None, num_workers=None, batch_size=8,
                   mst_mode='softmax'):
-    """Confusion matrix over a whole split at each image's original size (labels are never resized).
-
-    `dataset` gives whole uint8 images (crop_size=None, normalize=False). Workers decode; images of the same size
-    (most of VOC is 500x375 or 375x500) go through the net together; multi-scale runs one image at a time.
-    """
+    """Confusion matrix over a whole split at each image's original size (labels are never resized). `dataset` gives
+    whole uint8 images (crop_size=None, normalize=False); images of the same size (most of VOC is 500x375 or 375x500)
+    go through the net together, multi-scale one image at a time."""
     from tqdm import tqdm
     net.eval()
     cm = ConfusionMatrix(dataset.num_classes)
-    workers = default_workers() if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=1 if scales else batch_size, collate_fn=list,
-                                         worker_init_fn=quiet_worker,
-                                         sampler=SeededSampler(dataset, shuffle=False), num_workers=workers)
+                                         sampler=SeededSampler(dataset, shuffle=False), worker_init_fn=quiet_worker,
+                                         num_workers=default_workers() if num_workers is None else num_workers)
     with torch.inference_mode(), autocast(net_device(net), amp):
         for batch in tqdm(guarded_batches(loader), desc='evaluating', total=len(loader), leave=False,
                           disable=not is_main_process() or None):
@@ -1146,9 +1108,8 @@ def metrics_table(results, class_names):
     """The per-class table; a second column set appears when a multi-scale result is there too."""
     runs = [(name, r) for name, r in results if r is not None]
     head = f'{"class":<16}' + ''.join(f'{"IoU " + name:>16}{"acc " + name:>16}' for name, _ in runs)
-    lines = [head]
-    for c, cls in enumerate(class_names):
-        lines.append(f'{cls:<16}' + ''.join(f'{r["iou"][c]:>16.4f}{r["acc"][c]:>16.4f}' for _, r in runs))
+    lines = [head] + [f'{cls:<16}' + ''.join(f'{r["iou"][c]:>16.4f}{r["acc"][c]:>16.4f}' for _, r in runs)
+                      for c, cls in enumerate(class_names)]
     for key, label in (('pixel_acc', 'pixel acc'), ('mean_acc', 'mean acc'), ('miou', 'mIoU'), ('fwiou', 'fwIoU')):
         lines.append(f'{label:<16}' + ''.join(f'{r[key]:>16.4f}{"":>16}' for _, r in runs))
     lines.append('nan: the class is absent from both prediction and ground truth; such classes are left out of '
@@ -1189,8 +1150,7 @@ def save_confusion_matrix(cm, class_names, path, title, advice):
     im = ax.imshow(m, cmap='Blues', vmin=0, vmax=1)
     ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
     ax.set_yticks(range(n), class_names, fontsize=7)
-    ax.set_xlabel('predicted')
-    ax.set_ylabel('ground truth')
+    ax.set(xlabel='predicted', ylabel='ground truth')
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(title, fontsize=9)
     save_figure(fig, path, advice)
