@@ -1703,18 +1703,15 @@ def autocast(device, dtype):
 # ---------------------------------------------------------------------------------------------------- where the data is
 HERE = Path(__file__).resolve().parent
 DATA_DIR = HERE / 'data'                                    # --download and --demo write here
-# Where a run's data is: kind (voc, cityscapes, folder), root folder, class table, void as background, its title, and
-# the share of a VOC layout's default.txt held out as val (--val-share).
+# Where a run's data is; kind: voc, cityscapes or folder; val_share: the share of default.txt held out (--val-share)
 DataSource = collections.namedtuple('DataSource', 'kind root classes void_as_background title val_share',
                                     defaults=(None,))
 
 
 def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_background=False, classes=None,
               val_share=None):
-    """The DataSource of --dataset/--data-dir/--demo/--download/--classes/--val-share. --demo (voc or folder) writes
-    the synthetic set once, --download fetches VOC once (under torchrun, rank 0 does either while the others wait).
-    `classes`: a class file; without it the VOC layout reads labelmap.txt where there is one (a CVAT export), a
-    folder dataset DIR/classes.txt."""
+    """The DataSource of the data flags. --demo and --download write their data once (under torchrun in rank 0, while
+    the others wait). Without `classes` (a class file) a VOC layout's labelmap.txt (a CVAT export) gives the classes."""
     if val_share and (demo or kind != 'voc'):
         raise UserError(f'--val-share splits the VOC layout\'s ImageSets/Segmentation/default.txt: drop it with '
                         f'--{"demo" if demo else "dataset " + kind}')
@@ -1730,7 +1727,7 @@ def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_back
         main_process_first(make_demo_folder if folder else make_demo_voc)
         if folder:
             return DataSource('folder', DEMO_FOLDER, read_classes(DEMO_FOLDER / 'classes.txt'), void_as_background,
-                        'DEMO data (synthetic, folder layout)')
+                              'DEMO data (synthetic, folder layout)')
         return DataSource('voc', DEMO_DIR, VOC, void_as_background, 'DEMO data (synthetic)')
     if kind == 'folder':
         if data_dir is None:
@@ -1757,24 +1754,20 @@ def open_dataset(data, is_train, crop_size=None, normalize=True):
     """The training or validation split of a DataSource."""
     if data.kind == 'cityscapes':
         return CityscapesSegDataset(is_train, crop_size, data.root, normalize)
-    files = folder_files(data.root, is_train) if data.kind == 'folder' else voc_files(data.root, is_train,
-                                                                                       data.val_share)
+    files = (folder_files(data.root, is_train) if data.kind == 'folder' else
+             voc_files(data.root, is_train, data.val_share))
     return SegDataset(files, data.classes, crop_size, normalize, data.void_as_background)
 
 
 def find_voc_dir(data_dir=None, missing_ok=False):
-    """The VOC2012 folder: --data-dir, or VOC2012 / VOCdevkit/VOC2012 / data/VOCdevkit/VOC2012 next to the scripts;
-    None when there is none and missing_ok (--download then fetches it)."""
+    """The VOC2012 folder in --data-dir or next to the scripts; None when there is none and missing_ok (--download)."""
     if data_dir is not None:
-        base = Path(data_dir)
-        candidates = [base, base / 'VOC2012', base / 'VOCdevkit' / 'VOC2012']
+        candidates = [Path(data_dir) / sub for sub in ('', 'VOC2012', 'VOCdevkit/VOC2012')]
     else:
         candidates = [HERE / 'VOC2012', HERE / 'VOCdevkit' / 'VOC2012', DATA_DIR / 'VOCdevkit' / 'VOC2012']
-    for path in candidates:
-        if (path / 'ImageSets' / 'Segmentation').is_dir():
-            return path
-    if missing_ok:
-        return None
+    found = next((path for path in candidates if (path / 'ImageSets' / 'Segmentation').is_dir()), None)
+    if found or missing_ok:
+        return found
     where = data_dir if data_dir is not None else ' or '.join(str(c) for c in candidates)
     raise UserError(f'no VOC2012 dataset at {where} (needs ImageSets/Segmentation, JPEGImages, SegmentationClass): '
                     'pass --data-dir to it, --download to fetch it (2 GB), or --demo for a small synthetic one')
@@ -1787,8 +1780,7 @@ VOC_TAR = 'VOCtrainval_11-May-2012.tar'
 VOC_SOURCES = ('http://d2l-data.s3-accelerate.amazonaws.com/' + VOC_TAR,
                'https://thor.robots.ox.ac.uk/pascal/VOC/voc2012/' + VOC_TAR,
                'http://host.robots.ox.ac.uk/pascal/VOC/voc2012/' + VOC_TAR)
-# The tar's published checksums: md5 from torchvision's VOCSegmentation, sha256 from torchvision's prototype
-# datasets, sha1 from d2l's DATA_HUB.
+# The tar's published checksums: md5 (torchvision's VOCSegmentation), sha256 (its prototype datasets), sha1 (d2l)
 VOC_TAR_CHECKSUMS = {'size': 1999639040, 'md5': '6cd6e144f989b92b3379bac3b3de84fd',
                      'sha256': 'e14f763270cf193d0b5f74b169f44157a4b0c6efa708f4dd0ff78ee691763bcb',
                      'sha1': '4e443f8a2eca6b1dac8a6c57641b67dd40621a49'}
@@ -1797,10 +1789,8 @@ DOWNLOAD_HOURS = 6              # how long torchrun's other processes wait for r
 
 
 def download_voc(root, sources=VOC_SOURCES, checksums=VOC_TAR_CHECKSUMS):
-    """PASCAL VOC 2012 trainval into root/VOCdevkit/VOC2012, once. A root/VOCtrainval_11-May-2012.tar the user put
-    there is checked and used without any network; otherwise the sources are tried in turn (fetch_voc_tar). The tar
-    stays afterwards: whether its 2 GB go is the user's choice. Two runs on one folder take turns (download_lock):
-    the second finds the first's work done."""
+    """PASCAL VOC 2012 trainval into root/VOCdevkit/VOC2012, once, from a tar the user put at root/VOC_TAR (checked,
+    no network) or from fetch_voc_tar. The tar stays: whether its 2 GB go is the user's choice."""
     root = Path(root)
     voc, tar = root / 'VOCdevkit' / 'VOC2012', root / VOC_TAR
     try:
@@ -1813,35 +1803,29 @@ def download_voc(root, sources=VOC_SOURCES, checksums=VOC_TAR_CHECKSUMS):
         if voc.exists():
             raise UserError(f'{voc} exists without ImageSets/Segmentation/val.txt (an unpacking that did not '
                             'finish?): move or delete it and rerun with --download')
-        if tar.exists():
-            log(f'checking {tar} ...')
-            differs = tar_mismatch(tar, checksums)
-            if differs:
-                raise UserError(f'{tar} is not the VOC2012 trainval tar ({differs}): put a copy whose md5 is '
-                                f'{checksums["md5"]} in its place, or move it away and rerun with --download')
-        else:
+        if not tar.exists():
             fetch_voc_tar(tar, sources, checksums)
+        elif differs := tar_mismatch(tar, checksums):
+            raise UserError(f'{tar} is not the VOC2012 trainval tar ({differs}): put a copy whose md5 is '
+                            f'{checksums["md5"]} in its place, or move it away and rerun with --download')
         unpack_voc_tar(tar, voc)
     log(f'VOC2012 is in {voc}; {tar} is kept (delete it to free {checksums["size"] / 1e9:.1f} GB)')
 
 
 @contextlib.contextmanager
 def download_lock(path):
-    """Holds an exclusive flock on the file `path` (NFS honours it across nodes): a second --download of the folder,
-    from another terminal or node, waits and says so. The empty file stays: deleting it would let a waiter lock a
-    file no longer there while a third run locks a new one."""
-    try:
-        import fcntl
-    except ImportError:     # Windows: no flock, one --download at a time is the user's care
-        yield
-        return
+    """An exclusive flock on `path` (NFS honours it across nodes): a second run on the folder says so and waits. The
+    file stays, empty: deleting it would let a waiter lock a file no longer there while a third run locks a new one."""
     try:
         f = open(path, 'a')
     except OSError as err:
         raise download_write_error(path, err) from None
     with f:
         try:
+            import fcntl
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:     # Windows: no flock, one --download at a time is the user's care
+            pass
         except BlockingIOError:
             log(f'another --download of this folder holds {path}: waiting for it to finish ...')
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -1849,13 +1833,10 @@ def download_lock(path):
 
 
 def fetch_voc_tar(tar, sources, checksums):
-    """Downloads tar from the first source that delivers the checked file, through tar + '.part'. A complete .part
-    left by an earlier run (killed while checking it) is checked first, and deleted if it fails. A source that
-    errors is noted and the next one continues the same .part (the checksums decide at the end); a complete .part
-    that fails them is deleted and the next source starts afresh. When every source fails, the .part stays so that
-    a rerun continues it, and one UserError line lists each source's error and the manual step."""
+    """Downloads tar through tar + '.part' from the first source that delivers the checked file. A source that errors
+    leaves its bytes for the next one to continue: the checksums decide at the end."""
     part = tar.with_name(tar.name + '.part')
-    if part.exists() and part.stat().st_size >= checksums['size']:
+    if part.exists() and part.stat().st_size >= checksums['size']:    # a run killed while checking it
         differs = keep_checked(part, tar, checksums)
         if not differs:
             return
@@ -1885,7 +1866,6 @@ def fetch_voc_tar(tar, sources, checksums):
 
 def keep_checked(part, tar, checksums):
     """Renames part to tar when it passes the checksums and returns ''; else deletes it and returns what differs."""
-    log(f'checking {part} ...')
     differs = tar_mismatch(part, checksums)
     if differs:
         part.unlink()
@@ -1895,10 +1875,8 @@ def keep_checked(part, tar, checksums):
 
 
 def fetch_part(url, part, size):
-    """Appends url's bytes to part, after the bytes already there, or writes them from byte 0 (resume_from). A body
-    of another length than the tar's, or one that does not open with a tar header (a captive portal's or a proxy's
-    page, answered 200), is refused before a byte is written. Network faults and malformed answers raise OSError or
-    HTTPException with part holding every byte received; a write that fails is a UserError line."""
+    """Appends url's bytes to part from the byte resume_from gives. What is not the tar is refused before a byte is
+    written; network faults and malformed answers raise OSError or HTTPException, part holding every byte received."""
     from tqdm import tqdm
     response, have = resume_from(url, part)
     with response:
@@ -1936,13 +1914,12 @@ def fetch_part(url, part, size):
 
 def resume_from(url, part):
     """url's answer to a request for the bytes after part's, and the byte its body starts at: part's size for a 206
-    from there; else 0, with the whole file: a 200 (a server that ignores Range) is used as it is, other answers (a
-    416, S3's and Apache's to a Range at or past their end; a 206 of other bytes) are asked again without a Range,
-    since a rerun would get them again."""
+    from there, else 0. A 200 (Range ignored) is the whole file; other answers (S3's and Apache's 416 to a Range at or
+    past their end, a 206 of other bytes) are asked again without a Range, as a rerun would get them again."""
     have = part.stat().st_size if part.exists() else 0
     if have:
         with open(part, 'rb') as f:
-            if not opens_a_tar(f.read(262)):     # a page an earlier version kept: nothing worth continuing
+            if not opens_a_tar(f.read(262)):     # a web page: nothing worth continuing
                 log(f'{part} does not start with a tar header: starting again from byte 0')
                 return urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT), 0
         try:
@@ -1975,8 +1952,8 @@ def download_write_error(path, err, kept=None):
 
 
 def tar_mismatch(path, checksums):
-    """What differs between the file and the published checksums ('' when nothing does): its size, else its md5,
-    sha256 and sha1, all computed in one pass over the file."""
+    """What differs from the published checksums ('' when nothing does): the size, else the hashes, in one pass."""
+    log(f'checking {path} ...')
     size = path.stat().st_size
     if size != checksums['size']:
         return f'size {size} bytes, not {checksums["size"]}'
@@ -1991,9 +1968,8 @@ def tar_mismatch(path, checksums):
 
 
 def unpack_voc_tar(tar, voc):
-    """Unpacks tar's VOCdevkit/VOC2012 as voc (root/VOCdevkit/VOC2012). Every member is checked before anything is
-    written (safe_voc_members); the files land in a scratch folder inside root and the finished folder moves into
-    place last, so an interrupted run never leaves a half folder that looks complete."""
+    """Unpacks tar's VOCdevkit/VOC2012 as voc, every member checked first, through a scratch folder that moves into
+    place last: an interrupted run never leaves a half folder that looks complete."""
     scratch = voc.parent.parent / '.VOCtrainval-unpacking'
     # tarfile's 'data' filter (Python 3.12, 3.11.4, 3.10.12) checks again while extracting: links through links
     safe = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}
@@ -2014,8 +1990,7 @@ def unpack_voc_tar(tar, voc):
 
 
 def safe_voc_members(archive, tar):
-    """The members under VOCdevkit/VOC2012, after every member of the tar passed unsafe_member: a tar with one
-    member that could write outside the folder, or without VOCdevkit/VOC2012, is one UserError line naming it."""
+    """The members under VOCdevkit/VOC2012, once every member of the tar passed unsafe_member."""
     members = archive.getmembers()
     # every link, also those listed after a member that goes through them: extraction order makes no difference
     links = [PurePosixPath(m.name).parts for m in members if m.issym() or m.islnk()]
@@ -2032,9 +2007,8 @@ def safe_voc_members(archive, tar):
 
 
 def unsafe_member(member, links):
-    """Why extracting member could write outside the target folder ('' when it cannot): an absolute path, a '..',
-    a path through a link (`links`: the parts of every link's name), a link leading outside or through a link (where
-    a lexical check cannot follow it), a device file."""
+    """Why extracting member could write outside the target folder ('' when it cannot). `links`: the parts of every
+    link's name; a link through a link is refused, as a lexical check cannot follow it."""
     path = PurePosixPath(member.name)
     if path.is_absolute():
         return 'an absolute path'
@@ -2057,14 +2031,12 @@ def unsafe_member(member, links):
 
 # -------------------------------------------------------------------------------------------------------- weights files
 # ImageNet backbones: the weights API's files, looked for next to the scripts first (the improvement's instruction)
-BACKBONE_WEIGHTS = {'resnet18': torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-                    'resnet50': torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
-                    'resnet101': torchvision.models.ResNet101_Weights.IMAGENET1K_V1}
+BACKBONE_WEIGHTS = {arch: torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+                    for arch in ('resnet18', 'resnet50', 'resnet101')}
 
 
 def load_torch_file(path, what='checkpoint', advice='train first, or pass a checkpoint these scripts wrote'):
-    """torch.load with weights_only=True: plain tensors and numbers only, a pickle that runs code is refused. Each
-    refusal names `what` the file should be and ends in `advice`, what to do instead."""
+    """torch.load with weights_only=True (a pickle that runs code is refused); refusals name `what`, then `advice`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f'{what} {path} {"is a folder" if path.is_dir() else "does not exist"}: {advice}')
@@ -2084,8 +2056,7 @@ def load_torch_file(path, what='checkpoint', advice='train first, or pass a chec
 def check_named_hash(path, url):
     """A file under a name torchvision publishes, `<name>-<first hex digits of its sha256>.pth`, must hash to that
     prefix: a wrong file under the right name (a 580 KB one circulates as resnet18-f37072fd.pth) stops here, in one
-    line, not in the unpickler. Other names (a user's resnet18-20240115.pth) carry no hash: they are checked by their
-    keys and shapes only (backbone_state_dict)."""
+    line. Other names (a user's resnet18-20240115.pth) carry no hash: only their keys and shapes are checked."""
     published = {w.url.rsplit('/', 1)[1] for name in torchvision.models.list_models()
                  for w in torchvision.models.get_model_weights(name)}
     match = torch.hub.HASH_REGEX.search(path.name)
@@ -2103,8 +2074,7 @@ def check_named_hash(path, url):
 
 def backbone_state_dict(arch, weights_path=None):
     """ImageNet weights: --backbone-weights, else the file next to the scripts, in the working folder or in
-    torchvision's cache, else a download into that cache (checked by the sha256 prefix in its name, then read with
-    weights_only=True: torch.hub's own loader unpickles anything)."""
+    torchvision's cache, else a download there, read with weights_only=True (torch.hub's loader unpickles anything)."""
     url = BACKBONE_WEIGHTS[arch].url
     filename = url.rsplit('/', 1)[1]
     cached = Path(torch.hub.get_dir()) / 'checkpoints' / filename

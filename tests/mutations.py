@@ -290,7 +290,7 @@ BREAKS = [
           ('tests/test_weights.py::test_a_download_that_is_not_weights_stops_in_one_line',)),
     # --- issue 19: the download
     Break('download: a .part holding a web page continued after it', SD,
-          'if not opens_a_tar(f.read(262)):     # a page an earlier version kept: nothing worth continuing',
+          'if not opens_a_tar(f.read(262)):     # a web page: nothing worth continuing',
           'if False:',
           ('tests/test_download.py::test_a_part_that_is_a_web_page_is_not_continued',)),
     Break('download: a 416 or a 206 of other bytes not asked again from byte 0', SD,
@@ -310,7 +310,7 @@ BREAKS = [
           'except OSError as err:',
           ('tests/test_download.py::test_http_errors_and_malformed_headers_move_on_to_the_next_source',)),
     Break('download: a complete leftover .part asked for again, not checked first', SD,
-          "if part.exists() and part.stat().st_size >= checksums['size']:",
+          "if part.exists() and part.stat().st_size >= checksums['size']:    # a run killed while checking it",
           'if False:',
           ('tests/test_download.py::test_a_complete_good_part_is_not_asked_for_again',
            'tests/test_download.py::test_a_complete_leftover_part_that_fails_is_deleted_and_the_first_source_used')),
