@@ -1166,8 +1166,7 @@ UNLABELLED_WARNING = 0.01       # a class without pixels while this share or mor
 def read_classes(path):
     """A class table from a file: one class a line, `name` or `name R G B` (blank lines and # comments skipped), a
     CSV with a name,r,g,b header (class_dict.csv), or CVAT's labelmap.txt (`name:R,G,B:parts:actions`). Classes
-    without a colour get palette_colors not taken yet; names and colours must be distinct, and 255 (VOC's void
-    colour) is left to ignored pixels."""
+    without a colour get palette colours not taken yet; 255 (VOC's void colour) is left to ignored pixels."""
     path = Path(path)
     try:
         lines = [line.strip() for line in path.read_text().splitlines()]
@@ -1180,20 +1179,17 @@ def read_classes(path):
         if not line or line.startswith('#') or (csv and n == 1):
             continue
         if labelmap:
-            name, rgb = line.split(':')[:2]
-            parts = [name, *rgb.split(',')] if rgb.strip() else [name]
+            name, color = line.split(':')[:2]
+            parts = [name, *color.split(',')] if color.strip() else [name]
         else:
             parts = line.split(',')[:4] if csv else line.rsplit(maxsplit=3) if line.split()[-1].isdigit() else [line]
         parts = [p.strip() for p in parts]
-        if len(parts) == 4 and all(v.isdigit() and int(v) < 256 for v in parts[1:]):
-            names.append(parts[0])
-            colors.append([int(v) for v in parts[1:]])
-        elif len(parts) == 1 and not csv:
-            names.append(parts[0])
-            colors.append(None)
-        else:
+        rgb = parts[1:]
+        if not (len(parts) == 1 and not csv or len(rgb) == 3 and all(v.isdigit() and int(v) < 256 for v in rgb)):
             form = '`name:R,G,B::`' if labelmap else '`name,r,g,b`' if csv else '`name` or `name R G B`'
             raise UserError(f'{path} line {n}: {line!r} is not {form} (0-255)')
+        names.append(parts[0])
+        colors.append([int(v) for v in rgb] or None)       # None: a palette colour below
     free = (c for c in palette_colors(255) if c not in colors and c != VOID_COLOR)
     colors = [c or next(free) for c in colors]
     problem = f'{len(names)} classes (2 to 255 work)' if not 2 <= len(names) <= 255 else next(
@@ -1226,8 +1222,7 @@ def cvat_split(folder, txt, is_train, val_share):
 
 
 def folder_files(root, is_train=True):
-    """A user's folder: images/<split>/<name>.jpg (or .png, ...) with masks/<split>/<name>.png, every image with its
-    mask and every mask with its image."""
+    """A user's folder: images/<split>/<name>.jpg (or .png, ...), each with its mask masks/<split>/<name>.png."""
     split = 'train' if is_train else 'val'
     image_dir, mask_dir = Path(root) / 'images' / split, Path(root) / 'masks' / split
     for folder in (image_dir, mask_dir):
@@ -1250,9 +1245,7 @@ def folder_files(root, is_train=True):
 
 
 def check_labelled_classes(dataset, cache_dir):
-    """A user's masks saved as 0/255 (a common way for one class) train background only: 255 is 'ignore' here. A
-    class without one labelled pixel in the training masks while ignored pixels cover a large share of them is
-    that, almost always; one line says so before the first epoch."""
+    """Masks saved as 0/255 (a common way for one class) train background only, 255 being 'ignore': say so."""
     counts, ignored = class_pixel_counts(dataset, cache_dir)
     missing = [name for name, c in zip(dataset.classes.names, counts.tolist()) if c == 0]
     share = ignored / max(float(counts.sum()) + ignored, 1)
@@ -1264,8 +1257,7 @@ def check_labelled_classes(dataset, cache_dir):
 
 def image_files(inputs):
     """The image files among `inputs` (files, and the images directly inside folders)."""
-    for item in inputs:
-        path = Path(item)
+    for path in map(Path, inputs):
         if path.is_dir():
             yield from sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         elif path.exists():
@@ -1275,10 +1267,8 @@ def image_files(inputs):
 
 
 def segment_files(net, files, out_dir, classes, scales=None, amp=None, test_size=None, mst_mode='softmax'):
-    """Each image -> <stem>_color.png, <stem>_overlay.png and <stem>_labels.png (class ids, a palette PNG; for
-    Cityscapes also <stem>_labelIds.png) in out_dir, one image in memory at a time (under torchrun, each process
-    its share). An unreadable file is skipped with a warning and counted; no output may replace any of the inputs;
-    a failed write stops the run (the next would fail too)."""
+    """Each image -> out_dir/<stem>_{color,overlay,labels}.png, one in memory at a time. An unreadable file is
+    skipped with a warning; no output may replace an input; a failed write stops the run (the next would fail too)."""
     files, out_dir, done, skipped = list(files), Path(out_dir), 0, 0
     inputs = {Path(p).resolve() for p in files}
     for path in files[rank()::world_size()]:
@@ -1295,25 +1285,21 @@ def segment_files(net, files, out_dir, classes, scales=None, amp=None, test_size
             if (out_dir / name).resolve() in inputs:
                 raise UserError(f'{out_dir / name} is an input image: pass another --out-dir')
         for name, picture in outs.items():
-            write_atomically(out_dir / name, functools.partial(picture.save, format='PNG'),
-                             'pass another --out-dir')
+            write_atomically(out_dir / name, functools.partial(picture.save, format='PNG'), 'pass another --out-dir')
         done += 1
     done, skipped = (int(n) for n in all_reduce_sum([done, skipped]))
     log(f'segmented {done} image(s) into {out_dir}' + (f', skipped {skipped} unreadable' if skipped else ''))
 
 
 def segmentation_pictures(image, pred, classes):
-    """(kind, PIL image) for a uint8 image and its prediction: the colours, the colours over the image (torchvision's
-    draw_segmentation_masks, half and half) and the class ids as a palette PNG; for Cityscapes also the label ids
-    (*_labelIds.png, what Cityscapes' evaluation scripts and the tutorial's challenge read)."""
+    """(kind, PIL image) of a prediction; labelIds: what Cityscapes' scripts and the tutorial's challenge read."""
     colors = classes.colors
-    pictures = [('labelIds', Image.fromarray(CITYSCAPES_TRAINID_TO_ID[pred.long()].numpy()))] \
-        if classes == CITYSCAPES else []
-    classes = torch.arange(len(colors))
-    overlay = torchvision.utils.draw_segmentation_masks(image, pred[None] == classes[:, None, None], alpha=0.5,
-                                                        colors=[tuple(c) for c in colors])
+    masks = pred[None] == torch.arange(len(colors))[:, None, None]
+    overlay = torchvision.utils.draw_segmentation_masks(image, masks, alpha=0.5, colors=[tuple(c) for c in colors])
     ids = Image.frombytes('P', (pred.shape[1], pred.shape[0]), pred.to(torch.uint8).numpy().tobytes())
     ids.putpalette(palette(colors).reshape(-1).tolist())
+    pictures = [('labelIds', Image.fromarray(CITYSCAPES_TRAINID_TO_ID[pred.long()].numpy()))] \
+        if classes == CITYSCAPES else []
     return [('color', Image.fromarray(label2image(pred, colors).numpy())),
             ('overlay', Image.fromarray(overlay.permute(1, 2, 0).numpy())), ('labels', ids)] + pictures
 
@@ -1328,12 +1314,9 @@ class UserError(Exception):
 
 def error_line(err):
     """The one line worth showing: DataLoader workers re-raise our error wrapped in their traceback text."""
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    lines = str(err).strip().splitlines()
     line = lines[-1].strip() if lines else type(err).__name__
-    for prefix in ('some_define.UserError: ', 'UserError: '):
-        if line.startswith(prefix):
-            line = line[len(prefix):]
-    return line
+    return line.split('UserError: ', 1)[1] if line.startswith(('UserError: ', 'some_define.UserError: ')) else line
 
 
 class Terminated(KeyboardInterrupt):
@@ -1349,8 +1332,7 @@ def raise_terminated(signum, frame):
 
 
 def quiet_unraisable(unraisable, default=sys.unraisablehook):
-    """A stop that lands while Python runs a finaliser (a DataLoader iterator's __del__) would print "Exception
-    ignored in ..." with a traceback: the stop is reported once, by the script, instead."""
+    """A stop in a finaliser (a DataLoader iterator's __del__): no "Exception ignored" traceback, the script's line."""
     if not isinstance(unraisable.exc_value, KeyboardInterrupt):
         default(unraisable)
 
@@ -1365,8 +1347,7 @@ def stop_status(stop):
 
 
 def run_main(main):
-    """Every script ends with run_main(main): a user mistake becomes one line on stderr, not a traceback; Ctrl-C
-    and SIGTERM stop it with one line too; torchrun's process group is closed at the end."""
+    """Runs main(): a user mistake, Ctrl-C or SIGTERM ends it in one line, not a traceback; closes torchrun's group."""
     previous, sys.unraisablehook = signal.signal(signal.SIGTERM, raise_terminated), quiet_unraisable
     Terminated.received = False     # a stop belongs to the run it stopped (several runs in one process: the tests)
     try:
@@ -1385,8 +1366,7 @@ def run_main(main):
 
 
 # ------------------------------------------------------------------------------------------ torchrun's processes, seeds
-# Every random draw of a run comes from seed_for(--seed, epoch, one of these, ...): a resumed run draws what an
-# uninterrupted one did.
+# Every random draw comes from seed_for(--seed, epoch, one of these, ...): a resumed run draws an uninterrupted one's.
 CROP_DRAWS, MODEL_DRAWS, AUGMENT_DRAWS = 0, 1, 2   # the items' crops, the model's own (dropout), CutMix/CopyBlob
 
 
@@ -1425,9 +1405,8 @@ def all_reduce_sum(values):
 
 
 def main_process_first(work, timeout=None):
-    """Runs work() in rank 0 while the other processes wait, then all go on (writing the demo data, a download).
-    The wait goes through a gloo group of its own, with `timeout` when the work may outlast the process group's.
-    When work() fails, every process stops: rank 0 with its error, the others quietly (exit status 2)."""
+    """Runs work() in rank 0 while the others wait in a gloo group of their own (with `timeout` when the work may
+    outlast the process group's). When it fails, every process stops: rank 0 with its error, the others quietly."""
     failure = None
     if is_main_process():
         try:
@@ -1450,26 +1429,23 @@ def seed_for(*keys):
 
 
 def setup_distributed(device=None):
-    """torchrun sets WORLD_SIZE: one process per GPU (nccl), or per CPU slot (gloo), by the device this process
-    runs on (`--device cpu` on a GPU machine is gloo: nccl has no CPU tensors)."""
+    """Under torchrun, nccl for a process on a GPU, gloo on the CPU (`--device cpu` too: nccl has no CPU tensors)."""
     if world_size() > 1 and not torch.distributed.is_initialized():
-        device = pick_device(device)
-        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        torch.distributed.init_process_group('nccl' if pick_device(device).type == 'cuda' else 'gloo')
     elif torch.cuda.device_count() > 1 and world_size() == 1:
         log(f'note: {torch.cuda.device_count()} GPUs here, this run uses one; use them all with '
             f'torchrun --nproc_per_node={torch.cuda.device_count()} {Path(sys.argv[0]).name} ...')
 
 
 # ---------------------------------------------------------------------------------------------------------- speed paths
-EVAL_BATCH_FACTOR = 2   # evaluation keeps no gradients: its batches are this many times the training batch
+EVAL_BATCH_FACTOR = 2   # evaluation's batch over training's: no gradients kept, eval-mode BatchNorm scores images alone
 DEVICE_DATA_SHARE = 4   # --data-on-device auto: the decoded splits may take 1/4 of the GPU's free memory
 
 
 class ShuffleConvTranspose2d(nn.ConvTranspose2d):
-    """nn.ConvTranspose2d (same weight, bias, state_dict and initialisation) whose kernel is twice its stride, as the
-    FCN's 64/32, computed as a 2x2 convolution to out_channels x stride x stride channels, pixel_shuffle(stride) and
-    a crop: every output pixel gets the same 2x2 input neighbours times the same weights, so forward and gradients
-    are the transposed conv's up to float rounding, and cuDNN has no large-kernel algorithm to search for."""
+    """nn.ConvTranspose2d with a kernel twice its stride (the FCN's 64/32) as a 2x2 convolution to out_channels x
+    stride x stride channels, pixel_shuffle(stride) and a crop: each output pixel gets the same 2x2 input neighbours
+    times the same weights (forward and gradients equal up to float rounding), and cuDNN has no large kernel to tune."""
 
     def forward(self, x, output_size=None):
         s, p, (cin, cout) = self.stride[0], self.padding[0], self.weight.shape[:2]
@@ -1486,10 +1462,10 @@ class ShuffleConvTranspose2d(nn.ConvTranspose2d):
 
 @functools.lru_cache(maxsize=64)
 def interpolation_matrix(n, dtype=torch.float64, device=None):
-    """(2n x n) weights of a x2 bilinear upsample with align_corners=True along one axis (F.interpolate's), made on
-    `device` and cached: a copy from the host in every step would make the step wait. In a half-precision dtype
-    each weight is rounded to a multiple of the dtype's unit in [0.5, 1), so that every row still sums to exactly 1
-    (rounded one by one, bf16 rows sum to 1 +- 0.002, and a flat region would come out brighter or darker)."""
+    """(2n x n) weights of F.interpolate's x2 bilinear upsample (align_corners=True) along one axis, cached on
+    `device`: a copy from the host would make each step wait. In half precision each weight is rounded to a multiple
+    of the dtype's unit in [0.5, 1), so rows still sum to exactly 1 (bf16 weights rounded one by one sum to 1 +- 0.002:
+    a flat region would come out brighter or darker)."""
     with torch.inference_mode(False):     # made during evaluation, it still serves training's backward
         pos = torch.arange(2 * n, dtype=torch.float64, device=device) * ((n - 1) / (2 * n - 1))
         low = pos.floor().long().clamp(max=n - 1)
@@ -1505,8 +1481,7 @@ def interpolation_matrix(n, dtype=torch.float64, device=None):
 
 def upsample2x(x):
     """F.interpolate(x, scale_factor=2, mode='bilinear', align_corners=True) as two matrix products, whose backward
-    is two more: no atomic adds, which make CUDA's own backward slow in bf16 (pytorch/pytorch#140096). Channels-last
-    input stays channels-last."""
+    is two more: no atomic adds, which make CUDA's own backward slow in bf16 (pytorch/pytorch#140096)."""
     n, c, h, w = x.shape
     rows, cols = interpolation_matrix(h, x.dtype, x.device), interpolation_matrix(w, x.dtype, x.device)
     if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
@@ -1516,10 +1491,8 @@ def upsample2x(x):
 
 
 class Upsample2x(nn.Upsample):
-    """The U-Net's nn.Upsample(scale_factor=2, mode='bilinear', align_corners=True): upsample2x on CUDA; on the CPU,
-    whose backward has no atomics problem, nn.Upsample's own. `everywhere = True` (a switch for the tests) takes the
-    CUDA branch on any device, so that the CPU runs the GPU's path whole."""
-    everywhere = False
+    """The U-Net's x2 nn.Upsample: upsample2x on CUDA, nn.Upsample's own on the CPU (no atomics problem there)."""
+    everywhere = False      # True (a switch for the tests): the CUDA branch on any device
 
     def forward(self, x):
         if x.is_cuda or self.everywhere:
@@ -1528,10 +1501,8 @@ class Upsample2x(nn.Upsample):
 
 
 def fast_layers(model):
-    """The book's layers become their faster equivalents, in place, where a model is placed for training or
-    inference: the FCN's transposed conv a ShuffleConvTranspose2d, the U-Net's x2 upsample an Upsample2x. Each is a
-    subclass that only computes differently (same parameters, state_dict and results), so checkpoints load either
-    way and an optimizer made before keeps its parameters."""
+    """The book's layers become their faster subclasses in place (same parameters, state_dict and results), so
+    checkpoints load either way and an optimizer made before keeps its parameters."""
     for module in model.modules():
         if type(module) is nn.ConvTranspose2d:
             module.__class__ = ShuffleConvTranspose2d       # its forward falls back where the kernel does not fit
@@ -1542,34 +1513,26 @@ def fast_layers(model):
 
 
 class SeededSampler(torch.utils.data.distributed.DistributedSampler):
-    """DistributedSampler (one process or many) that also hands each item a crop seed drawn from (seed, epoch).
+    """DistributedSampler (one process or many) that also hands each item a crop seed drawn from (seed, epoch): the
+    same --seed gives the same batches and crops whatever the worker count, and a resumed run sees what an
+    uninterrupted one saw. For evaluation the ranks deal out the first eval_limit items (0 or None: all) unpadded."""
 
-    The same --seed then gives the same batches and crops whatever the worker count, and a run resumed at epoch k
-    sees exactly what an uninterrupted one saw. Shuffled for training; for evaluation the items are split between
-    ranks without padding, so that all ranks together see each item once, as a single process does.
-    """
-
-    def __init__(self, dataset, shuffle, seed=0):
+    def __init__(self, dataset, shuffle, seed=0, eval_limit=None):
         super().__init__(dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed, drop_last=True)
-        self.eval_limit = None
+        self.eval_indices = range(self.rank, eval_limit or len(dataset), self.num_replicas)
 
     def __iter__(self):
-        indices = super().__iter__() if self.shuffle else self.eval_indices()
+        indices = super().__iter__() if self.shuffle else self.eval_indices
         gen = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, CROP_DRAWS))
         seeds = torch.randint(0, 2 ** 62, (len(self.dataset),), generator=gen).tolist()
         return iter([(i, seeds[i]) for i in indices])
 
     def __len__(self):
-        return super().__len__() if self.shuffle else len(self.eval_indices())
-
-    def eval_indices(self):
-        """The first eval_limit items (None: all; the book drops the last partial batch), dealt out by rank."""
-        return range(self.rank, len(self.dataset) if self.eval_limit is None else self.eval_limit, self.num_replicas)
+        return super().__len__() if self.shuffle else len(self.eval_indices)
 
 
 def quiet_worker(worker_id):
-    """A DataLoader worker that a SIGTERM to the whole job (SLURM's) ends quietly, as Ctrl-C does: PyTorch's own
-    handler kills it by the signal, and the main process, already stopping, then reports the dead worker."""
+    """A SIGTERM to the whole job (SLURM's) ends a worker as Ctrl-C does: no "DataLoader worker is killed" error."""
     signal.signal(signal.SIGTERM, raise_terminated)
 
 
@@ -1578,13 +1541,10 @@ def default_workers():
 
 
 def make_loader(dataset, batch_size, is_train, seed=0, num_workers=None):
-    """Shuffled for training; both drop the last partial batch, as the book does. `batch_size` is global: each of
-    torchrun's processes loads its share. Evaluation has no gradients to keep (and BatchNorm in eval mode makes each
-    image's scores independent of its batch): its batches are EVAL_BATCH_FACTOR times larger, same images."""
+    """The book's loaders (shuffled for training, last partial batch dropped); `batch_size` is split among ranks."""
     workers = default_workers() if num_workers is None else num_workers
-    sampler = SeededSampler(dataset, shuffle=is_train, seed=seed)
-    if not is_train and len(dataset) >= batch_size:
-        sampler.eval_limit = len(dataset) // batch_size * batch_size
+    # evaluation too drops the last partial batch, as the book does (a split smaller than a batch: all of it)
+    sampler = SeededSampler(dataset, shuffle=is_train, seed=seed, eval_limit=len(dataset) // batch_size * batch_size)
     per_rank = max(1, batch_size // sampler.num_replicas) if is_train else EVAL_BATCH_FACTOR * batch_size
     if is_train and len(dataset) // sampler.num_replicas < per_rank:
         raise UserError(f'only {len(dataset)} training examples for a batch of {batch_size}: '
@@ -1636,9 +1596,8 @@ def guarded_batches(loader):
 
 
 class DeviceData(DeviceLoader):
-    """A split decoded once (in the loader's workers, in parallel) and kept on the device as uint8 images and labels
-    at full size; each epoch cuts one random crop per image there (voc_rand_crop with the item's seed from the same
-    SeededSampler): the loader's own batches, without decoding a JPEG again."""
+    """A split decoded once (in the loader's workers) and kept on the device at full size as uint8: each epoch cuts
+    the loader's own crops there (the item's seed from the same SeededSampler), without decoding a JPEG again."""
 
     def __init__(self, loader, device, channels_last=False):
         super().__init__(loader, device, channels_last)
@@ -1647,24 +1606,19 @@ class DeviceData(DeviceLoader):
         whole = torch.utils.data.DataLoader(whole, batch_size=None, num_workers=loader.num_workers,
                                             worker_init_fn=quiet_worker,
                                             generator=torch.Generator())    # the global seed stays the model's
-        self.images, self.labels = [], []
-        for image, label in whole:
-            self.images.append(image.to(device))
-            self.labels.append(label.to(device))
+        self.decoded = [(image.to(device), label.to(device)) for image, label in whole]
 
     def __iter__(self):
         items, size = list(self.sampler), self.loader.batch_size
         for start in range(0, len(items) - size + 1 if self.loader.drop_last else len(items), size):
-            crops = [voc_rand_crop(self.images[i], self.labels[i], *self.dataset.crop_size,
+            crops = [voc_rand_crop(*self.decoded[i], *self.dataset.crop_size,
                                    generator=torch.Generator().manual_seed(int(seed)))
                      for i, seed in items[start:start + size]]
-            yield to_device(torch.stack([X for X, _ in crops]), torch.stack([y for _, y in crops]), self.device,
-                            self.channels_last)
+            yield to_device(*torch.utils.data.default_collate(crops), self.device, self.channels_last)
 
 
 def data_on_device(choice, device, datasets):
-    """--data-on-device auto|on|off: (whether the splits go to the device, why). auto: with CUDA, when the decoded
-    splits take at most a quarter of the free GPU memory."""
+    """--data-on-device auto|on|off: (whether the splits go to the device, why)."""
     need = sum(4 * h * w for ds in datasets for h, w in ds.sizes or [])
     if choice == 'off':
         return False, 'asked for'
@@ -1683,12 +1637,9 @@ def data_on_device(choice, device, datasets):
 
 
 def amp_dtype(device, amp=None):
-    """Mixed precision on CUDA by default: bf16 from compute capability 8.0 on (A100, RTX 30xx and later: no scaler
-    needed), fp16 with a GradScaler below it (T4, V100, P100: cuDNN runs no bf16 convolutions there, and
-    torch.cuda.is_bf16_supported() counts the slow emulation as support). On the CPU, bf16."""
-    if amp is None:
-        amp = device.type == 'cuda'
-    if not amp:
+    """Mixed precision, on CUDA by default: bf16 from compute capability 8.0 on (no scaler needed), else fp16 with a
+    GradScaler (T4, V100: cuDNN has no bf16 convolutions; is_bf16_supported() counts the slow emulation). CPU: bf16."""
+    if not (device.type == 'cuda' if amp is None else amp):
         return None
     if device.type == 'cuda' and torch.cuda.get_device_capability(device) < (8, 0):
         return torch.float16

@@ -430,8 +430,10 @@ BREAKS = [
            'tests/test_guards.py::test_the_scripts_refuse_such_a_batch_before_starting_processes')),
     # ---------------------------------------------------------------------------------------- --seed, every draw
     Break('--seed: not passed to the sampler (batch order and crops of seed 0)', SD,
-          'sampler = SeededSampler(dataset, shuffle=is_train, seed=seed)',
-          'sampler = SeededSampler(dataset, shuffle=is_train, seed=0)',
+          'sampler = SeededSampler(dataset, shuffle=is_train, seed=seed, eval_limit=len(dataset) // batch_size * '
+          'batch_size)',
+          'sampler = SeededSampler(dataset, shuffle=is_train, seed=0, eval_limit=len(dataset) // batch_size * '
+          'batch_size)',
           ('tests/test_guards.py::test_two_seeds_give_other_batch_orders_and_crops',)),
     Break('--seed: the crops ignore it', SD,
           'gen = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, CROP_DRAWS))',
