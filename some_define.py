@@ -2057,10 +2057,8 @@ def backbone_state_dict(arch, weights_path=None):
 
 # ------------------------------------------------------------------------------------------ file writes and checkpoints
 def write_error(path, err, advice):
-    """The one report of a failed write: a UserError line with the file, the reason, the remedy that fits the reason
-    (space, permissions, a file where a folder must be) and `advice`, what else to do. The reason is the OSError
-    behind err, whatever a writer raised for it (torch's zip writer raises its own RuntimeError while an OSError is
-    handled)."""
+    """The one report of a failed write: a UserError with the file, the reason, the remedy that fits it and `advice`.
+    The reason is the OSError behind err (torch's zip writer raises its own RuntimeError while one is handled)."""
     path, cause = Path(path), next((e for e in (err, err.__context__, err.__cause__) if isinstance(e, OSError)), err)
     code = getattr(cause, 'errno', None)
     blocker = next((p for p in (*reversed(path.parents), path) if p.is_file()), None) \
@@ -2074,9 +2072,8 @@ def write_error(path, err, advice):
 
 
 def sync_folder(folder):
-    """A rename is on disk once the folder's entry is: POSIX makes it durable by an fsync of the folder, without
-    which a power cut after the rename can bring back the old file (or none). Windows opens no folder, and some
-    filesystems refuse an fsync of one (EINVAL): there the OS keeps the entry its own way, and this is skipped."""
+    """A rename is durable once the folder is fsynced: else a power cut can bring back the old file (or none).
+    Windows opens no folder, some filesystems refuse its fsync (EINVAL): there the OS keeps the entry its own way."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:     # Windows: a folder is not a file to open
@@ -2091,10 +2088,8 @@ def sync_folder(folder):
 
 
 def write_atomically(path, write, advice):
-    """Every file the scripts write goes through here: write(f) fills a temporary file beside `path` (f: binary),
-    which is flushed to disk and renamed over it, then the folder's entry is flushed too, so that a kill, a power
-    cut, a full disk or a read-only folder at any moment leaves the old file whole (or none), and never a partial
-    one. A failure is one line (write_error) ending in `advice`."""
+    """Every file the scripts write: write(f) fills a binary temporary file beside `path`, renamed over it once on
+    disk: a kill, power cut, full disk or read-only folder leaves the old file whole (or none), never a partial one."""
     path = Path(path)
     tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')      # two runs writing one file do not collide
     try:
@@ -2121,15 +2116,10 @@ def save_checkpoint(obj, path):
 
 
 class Checkpoint:
-    """One training stage's file: the model's state_dict, the optimizer's (and GradScaler's), epoch, the per-epoch
-    history, the config, model_args to rebuild the model, the class table. Plain types only, so that
-    torch.load(weights_only=True) opens it; written atomically after every epoch, with the training curves.
-
-    Made before the model: `resuming` says whether an existing file is continued (then its weights replace the
-    ImageNet ones, which need not be loaded), and train_ch13 loads them with the optimizer's state (start). Without
-    --resume an existing file is kept as *.prev.pt. `earlier`: the history of the stage before (the fine-tune's
-    curves and epoch count continue the first stage's).
-    """
+    """One training stage's file, in plain types for torch.load(weights_only=True): the model's, optimizer's and
+    GradScaler's state, epoch, history, config, model_args to rebuild the model, the class table. Made before the
+    model: `resuming` says whether an existing file is continued (its weights then replace the ImageNet ones, which
+    are not loaded). Without --resume an existing file is kept as *.prev.pt. `earlier`: the stage before's history."""
 
     def __init__(self, path, model_args, config, classes, resume=False, curves=None, earlier=()):
         self.path, self.model, self.curves, self.earlier = Path(path), None, curves, list(earlier)
@@ -2137,10 +2127,8 @@ class Checkpoint:
         self.title = f'{recipe_title(config)} - {config["data_title"]}'
         self.state = dict(epoch=0, history=[], model_args=model_args, num_classes=model_args['num_classes'])
         self.resuming = resume and self.path.exists()
-        self.saved = 0      # the epochs the file on disk holds
         if self.resuming:
             self.state = load_torch_file(self.path)
-            self.saved = self.state['epoch']
             if self.state.get('model_args') != model_args:
                 raise UserError(f'{path} was written for {self.state.get("model_args")}, this run builds '
                                 f'{model_args}: pass the same flags, or another --save')
@@ -2151,6 +2139,7 @@ class Checkpoint:
             except OSError as err:
                 raise write_error(prev, err, f'pass --resume to continue {path}, or another --save') from None
             log(f'{path} existed: kept as {prev} (use --resume to continue it instead)')
+        self.saved = self.epoch     # the epochs the file on disk holds
         self.state.update(config=config, classes=classes._asdict())
 
     @property
@@ -2214,15 +2203,13 @@ def net_device(net):
 
 
 def setup_run(device=None, amp=None, channels_last=None, cudnn_benchmark=True, detect_anomaly=False, seed=0):
-    """torchrun's process group (when it started this process) and the seed of the model's initial weights (batches
-    and crops draw from (seed, epoch) on their own); returns (device, mixed-precision dtype or None, channels_last),
-    each default decided by the device."""
+    """torchrun's process group and the seed of the initial weights (batches and crops draw from (seed, epoch));
+    returns (device, mixed-precision dtype or None, channels_last), each default decided by the device."""
     device = pick_device(device)
     setup_distributed(device)
     torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = cudnn_benchmark    # fixed crop shapes: timed once, reused
-    if detect_anomaly:
-        torch.autograd.set_detect_anomaly(True)
+    torch.autograd.set_detect_anomaly(detect_anomaly)
     pyplot()    # imported now: a Ctrl-C in the middle of matplotlib's first import cannot be handled cleanly
     return device, amp_dtype(device, amp), device.type == 'cuda' if channels_last is None else channels_last
 
@@ -2235,9 +2222,8 @@ def place_model(model, device, channels_last=False, sync_bn=False, compile=False
     fast_layers(model).to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    net = model
-    if world_size() > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    device_ids = [device.index] if device.type == 'cuda' else None
+    net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids) if world_size() > 1 else model
     return torch.compile(net) if compile else net
 
 
@@ -2311,25 +2297,21 @@ def save_figure(fig, path, advice):
 
 
 def plot_history(history, path, title, stage_start=0):
-    """Training curves, redrawn after every epoch so an interrupted run still has its picture. A fine-tune stage
-    continues the first stage's axis after its first `stage_start` epochs, behind a dashed line labelled with its
-    lr: the jump it gives shows."""
-    plt = pyplot()
+    """Training curves, redrawn after every epoch so an interrupted run still has its picture. A fine-tune's epochs
+    follow the first `stage_start` ones behind a dashed line labelled with its lr: the jump it gives shows."""
     x = list(range(1, len(history) + 1))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    if stage_start:
-        for ax in (ax1, ax2):
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(10, 3.5))
+    for ax in (ax1, ax2):
+        ax.set_xlabel('epoch')
+        if stage_start:
             ax.axvline(stage_start + 0.5, color='grey', linestyle='--', linewidth=1)
-        if len(history) > stage_start:
-            ax2.text(stage_start + 0.5, 0.03, f' fine-tune, lr {history[stage_start]["lr"]:g}', color='grey',
-                     fontsize=8)
+    if stage_start and len(history) > stage_start:
+        ax2.text(stage_start + 0.5, 0.03, f' fine-tune, lr {history[stage_start]["lr"]:g}', color='grey', fontsize=8)
     ax1.plot(x, [h['loss'] for h in history], label='train loss (per example)')
-    ax1.set_xlabel('epoch')
-    ax1.legend()
     for key, name in (('train_acc', 'train acc'), ('test_acc', 'test acc'), ('test_miou', 'test mIoU')):
         ax2.plot(x, [h[key] for h in history], label=name)
-    ax2.set_xlabel('epoch')
     ax2.set_ylim(0, 1)
+    ax1.legend()
     ax2.legend()
     fig.suptitle(title, fontsize=10)
     save_figure(fig, path, "run the script from a folder where pictures/ can be written; this epoch's checkpoint is "
@@ -2337,13 +2319,12 @@ def plot_history(history, path, title, stage_start=0):
 
 
 def recipe_title(config):
-    """A picture title: what was trained, how. From a checkpoint's config."""
-    c = config
-    text = f'{c["model"]} {c["optimizer"]} lr {c["lr"]:g}, {c["epochs"]} ep'
-    if c.get('stage') == 'finetune':
-        text += f' + {c["finetune_epochs"]} ep at {c["finetune_lr"]:g}'
-    extras = [f'{k} {c[k]}' for k in ('loss', 'norm') if c.get(k) not in (None, 'ce', 'batch')]
-    extras += [f'{k} {c[k]:g}' for k in ('cutmix', 'copyblob') if c.get(k)]
+    """A picture title from a checkpoint's config: what was trained, how."""
+    text = f'{config["model"]} {config["optimizer"]} lr {config["lr"]:g}, {config["epochs"]} ep'
+    if config.get('stage') == 'finetune':
+        text += f' + {config["finetune_epochs"]} ep at {config["finetune_lr"]:g}'
+    extras = [f'{k} {config[k]}' for k in ('loss', 'norm') if config.get(k) not in (None, 'ce', 'batch')]
+    extras += [f'{k} {config[k]:g}' for k in ('cutmix', 'copyblob') if config.get(k)]
     return text + (f' ({", ".join(extras)})' if extras else '')
 
 
@@ -2360,16 +2341,14 @@ def metrics_for_title(ckpt_path, ckpt):
 
 
 def picture_crop(config):
-    """The crop of the pictures: the training crop, as the book's (320x480); the demo's smallest image for demo data
-    (its training crop would cut its shapes in half)."""
+    """The pictures' crop: the training crop (the book's); for the demo its smallest image (its crop halves shapes)."""
     return DEMO_MIN_SIZE if config.get('demo') else config['crop_size']
 
 
 # ---------------------------------------------------------------------------------------------------------------- flags
 def parse_with_demo(parser, demo):
-    """parser.parse_args(); with --demo, parsed again with the script's `demo` recipe as defaults (flags given on
-    the command line still win). A weights file named with --backbone-weights is used, also where the recipe (the
-    demo's) trains from scratch; with --no-pretrained beside it, one line says they contradict each other."""
+    """parser.parse_args(); with --demo, parsed again with the script's `demo` recipe as defaults (flags given still
+    win). --backbone-weights is used even where the recipe trains from scratch; beside --no-pretrained: an error."""
     args = parser.parse_args()
     if args.demo:
         parser.set_defaults(**demo)
@@ -2385,34 +2364,26 @@ def add_data_args(parser, dataset_default='voc'):
     """The data and machine flags of all four scripts."""
     dataset_shown = dataset_default or "the checkpoint's"
     g = parser.add_argument_group('data and machine')
-    g.add_argument('--data-dir', help='the VOC2012 folder (default: VOC2012, VOCdevkit/VOC2012 or '
-                   'data/VOCdevkit/VOC2012 next to the scripts); with --dataset cityscapes, the folder holding '
-                   'leftImg8bit/ and gtFine/; with --dataset folder, the one holding images/, masks/ and classes.txt')
-    g.add_argument('--download', action='store_true', help='fetch VOC2012 (VOCtrainval_11-May-2012.tar, 2 GB), unless '
-                   "it is there, into data/ (or --data-dir): the book's mirror, then Oxford's; checked by size, md5, "
-                   'sha256 and sha1; an interrupted download resumes on rerun; a tar you put there yourself is checked '
-                   'and unpacked (default: off)')
-    g.add_argument('--demo', nargs='?', const='voc', choices=['voc', 'folder'], help='a small synthetic dataset '
-                   'in the exact VOC layout (data/demo/VOC2012; --demo folder: in the folder layout, data/demo/folder) '
-                   'and a CPU-sized recipe: for a machine with no dataset and no GPU (default: off)')
+    g.add_argument('--data-dir', metavar='DIR', help="the dataset's folder, see --dataset (default: VOC2012, "
+                   'VOCdevkit/VOC2012 or data/VOCdevkit/VOC2012 next to the scripts)')
+    g.add_argument('--download', action='store_true', help='fetch VOCtrainval_11-May-2012.tar (2 GB) into data/ (or '
+                   '--data-dir) unless it is there, check and unpack it; resumes on rerun (default: off)')
+    g.add_argument('--demo', nargs='?', const='voc', choices=['voc', 'folder'], help='a small synthetic dataset in '
+                   'data/demo/ (VOC layout, or --demo folder) and a CPU-sized recipe (default: off)')
     g.add_argument('--dataset', choices=['voc', 'cityscapes', 'folder'], default=dataset_default,
-                   help='voc: the VOC layout; folder: DIR/images/{train,val}/, DIR/masks/{train,val}/ and '
-                   f'DIR/classes.txt (default: {dataset_shown})')
-    g.add_argument('--classes', metavar='FILE', help='your own classes, one a line: `name` or `name R G B` (the '
-                   'colour in pictures and in RGB masks), a class_dict.csv (name,r,g,b) or a CVAT labelmap.txt '
-                   "(default: the VOC layout's labelmap.txt if there is one, else VOC's 21; --dataset folder: "
-                   "DIR/classes.txt; predict scripts: the checkpoint's)")
-    g.add_argument('--val-share', type=float, metavar='SHARE', help='with ImageSets/Segmentation/default.txt and '
-                   'no train.txt/val.txt (a CVAT export of a task without subsets): hold this share of its ids out '
-                   'as val, the same ids every run, e.g. 0.2 (default: none, train.txt and val.txt are read)')
+                   help='voc: the VOC layout; cityscapes: DIR/leftImg8bit/ and DIR/gtFine/; folder: '
+                   f'DIR/images/{{train,val}}/, DIR/masks/{{train,val}}/, DIR/classes.txt (default: {dataset_shown})')
+    g.add_argument('--classes', metavar='FILE', help='your classes, one a line: `name` or `name R G B`, a '
+                   "class_dict.csv or a CVAT labelmap.txt (default: the VOC layout's labelmap.txt, else VOC's 21; "
+                   "folder: DIR/classes.txt; predict: the checkpoint's)")
+    g.add_argument('--val-share', type=float, metavar='SHARE', help='a CVAT export with only ImageSets/Segmentation/'
+                   'default.txt: hold this share out as val, e.g. 0.2 (default: none, train.txt and val.txt are read)')
     g.add_argument('--device', help='cpu, cuda or cuda:N (default: the GPU if there is one, else the CPU)')
-    g.add_argument('--workers', type=int, help=f'DataLoader worker processes (default: min(4, CPUs), here '
-                   f'{default_workers()})')
+    g.add_argument('--workers', type=int, help=f'DataLoader workers (default: min(4, CPUs), here {default_workers()})')
     g.add_argument('--seed', type=int, default=0, help='seed for weights, batch order and crops (default: 0)')
     g.add_argument('--void-as-background', action='store_true', help="the book's handling of VOC's void border "
                    '(255): counted as background instead of ignored (default: ignored)')
-    g.add_argument('--amp', action=argparse.BooleanOptionalAction, help='mixed precision (default: on with '
-                   'CUDA, bf16 where the GPU has it else fp16 with a GradScaler; off on the CPU)')
+    g.add_argument('--amp', action=argparse.BooleanOptionalAction, help='bf16/fp16 autocast (default: on with CUDA)')
 
 
 def add_recipe_args(parser, epochs, lr, weight_decay, batch_size, crop_size, save, demo):
@@ -2445,18 +2416,15 @@ def add_speed_args(parser):
     s = parser.add_argument_group('speed and scale')
     s.add_argument('--accum-steps', type=int, default=1, help='gradient accumulation: --batch-size 32 '
                    '--accum-steps 4 runs micro-batches of 8 with the update of 32 (default: 1)')
-    s.add_argument('--data-on-device', choices=['auto', 'on', 'off'], default='auto', help='decode each split once '
-                   'and keep it on the device, random crops cut there; off: stream from DataLoader workers '
-                   '(default: auto, on with CUDA when the decoded splits take at most a quarter of the free GPU '
-                   'memory)')
+    s.add_argument('--data-on-device', choices=['auto', 'on', 'off'], default='auto', help='decode the splits once '
+                   'onto the device, crops cut there; off: DataLoader workers (default: auto, on with CUDA when they '
+                   'take at most a quarter of the free GPU memory)')
     s.add_argument('--channels-last', action=argparse.BooleanOptionalAction, help='default: on with CUDA')
     s.add_argument('--cudnn-benchmark', action=argparse.BooleanOptionalAction, default=True,
-                   help='let cuDNN time its algorithms for the training shape (default: on; the first step then '
-                   'takes seconds: the README has the figures)')
+                   help='cuDNN times its algorithms for the training shape (default: on; its first step takes seconds)')
     s.add_argument('--compile', action='store_true', help='torch.compile the model (default: off)')
     s.add_argument('--sync-bn', action='store_true', help='with torchrun on GPUs: SyncBatchNorm (default: off)')
-    s.add_argument('--detect-anomaly', action='store_true', help='autograd anomaly detection, to find the '
-                   'operation behind a NaN (slow; default: off)')
+    s.add_argument('--detect-anomaly', action='store_true', help='find the operation behind a NaN (slow; default: off)')
 
 
 def add_predict_args(parser, checkpoint, picture):
@@ -2470,13 +2438,10 @@ def add_predict_args(parser, checkpoint, picture):
     parser.add_argument('--mst', action='store_true', help='multi-scale + flip inference (default: off)')
     parser.add_argument('--scales', type=float, nargs='+', default=list(MST_SCALES),
                         help=f'scales for --mst (default: {" ".join(map(str, MST_SCALES))})')
-    parser.add_argument('--mst-mode', choices=MST_MODES, default=MST_MODES[0], help='how --mst combines its passes: '
-                        'softmax (probabilities averaged) or tutorial (raw scores averaged, resized with '
-                        "align_corners=True, as the tutorial's code does; the README has the difference) "
-                        f'(default: {MST_MODES[0]})')
-    parser.add_argument('--test-size', type=int, nargs=2, metavar=('H', 'W'), help='run the net on images resized '
-                        "to H W, scores resized back to the label size (the tutorial's Cityscapes evaluation; "
-                        'default: original size)')
+    parser.add_argument('--mst-mode', choices=MST_MODES, default=MST_MODES[0], help='softmax: probabilities '
+                        f"averaged; tutorial: raw scores averaged, as the tutorial's code (default: {MST_MODES[0]})")
+    parser.add_argument('--test-size', type=int, nargs=2, metavar=('H', 'W'), help='resize the images to H W, the '
+                        "scores back (the tutorial's Cityscapes evaluation; default: original size)")
     parser.add_argument('--write-split', action='store_true', help='also segment every val image into --out-dir '
                         '(default: off)')
     parser.add_argument('--out-dir', default='predictions', help='where segmented images go (default: predictions)')
@@ -2510,8 +2475,7 @@ def check_training_flags(model, crop_size, batch_size, accum_steps, epochs, outp
 DEMO_DIR = DATA_DIR / 'demo' / 'VOC2012'
 DEMO_FOLDER = DATA_DIR / 'demo' / 'folder'                  # the same demo data, laid out as a user's own
 DEMO_MIN_SIZE = (80, 112)       # the demo's smallest regular image: its pictures show this much of each
-# Five VOC classes drawn as simple shapes with their own colours and textures, so that a small net learns them from
-# scratch in minutes on a CPU.
+# Five VOC classes drawn as simple shapes, each with its own colours and texture: a small net learns them in minutes.
 DEMO_CLASSES = (1, 3, 7, 8, 15)  # aeroplane, bird, car, cat, person
 
 
@@ -2572,25 +2536,18 @@ def _make_pair(h, w, rng):
         img[m == 2] = (col2 * shade[..., None])[m == 2]
         lab[m > 0] = cls  # later objects win
     # void contour: both pixels on each side of a label change -> 2 px band, like VOC
-    edge = np.zeros_like(lab, bool)
-    dh, dv = lab[:, 1:] != lab[:, :-1], lab[1:, :] != lab[:-1, :]
-    edge[:, 1:] |= dh
-    edge[:, :-1] |= dh
-    edge[1:, :] |= dv
-    edge[:-1, :] |= dv
-    lab[edge] = 255
+    dh = np.pad(lab[:, 1:] != lab[:, :-1], ((0, 0), (1, 1)))    # a change between columns j-1 and j at [:, j]
+    dv = np.pad(lab[1:] != lab[:-1], ((1, 1), (0, 0)))
+    lab[dh[:, 1:] | dh[:, :-1] | dv[1:] | dv[:-1]] = 255
     img = np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
     return img, lab
 
 
 def make_demo_voc(root=DEMO_DIR, num_train=120, num_val=40, seed=0, min_size=DEMO_MIN_SIZE, max_size=(128, 160),
                   num_small=4, sizes=None):
-    """Write (once, deterministically) a synthetic dataset in the exact VOC2012 layout under root; return root.
-
-    JPEG images, palette PNG labels with VOC's palette and 255 borders, split files, a few images smaller than the
-    demo crop: every code path of the real dataset runs on it, on a machine that has none. Image sizes are drawn
-    between min_size and max_size, or from the (height, width) list `sizes` (the benchmark's VOC-like mix).
-    """
+    """Write (once, deterministically) a synthetic dataset in the exact VOC2012 layout under root; return root. A few
+    images are smaller than the demo crop: every code path of the real dataset runs on it. Sizes: between min_size
+    and max_size, or drawn from the (h, w) list `sizes` (the benchmark's VOC-like mix)."""
     root = Path(root)
     marker, split_dir = root / '.demo_complete', root / 'ImageSets' / 'Segmentation'
     if marker.exists() and (split_dir / 'val.txt').exists():
@@ -2598,26 +2555,20 @@ def make_demo_voc(root=DEMO_DIR, num_train=120, num_val=40, seed=0, min_size=DEM
     for folder in (root / 'JPEGImages', root / 'SegmentationClass', split_dir):
         folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    pil_palette, k = palette(VOC_COLORMAP).reshape(-1).tolist(), 0
-    for split, n in (('train', num_train), ('val', num_val)):
+    pil_palette = palette(VOC_COLORMAP).reshape(-1).tolist()
+    for split, n, first in (('train', num_train, 1), ('val', num_val, num_train + 1)):
         small = set(rng.choice(n, min(num_small, n), replace=False).tolist())
-        ids = []
-        for i in range(n):
-            k += 1
-            if sizes:
-                h, w = sizes[int(rng.integers(len(sizes)))]
-            else:
-                h = int(rng.integers(min_size[0], max_size[0] + 1))
-                w = int(rng.integers(min_size[1], max_size[1] + 1))
+        ids = [f'demo_{first + i:06d}' for i in range(n)]
+        for i, name in enumerate(ids):
+            h, w = sizes[int(rng.integers(len(sizes)))] if sizes else \
+                [int(rng.integers(low, high + 1)) for low, high in zip(min_size, max_size)]
             if i in small:  # below a 64x96 crop in one dimension, so crop filters have work to do
                 h, w = (48, w) if sorted(small).index(i) % 2 == 0 else (h, 80)
             img, lab = _make_pair(h, w, rng)
-            name = f'demo_{k:06d}'
             Image.fromarray(img).save(root / 'JPEGImages' / f'{name}.jpg', quality=95)
             p = Image.frombytes('P', (w, h), lab.tobytes())  # raw indices, no colour conversion
             p.putpalette(pil_palette)
             p.save(root / 'SegmentationClass' / f'{name}.png')
-            ids.append(name)
         (split_dir / f'{split}.txt').write_text('\n'.join(ids) + '\n')
     marker.write_text('ok\n')      # written last: an interrupted run has no marker and is redone
     return root
@@ -2629,8 +2580,7 @@ DEMO_FOLDER_CLASSES = Classes(['background', 'plane', 'bird', 'car', 'cat', 'per
 
 
 def make_demo_folder(root=DEMO_FOLDER):
-    """The demo data again (once), laid out as a user arranges their own: images/{train,val}/*.jpg, masks as RGB
-    PNGs in the colours of classes.txt (void borders in VOC's void colour, ignored), and classes.txt."""
+    """The demo data (once) as a user's own: images/, RGB masks (void borders in VOC's void colour), classes.txt."""
     root = Path(root)
     if (root / '.demo_complete').exists():
         return root
