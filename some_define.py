@@ -11,8 +11,7 @@ tutorial's techniques: this project's d2l/torch.py, holding no recipe (the four 
   5. The machinery: errors and stops, torchrun and seeds, speed paths (fast equivalents of the book's layers, data
      kept on the device, mixed precision), finding and downloading data, weights files, file writes and checkpoints,
      devices, pictures, flags, the demo-data generator.
-A book block may call machinery defined further down (Python looks names up when a function runs). Where the book is
-wasteful (the whole split as float32 in memory, a 256**3-entry table), the names and results stay, the waste goes.
+A book block may call machinery defined further down. Where the book is wasteful, names and results stay, waste goes.
 """
 import argparse
 import collections
@@ -79,8 +78,7 @@ SplitFiles = collections.namedtuple('SplitFiles', 'items source advice label_lut
 def read_voc_images(voc_dir, is_train=True):
     """The book's reader: a split's images and RGB labels as uint8 tensors, all in memory (VOCSegDataset: lazily)."""
     files = voc_files(voc_dir, is_train)
-    features = [read_image(img, 'RGB', files.advice) for img, _ in files.items]
-    labels = [read_image(label, 'RGB', files.advice) for _, label in files.items]
+    features, labels = ([read_image(p, 'RGB', files.advice) for p in paths] for paths in zip(*files.items))
     return features, labels
 
 
@@ -134,10 +132,9 @@ def read_image(path, mode='RGB', advice='remove it'):
 def voc_colormap2label(colormap=VOC_COLORMAP):
     """Colour -> class: sorted packed RGB codes and their classes, an entry a colour, not the book's 256**3 table."""
     colors = torch.tensor(list(colormap) + [VOID_COLOR], dtype=torch.int64)
-    codes = (colors[:, 0] * 256 + colors[:, 1]) * 256 + colors[:, 2]
+    codes, order = ((colors[:, 0] * 256 + colors[:, 1]) * 256 + colors[:, 2]).sort()
     classes = torch.tensor(list(range(len(colormap))) + [IGNORE_INDEX])
-    order = codes.argsort()
-    return codes[order], classes[order]
+    return codes, classes[order]
 
 
 def voc_label_indices(colormap, colormap2label):
@@ -237,8 +234,7 @@ class SegDataset(torch.utils.data.Dataset):
                 with Image.open(img_path) as img:
                     w, h = img.size[::-1] if quarter_turn(img) else img.size
             except Exception as err:
-                raise UserError(f'{img_path} cannot be read ({error_line(err)}): replace it or '
-                                f'{files.advice}') from None
+                raise UserError(f'{img_path} cannot be read ({error_line(err)}): replace it or {self.advice}') from None
             largest = max(largest, (h, w))
             if h >= self.crop_size[0] and w >= self.crop_size[1]:
                 kept.append((img_path, label_path))
@@ -289,8 +285,7 @@ def load_data_voc(batch_size, crop_size, data, seed=0, num_workers=None, device=
     """The book's two loaders of random crops: (train_iter, test_iter). `data`: a DataSource (find_data) or, as in the
     book, the VOC2012 folder. With `device`, batches arrive there, from splits kept there (DeviceData) or streamed."""
     data = data if isinstance(data, DataSource) else DataSource('voc', Path(data), VOC, False, 'VOC2012')
-    train = open_dataset(data, True, crop_size, normalize=device is None)
-    test = open_dataset(data, False, crop_size, normalize=device is None)
+    train, test = (open_dataset(data, is_train, crop_size, normalize=device is None) for is_train in (True, False))
     if data.classes not in (VOC, CITYSCAPES):      # a user's own classes: is every one labelled? (counted once)
         main_process_first(functools.partial(check_labelled_classes, train, data.root))
     train_iter = make_loader(train, batch_size, True, seed, num_workers)
@@ -358,10 +353,6 @@ def train_batch_ch13(net, X, y, loss, amp=None, scaler=None, scale=1):
         return l_sum.detach(), ((out.argmax(1) == y) & valid).sum(), valid.sum()
 
 
-class NonFiniteLoss(Exception):
-    """The loss, or the weights after a finite one, became inf or nan at step args[0]."""
-
-
 def train_epoch(net, batches, loss, trainer, amp=None, scaler=None, accum_steps=1, augment=None, seed=0):
     """One epoch of updates, each from accum_steps micro-batches (an incomplete last group is dropped, as the book
     drops a partial batch). Nothing waits for the device inside the loop: the sums stay there and the loss is checked
@@ -391,9 +382,9 @@ def train_epoch(net, batches, loss, trainer, amp=None, scaler=None, accum_steps=
                 trainer.step()
             trainer.zero_grad(set_to_none=True)
     if first_bad is not None and int(first_bad) <= steps:
-        raise NonFiniteLoss(int(first_bad))
+        raise FloatingPointError(int(first_bad))     # the step; nothing else raises this error (Python does not)
     if not bool(torch.stack([v.isfinite().all() for v in net.state_dict().values() if v.is_floating_point()]).all()):
-        raise NonFiniteLoss(steps)    # a finite loss but broken weights: the last checkpoint stays
+        raise FloatingPointError(steps)    # a finite loss but broken weights: the last checkpoint stays
     l_total, correct, labelled = sums.tolist()
     return all_reduce_sum([l_total, examples, correct, labelled])
 
@@ -436,7 +427,7 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint
         log(f'\n{stop_name(stop)}: {ckpt.path} holds {ckpt.saved} finished epoch(s); run the same command with '
             '--resume to continue')
         raise SystemExit(stop_status(stop)) from None
-    except NonFiniteLoss as err:
+    except FloatingPointError as err:      # from train_epoch: the loss, or the weights after it, became inf or nan
         kept = f'{ckpt.path} (epoch {ckpt.saved}) is kept' if ckpt.saved else 'no checkpoint was written'
         raise UserError(f'the loss became inf or nan at epoch {ckpt.epoch + 1}, step {err.args[0]}; {kept}: lower '
                         '--lr, or find the operation with --detect-anomaly') from None
@@ -509,14 +500,12 @@ def show_predictions(path, crops, predictions, colors, title, names=None):
 
 def save_image_grid(path, rows, title, row_titles=None, col_titles=None, scale=2.0):
     """rows: lists of HxWx3 uint8 images (tensors or arrays). The book's show_images, saved to a file."""
-    plt = pyplot()
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     h, w = np.asarray(rows[0][0]).shape[:2]
-    fig, axes = plt.subplots(n_rows, n_cols, squeeze=False,
-                             figsize=(n_cols * scale * w / max(h, w) + 0.6, n_rows * scale * h / max(h, w) + 0.6))
+    fig, axes = pyplot().subplots(n_rows, n_cols, squeeze=False,
+                                  figsize=(n_cols * scale * w / max(h, w) + 0.6, n_rows * scale * h / max(h, w) + 0.6))
     for r, row in enumerate(rows):
-        for c in range(n_cols):
-            ax = axes[r][c]
+        for c, ax in enumerate(axes[r]):
             ax.set(xticks=[], yticks=[])
             if c < len(row):
                 ax.imshow(np.asarray(row[c]))
@@ -597,8 +586,7 @@ def run_padded(forward, x):
 
 def finetune_path(save):
     """The fine-tune stage's checkpoint beside the first stage's: my.pt -> my_finetune.pt."""
-    save = Path(save)
-    return save.with_name(save.stem + '_finetune' + save.suffix)
+    return Path(save).with_stem(Path(save).stem + '_finetune')
 
 
 # ======================================================================================================================
