@@ -660,16 +660,6 @@ NORMS = ('batch', 'instance', 'group', 'evo', 'evo_s0', 'evo_b0')
 AUX_WEIGHT = 0.4        # DeepLabV3's auxiliary loss, as torchvision's references weight it
 
 
-def deeplabv3(name, num_classes=21, pretrained=False, weights_path=None, aux_loss=False):
-    """torchvision's DeepLabV3 (the tutorial's model); the ImageNet backbone comes by the same rules as resnet18."""
-    net = getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None,
-                                                         num_classes=num_classes, aux_loss=aux_loss)
-    if pretrained:
-        state = backbone_state_dict(name.split('_')[1], weights_path)    # resnet50 / resnet101
-        net.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith('fc.')})
-    return net
-
-
 def model_output(out):
     """(main scores, auxiliary scores or None): torchvision's segmentation models return a dict."""
     return (out['out'], out.get('aux')) if isinstance(out, dict) else (out, None)
@@ -768,8 +758,12 @@ def build_model(name, num_classes=21, pretrained=False, weights_path=None, norm=
         net = fcn_resnet18(num_classes, pretrained, weights_path)
     elif name == 'resnet_unet':
         net = ResNetUNet(num_classes, pretrained, weights_path)
-    elif name in ('deeplabv3_resnet50', 'deeplabv3_resnet101'):
-        net = deeplabv3(name, num_classes, pretrained, weights_path, aux_loss)
+    elif name in ('deeplabv3_resnet50', 'deeplabv3_resnet101'):     # torchvision's, the tutorial's model
+        net = getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None,
+                                                             num_classes=num_classes, aux_loss=aux_loss)
+        if pretrained:      # the ImageNet backbone comes by the same rules as resnet18's
+            state = backbone_state_dict(name.split('_')[1], weights_path)    # resnet50 / resnet101
+            net.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith('fc.')})
     else:       # the flags allow no other name: a checkpoint written elsewhere
         raise UserError(f'unknown model {name!r}: choose one of {", ".join(MODELS)}')
     return replace_norm(net, norm)
@@ -865,8 +859,7 @@ def read_class_weights(path, num_classes):
 
 def plot_class_frequencies(counts, class_names, path, title):
     """The share of labelled pixels per class, on a log scale (class imbalance at a glance)."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(10, 3.5))
+    fig, ax = pyplot().subplots(figsize=(10, 3.5))
     ax.bar(range(len(class_names)), (counts / counts.sum().clamp(min=1)).tolist())
     ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
     ax.set(ylabel='share of labelled pixels', yscale='log')
@@ -920,8 +913,7 @@ def copyblob(images, labels, pairs, prob=0.5, generator=None):
     host (a bus onto road). For each (src, host) pair and sample i, with probability `prob`: the src pixels of another
     sample j, pasted where their bounding box fits the frame centred on a host pixel of i (drawn uniformly), from the
     unmodified inputs. Draws from `generator`; the device is read once per pair (which samples hold src)."""
-    src_images, src_labels = images, labels
-    images, labels = images.clone(), labels.clone()
+    src_images, src_labels = images, labels     # torch.where below makes new tensors: the inputs stay untouched
     n, _, h, w = images.shape
     ys, xs = torch.arange(h, device=labels.device).view(1, h, 1), torch.arange(w, device=labels.device).view(1, 1, w)
     for src, host in pairs:
@@ -1010,9 +1002,7 @@ class ConfusionMatrix:
         self.mat = self.mat.to(counts.device) + counts
 
     def all_reduce(self):
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            self.mat = self.mat.to(dist_device())
-            torch.distributed.all_reduce(self.mat)
+        self.mat = torch.tensor(all_reduce_sum(self.mat.tolist()), dtype=torch.int64)   # float64: exact to 2**53
 
     def compute(self):
         h = self.mat.cpu().double()
@@ -1130,11 +1120,10 @@ def evaluate_checkpoint(net, ckpt_path, dataset, title, scales=None, amp=None, t
 
 def save_confusion_matrix(cm, class_names, path, title, advice):
     """Rows normalised: row i shows where the pixels of class i went."""
-    plt = pyplot()
     m = cm.mat.cpu().double()
     m = (m / m.sum(1, keepdim=True).clamp(min=1)).numpy()
     n = len(class_names)
-    fig, ax = plt.subplots(figsize=(0.35 * n + 3, 0.35 * n + 2.5))
+    fig, ax = pyplot().subplots(figsize=(0.35 * n + 3, 0.35 * n + 2.5))
     im = ax.imshow(m, cmap='Blues', vmin=0, vmax=1)
     ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
     ax.set_yticks(range(n), class_names, fontsize=7)
