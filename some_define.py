@@ -1137,7 +1137,6 @@ def save_confusion_matrix(cm, class_names, path, title, advice):
 # 4. Your own data
 # ======================================================================================================================
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
-UNLABELLED_WARNING = 0.01       # a class without pixels while this share or more is 255: masks saved as 0/255?
 
 
 def read_classes(path):
@@ -1226,7 +1225,7 @@ def check_labelled_classes(dataset, cache_dir):
     counts, ignored = class_pixel_counts(dataset, cache_dir)
     missing = [name for name, c in zip(dataset.classes.names, counts.tolist()) if c == 0]
     share = ignored / max(float(counts.sum()) + ignored, 1)
-    if missing and share >= UNLABELLED_WARNING:
+    if missing and share >= 0.01:      # 1% or more of the training pixels ignored
         log(f'warning: {", ".join(missing)} {"has" if len(missing) == 1 else "have"} no labelled pixel in the '
             f'training masks, while 255 (ignored) covers {share:.1%} of them: masks saved as 0/255 mean "background '
             '/ ignore" here; save them as 0/1 (class indices) or in the classes\' colours')
@@ -1235,12 +1234,9 @@ def check_labelled_classes(dataset, cache_dir):
 def image_files(inputs):
     """The image files among `inputs` (files, and the images directly inside folders)."""
     for path in map(Path, inputs):
-        if path.is_dir():
-            yield from sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.exists():
-            yield path
-        else:
+        if not path.exists():
             raise UserError(f'{path} does not exist: pass image files or folders')
+        yield from sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
 
 
 def segment_files(net, files, out_dir, classes, scales=None, amp=None, test_size=None, mst_mode='softmax'):
@@ -1357,7 +1353,6 @@ def is_main_process():
 
 
 def world_size():
-    """The number of processes of this run: torchrun's WORLD_SIZE, set as RANK is; 1 without torchrun."""
     return int(os.environ.get('WORLD_SIZE', '1'))
 
 
@@ -1373,7 +1368,6 @@ def dist_device():
 
 
 def all_reduce_sum(values):
-    """Sums a list of numbers over all processes (no-op in a single process)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return values
     t = torch.tensor(values, dtype=torch.float64, device=dist_device())
@@ -1415,10 +1409,6 @@ def setup_distributed(device=None):
 
 
 # ---------------------------------------------------------------------------------------------------------- speed paths
-EVAL_BATCH_FACTOR = 2   # evaluation's batch over training's: no gradients kept, eval-mode BatchNorm scores images alone
-DEVICE_DATA_SHARE = 4   # --data-on-device auto: the decoded splits may take 1/4 of the GPU's free memory
-
-
 class ShuffleConvTranspose2d(nn.ConvTranspose2d):
     """nn.ConvTranspose2d with a kernel twice its stride (the FCN's 64/32) as a 2x2 convolution to out_channels x
     stride x stride channels, pixel_shuffle(stride) and a crop: each output pixel gets the same 2x2 input neighbours
@@ -1433,16 +1423,14 @@ class ShuffleConvTranspose2d(nn.ConvTranspose2d):
         weight = self.weight.view(cin, cout, 2, s, 2, s).permute(1, 3, 5, 0, 2, 4).flip(4, 5)
         bias = None if self.bias is None else self.bias.repeat_interleave(s * s)
         y = F.pixel_shuffle(F.conv2d(x, weight.reshape(cout * s * s, cin, 2, 2), bias, padding=1), s)
-        h, w = x.shape[-2:]
-        return y[..., p:(h + 1) * s - p, p:(w + 1) * s - p]
+        return y[..., p:y.shape[-2] - p, p:y.shape[-1] - p]
 
 
 @functools.lru_cache(maxsize=64)
 def interpolation_matrix(n, dtype=torch.float64, device=None):
     """(2n x n) weights of F.interpolate's x2 bilinear upsample (align_corners=True) along one axis, cached on
-    `device`: a copy from the host would make each step wait. In half precision each weight is rounded to a multiple
-    of the dtype's unit in [0.5, 1), so rows still sum to exactly 1 (bf16 weights rounded one by one sum to 1 +- 0.002:
-    a flat region would come out brighter or darker)."""
+    `device` (a copy from the host would make each step wait). Half-precision weights are multiples of the dtype's
+    unit in [0.5, 1): rows sum to exactly 1, a flat region keeps its value (rounded one by one, bf16: 1 +- 0.002)."""
     with torch.inference_mode(False):     # made during evaluation, it still serves training's backward
         pos = torch.arange(2 * n, dtype=torch.float64, device=device) * ((n - 1) / (2 * n - 1))
         low = pos.floor().long().clamp(max=n - 1)
@@ -1518,11 +1506,12 @@ def default_workers():
 
 
 def make_loader(dataset, batch_size, is_train, seed=0, num_workers=None):
-    """The book's loaders (shuffled for training, last partial batch dropped); `batch_size` is split among ranks."""
+    """The book's loaders: shuffled for training, the last partial batch dropped (an evaluation split under one batch
+    is kept whole). Training's `batch_size` is split among ranks; evaluation's batches are twice as large (no
+    gradients kept, and eval-mode BatchNorm scores images alone)."""
     workers = default_workers() if num_workers is None else num_workers
-    # evaluation too drops the last partial batch, as the book does (a split smaller than a batch: all of it)
     sampler = SeededSampler(dataset, shuffle=is_train, seed=seed, eval_limit=len(dataset) // batch_size * batch_size)
-    per_rank = max(1, batch_size // sampler.num_replicas) if is_train else EVAL_BATCH_FACTOR * batch_size
+    per_rank = max(1, batch_size // sampler.num_replicas) if is_train else 2 * batch_size
     if is_train and len(dataset) // sampler.num_replicas < per_rank:
         raise UserError(f'only {len(dataset)} training examples for a batch of {batch_size}: '
                         'pass a smaller --batch-size or a smaller --crop-size')
@@ -1595,7 +1584,7 @@ class DeviceData(DeviceLoader):
 
 
 def data_on_device(choice, device, datasets):
-    """--data-on-device auto|on|off: (whether the splits go to the device, why)."""
+    """--data-on-device auto|on|off: (whether the splits go to the device, why); auto: up to 1/4 of free GPU memory."""
     need = sum(4 * h * w for ds in datasets for h, w in ds.sizes or [])
     if choice == 'off':
         return False, 'asked for'
@@ -1609,8 +1598,8 @@ def data_on_device(choice, device, datasets):
     if device.type != 'cuda':
         return False, 'auto: no GPU'
     free = torch.cuda.mem_get_info(device)[0]
-    return need <= free / DEVICE_DATA_SHARE, (f'auto: the decoded splits take {need / 2 ** 30:.2f} GiB, the GPU '
-                                              f'has {free / 2 ** 30:.1f} GiB free')
+    return need <= free / 4, (f'auto: the decoded splits take {need / 2 ** 30:.2f} GiB, the GPU has '
+                              f'{free / 2 ** 30:.1f} GiB free')
 
 
 def amp_dtype(device, amp=None):
