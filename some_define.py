@@ -1660,7 +1660,7 @@ def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_back
         log(f'VOC2012 is already in {voc}: --download has nothing to fetch')
     elif download:  # 2 GB may take longer than the process group's timeout (nccl's: 10 minutes)
         main_process_first(functools.partial(download_voc, DATA_DIR if data_dir is None else Path(data_dir)),
-                           timeout=datetime.timedelta(hours=DOWNLOAD_HOURS))
+                           timeout=datetime.timedelta(hours=6))
     root = voc or find_voc_dir(data_dir)
     classes = classes or (root / 'labelmap.txt' if (root / 'labelmap.txt').exists() else None)
     return DataSource('voc', root, read_classes(classes) if classes else VOC, void_as_background,
@@ -1702,7 +1702,6 @@ VOC_TAR_CHECKSUMS = {'size': 1999639040, 'md5': '6cd6e144f989b92b3379bac3b3de84f
                      'sha256': 'e14f763270cf193d0b5f74b169f44157a4b0c6efa708f4dd0ff78ee691763bcb',
                      'sha1': '4e443f8a2eca6b1dac8a6c57641b67dd40621a49'}
 DOWNLOAD_TIMEOUT = 60           # seconds a silent connection is waited for before the next source is tried
-DOWNLOAD_HOURS = 6              # how long torchrun's other processes wait for rank 0's --download
 
 
 def download_voc(root, sources=VOC_SOURCES, checksums=VOC_TAR_CHECKSUMS):
@@ -1710,10 +1709,6 @@ def download_voc(root, sources=VOC_SOURCES, checksums=VOC_TAR_CHECKSUMS):
     no network) or from fetch_voc_tar. The tar stays: whether its 2 GB go is the user's choice."""
     root = Path(root)
     voc, tar = root / 'VOCdevkit' / 'VOC2012', root / VOC_TAR
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise download_write_error(root, err) from None
     with download_lock(root / f'{VOC_TAR}.lock'):
         if (voc / 'ImageSets' / 'Segmentation' / 'val.txt').exists():
             return
@@ -1734,6 +1729,7 @@ def download_lock(path):
     """An exclusive flock on `path` (NFS honours it across nodes): a second run on the folder says so and waits. The
     file stays, empty: deleting it would let a waiter lock a file no longer there while a third run locks a new one."""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         f = open(path, 'a')
     except OSError as err:
         raise download_write_error(path, err) from None
@@ -1766,14 +1762,13 @@ def fetch_voc_tar(tar, sources, checksums):
             reason = (f'HTTP {err.code} {err.reason}' if isinstance(err, urllib.error.HTTPError) else
                       error_line(err.reason) if isinstance(err, urllib.error.URLError) else
                       error_line(err) if isinstance(err, OSError) else repr(err))     # BadStatusLine('...')
-            errors.append(f'{url} ({reason})')
-            log(f'{url} failed: {reason}')
-            continue
-        differs = keep_checked(part, tar, checksums)
-        if not differs:
-            return
-        errors.append(f'{url} (a file that fails the checksums, deleted: {differs})')
-        log(f'{url} sent a file that fails the checksums ({differs}): deleted')
+        else:
+            differs = keep_checked(part, tar, checksums)
+            if not differs:
+                return
+            reason = f'a file that fails the checksums, deleted: {differs}'
+        errors.append(f'{url} ({reason})')
+        log(f'{url} failed: {reason}')
     kept = (f'; {part} ({part.stat().st_size} of {checksums["size"]} bytes) is kept so that a rerun continues it'
             if part.exists() else '')
     raise UserError(f'could not download VOC2012 from any source: {"; ".join(errors)}. Download {VOC_TAR} by any '
@@ -1894,7 +1889,7 @@ def unpack_voc_tar(tar, voc):
     try:
         shutil.rmtree(scratch, ignore_errors=True)      # what an interrupted run left
         with tarfile.open(tar) as archive:
-            archive.extractall(scratch, safe_voc_members(archive, tar), **safe)
+            archive.extractall(scratch, safe_voc_members(archive), **safe)
         voc.parent.mkdir(exist_ok=True)
         os.replace(scratch / 'VOCdevkit' / 'VOC2012', voc)
     except tarfile.TarError as err:
@@ -1906,20 +1901,17 @@ def unpack_voc_tar(tar, voc):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def safe_voc_members(archive, tar):
-    """The members under VOCdevkit/VOC2012, once every member of the tar passed unsafe_member."""
+def safe_voc_members(archive):
+    """The members under VOCdevkit/VOC2012 once every member passed unsafe_member, else a TarError as tarfile's own."""
     members = archive.getmembers()
     # every link, also those listed after a member that goes through them: extraction order makes no difference
     links = [PurePosixPath(m.name).parts for m in members if m.issym() or m.islnk()]
     for member in members:
-        why = unsafe_member(member, links)
-        if why:
-            raise UserError(f'{tar} holds {member.name!r}, {why}: nothing was unpacked; this is not the VOC2012 '
-                            f'trainval tar, get a copy whose md5 is {VOC_TAR_CHECKSUMS["md5"]}')
+        if why := unsafe_member(member, links):
+            raise tarfile.TarError(f'it holds {member.name!r}, {why}')
     voc = [m for m in members if PurePosixPath(m.name).parts[:2] == ('VOCdevkit', 'VOC2012')]
     if not voc:
-        raise UserError(f'{tar} holds no VOCdevkit/VOC2012 folder: it is not the VOC2012 trainval tar; get a copy '
-                        f'whose md5 is {VOC_TAR_CHECKSUMS["md5"]}')
+        raise tarfile.TarError('it holds no VOCdevkit/VOC2012 folder')
     return voc
 
 
@@ -1979,14 +1971,11 @@ def check_named_hash(path, url):
     match = torch.hub.HASH_REGEX.search(path.name)
     if path.name not in published or not match or not path.is_file():     # a folder: load_torch_file says so
         return
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    if not digest.hexdigest().startswith(match.group(1)):
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()     # read whole, as torch.load reads it next
+    if not digest.startswith(match.group(1)):
         raise UserError(f'{path} ({path.stat().st_size:,} bytes) is not the file its name says: its sha256 should '
-                        f'start with {match.group(1)}, it starts with {digest.hexdigest()[:8]}: replace it with '
-                        f'{url}, or pass --no-pretrained')
+                        f'start with {match.group(1)}, it starts with {digest[:8]}: replace it with {url}, or pass '
+                        '--no-pretrained')
 
 
 def backbone_state_dict(arch, weights_path=None):
@@ -1997,9 +1986,7 @@ def backbone_state_dict(arch, weights_path=None):
     cached = Path(torch.hub.get_dir()) / 'checkpoints' / filename
     path = Path(weights_path) if weights_path else next(
         (p for p in (HERE / filename, Path.cwd() / filename) if p.exists()), cached)
-    if weights_path and not path.exists():
-        raise UserError(f'--backbone-weights {weights_path} does not exist')
-    if not path.exists():
+    if not weights_path and not path.exists():     # a missing --backbone-weights FILE: load_torch_file says so
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(url, str(cached), torch.hub.HASH_REGEX.search(filename).group(1),
