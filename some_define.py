@@ -2069,10 +2069,9 @@ def save_checkpoint(obj, path):
 
 
 class Checkpoint:
-    """One training stage's file, in plain types for torch.load(weights_only=True): the model's, optimizer's and
-    GradScaler's state, epoch, history, config, model_args to rebuild the model, the class table. Made before the
-    model: `resuming` says whether an existing file is continued (its weights then replace the ImageNet ones, which
-    are not loaded). Without --resume an existing file is kept as *.prev.pt. `earlier`: the stage before's history."""
+    """One training stage's file, in plain types for torch.load(weights_only=True), with model_args to rebuild the
+    model. Made before the model: `resuming` says whether an existing file is continued (its weights then replace the
+    ImageNet ones, which are not loaded). `earlier`: the stage before's history (a fine-tune's curves continue it)."""
 
     def __init__(self, path, model_args, config, classes, resume=False, curves=None, earlier=()):
         self.path, self.model, self.curves, self.earlier = Path(path), None, curves, list(earlier)
@@ -2115,9 +2114,8 @@ class Checkpoint:
         if self.epoch:
             log(f'resuming {self.path} at epoch {self.epoch} of {num_epochs}')
         world = world_size()
-        log(f'{self.state["config"]["stage"]}: {self.title.replace(" - ", " on ", 1)}, {examples} training '
-            f'examples, device {net_device(self.model)}{" x" + str(world) if world > 1 else ""}, '
-            f'amp {amp if amp is None else str(amp).replace("torch.", "")}')
+        log(f'{self.state["config"]["stage"]}: {self.title.replace(" - ", " on ", 1)}, {examples} training examples, '
+            f'device {net_device(model)}{" x" + str(world) if world > 1 else ""}, amp {str(amp).replace("torch.", "")}')
         if self.epoch >= num_epochs:
             log(f'{self.path} has finished its {num_epochs} epochs')
         self.state['epochs'] = num_epochs
@@ -2314,8 +2312,6 @@ def parse_with_demo(parser, demo):
 
 
 def add_data_args(parser, dataset_default='voc'):
-    """The data and machine flags of all four scripts."""
-    dataset_shown = dataset_default or "the checkpoint's"
     g = parser.add_argument_group('data and machine')
     g.add_argument('--data-dir', metavar='DIR', help="the dataset's folder, see --dataset (default: VOC2012, "
                    'VOCdevkit/VOC2012 or data/VOCdevkit/VOC2012 next to the scripts)')
@@ -2323,12 +2319,11 @@ def add_data_args(parser, dataset_default='voc'):
                    '--data-dir) unless it is there, check and unpack it; resumes on rerun (default: off)')
     g.add_argument('--demo', nargs='?', const='voc', choices=['voc', 'folder'], help='a small synthetic dataset in '
                    'data/demo/ (VOC layout, or --demo folder) and a CPU-sized recipe (default: off)')
-    g.add_argument('--dataset', choices=['voc', 'cityscapes', 'folder'], default=dataset_default,
-                   help='voc: the VOC layout; cityscapes: DIR/leftImg8bit/ and DIR/gtFine/; folder: '
-                   f'DIR/images/{{train,val}}/, DIR/masks/{{train,val}}/, DIR/classes.txt (default: {dataset_shown})')
-    g.add_argument('--classes', metavar='FILE', help='your classes, one a line: `name` or `name R G B`, a '
-                   "class_dict.csv or a CVAT labelmap.txt (default: the VOC layout's labelmap.txt, else VOC's 21; "
-                   "folder: DIR/classes.txt; predict: the checkpoint's)")
+    g.add_argument('--dataset', choices=['voc', 'cityscapes', 'folder'], default=dataset_default, help='voc: the '
+                   'VOC layout; cityscapes: DIR/leftImg8bit/ and DIR/gtFine/; folder: DIR/images/{train,val}/, '
+                   f'DIR/masks/{{train,val}}/, DIR/classes.txt (default: {dataset_default or "from the checkpoint"})')
+    g.add_argument('--classes', metavar='FILE', help='`name` or `name R G B` lines, a class_dict.csv or a labelmap.txt '
+                   "(default: DIR/labelmap.txt, else VOC's 21; folder: DIR/classes.txt; predict: the checkpoint's)")
     g.add_argument('--val-share', type=float, metavar='SHARE', help='a CVAT export with only ImageSets/Segmentation/'
                    'default.txt: hold this share out as val, e.g. 0.2 (default: none, train.txt and val.txt are read)')
     g.add_argument('--device', help='cpu, cuda or cuda:N (default: the GPU if there is one, else the CPU)')
@@ -2341,9 +2336,8 @@ def add_data_args(parser, dataset_default='voc'):
 
 def add_recipe_args(parser, epochs, lr, weight_decay, batch_size, crop_size, save, demo):
     """The recipe's flags, defaulting to the script's constants; `demo` is the script's --demo override."""
-    def shown(value):
-        return f'{value:g}' if isinstance(value, float) else ' '.join(map(str, value)) if isinstance(value, list) \
-            else str(value)
+    def shown(value):       # a crop as H W
+        return ' '.join(map(shown, value)) if isinstance(value, list) else f'{value:g}'
 
     def default(key, value):
         return f'default: {shown(value)}' + (f'; --demo: {shown(demo[key])}' if key in demo else '')
@@ -2369,9 +2363,8 @@ def add_speed_args(parser):
     s = parser.add_argument_group('speed and scale')
     s.add_argument('--accum-steps', type=int, default=1, help='gradient accumulation: --batch-size 32 '
                    '--accum-steps 4 runs micro-batches of 8 with the update of 32 (default: 1)')
-    s.add_argument('--data-on-device', choices=['auto', 'on', 'off'], default='auto', help='decode the splits once '
-                   'onto the device, crops cut there; off: DataLoader workers (default: auto, on with CUDA when they '
-                   'take at most a quarter of the free GPU memory)')
+    s.add_argument('--data-on-device', choices=['auto', 'on', 'off'], default='auto', help='keep decoded splits '
+                   'on the device; off: DataLoader workers (default: auto: on if they fit in 1/4 of free GPU memory)')
     s.add_argument('--channels-last', action=argparse.BooleanOptionalAction, help='default: on with CUDA')
     s.add_argument('--cudnn-benchmark', action=argparse.BooleanOptionalAction, default=True,
                    help='cuDNN times its algorithms for the training shape (default: on; its first step takes seconds)')
@@ -2395,8 +2388,7 @@ def add_predict_args(parser, checkpoint, picture):
                         f"averaged; tutorial: raw scores averaged, as the tutorial's code (default: {MST_MODES[0]})")
     parser.add_argument('--test-size', type=int, nargs=2, metavar=('H', 'W'), help='resize the images to H W, the '
                         "scores back (the tutorial's Cityscapes evaluation; default: original size)")
-    parser.add_argument('--write-split', action='store_true', help='also segment every val image into --out-dir '
-                        '(default: off)')
+    parser.add_argument('--write-split', action='store_true', help='segment all val images to --out-dir (default: off)')
     parser.add_argument('--out-dir', default='predictions', help='where segmented images go (default: predictions)')
     parser.add_argument('--picture', default=picture, help=f'the val picture (default: {picture})')
     parser.add_argument('--num-images', type=int, default=4, help='val images in the pictures (default: 4, the book)')
@@ -2428,8 +2420,7 @@ def check_training_flags(model, crop_size, batch_size, accum_steps, epochs, outp
 DEMO_DIR = DATA_DIR / 'demo' / 'VOC2012'
 DEMO_FOLDER = DATA_DIR / 'demo' / 'folder'                  # the same demo data, laid out as a user's own
 DEMO_MIN_SIZE = (80, 112)       # the demo's smallest regular image: its pictures show this much of each
-# Five VOC classes drawn as simple shapes, each with its own colours and texture: a small net learns them in minutes.
-DEMO_CLASSES = (1, 3, 7, 8, 15)  # aeroplane, bird, car, cat, person
+DEMO_CLASSES = (1, 3, 7, 8, 15)  # aeroplane, bird, car, cat, person: simple shapes a small net learns in minutes
 
 
 def _draw_object(cls, cx, cy, s, size, rng):
@@ -2498,9 +2489,8 @@ def _make_pair(h, w, rng):
 
 def make_demo_voc(root=DEMO_DIR, num_train=120, num_val=40, seed=0, min_size=DEMO_MIN_SIZE, max_size=(128, 160),
                   num_small=4, sizes=None):
-    """Write (once, deterministically) a synthetic dataset in the exact VOC2012 layout under root; return root. A few
-    images are smaller than the demo crop: every code path of the real dataset runs on it. Sizes: between min_size
-    and max_size, or drawn from the (h, w) list `sizes` (the benchmark's VOC-like mix)."""
+    """Write (once, deterministically) a synthetic dataset in the exact VOC2012 layout under root. A few images are
+    smaller than the demo crop: every code path of the real dataset runs on it. `sizes`: (h, w) to draw from instead."""
     root = Path(root)
     marker, split_dir = root / '.demo_complete', root / 'ImageSets' / 'Segmentation'
     if marker.exists() and (split_dir / 'val.txt').exists():
