@@ -468,8 +468,8 @@ def label2image(pred, colormap=VOC_COLORMAP):
 
 
 def val_crops(dataset, n, crop, min_share=0.02):
-    """The book's picture material: n val (image, label) pairs cropped at (0, 0, h, w) from images that large, those
-    where objects (classes but 0) cover min_share first: a picture of background shows nothing."""
+    """The book's picture material: n val (image, label) pairs cropped at (0, 0, h, w), preferring crops where objects
+    (any class but the first) cover at least min_share: a picture of background shows nothing."""
     chosen, fallback = [], []
     for i in range(len(dataset)):
         image, label = dataset.read(i)
@@ -1161,7 +1161,7 @@ def read_classes(path):
             parts = line.split(',')[:4] if csv else line.rsplit(maxsplit=3) if line.split()[-1].isdigit() else [line]
         parts = [p.strip() for p in parts]
         rgb = parts[1:]
-        if not (len(parts) == 1 and not csv or len(rgb) == 3 and all(v.isdigit() and int(v) < 256 for v in rgb)):
+        if not ((len(parts) == 1 and not csv) or (len(rgb) == 3 and all(v.isdigit() and int(v) < 256 for v in rgb))):
             form = '`name:R,G,B::`' if labelmap else '`name,r,g,b`' if csv else '`name` or `name R G B`'
             raise UserError(f'{path} line {n}: {line!r} is not {form} (0-255)')
         names.append(parts[0])
@@ -1417,7 +1417,8 @@ class ShuffleConvTranspose2d(nn.ConvTranspose2d):
     def forward(self, x, output_size=None):
         s, p, (cin, cout) = self.stride[0], self.padding[0], self.weight.shape[:2]
         if output_size is not None or self.kernel_size != (2 * s, 2 * s) or self.stride != (s, s) \
-                or self.padding != (p, p) or self.groups != 1 or self.dilation != (1, 1):
+                or self.padding != (p, p) or self.output_padding != (0, 0) or self.groups != 1 \
+                or self.dilation != (1, 1):
             return super().forward(x, output_size)
         # kernel row 32*u + r (u = 0, 1) meets input row a - u at output row 32*a + r: a 2x2 conv over the flipped u
         weight = self.weight.view(cin, cout, 2, s, 2, s).permute(1, 3, 5, 0, 2, 4).flip(4, 5)

@@ -56,6 +56,15 @@ def test_shuffle_conv_transpose_is_the_transposed_conv(channels, kernel, stride,
         torch.testing.assert_close(v, u, rtol=0, atol=1e-10, msg=name)
 
 
+def test_a_transposed_conv_the_fast_form_cannot_compute_keeps_its_own():
+    """fast_layers swaps every nn.ConvTranspose2d: one with output_padding (one more row and column) stays exact."""
+    torch.manual_seed(0)
+    book = nn.ConvTranspose2d(3, 3, 4, stride=2, padding=1, output_padding=1).double()
+    placed = sd.fast_layers(nn.Sequential(copy.deepcopy(book)))
+    x = torch.randn(1, 3, 5, 6, dtype=torch.float64)
+    torch.testing.assert_close(placed(x), book(x), rtol=0, atol=1e-12)
+
+
 def test_fcn_keeps_the_books_layer_and_initialisation():
     torch.manual_seed(0)
     net = sd.fcn_resnet18(21)
