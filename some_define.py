@@ -78,7 +78,8 @@ SplitFiles = collections.namedtuple('SplitFiles', 'items source advice label_lut
 def read_voc_images(voc_dir, is_train=True):
     """The book's reader: a split's images and RGB labels as uint8 tensors, all in memory (VOCSegDataset: lazily)."""
     files = voc_files(voc_dir, is_train)
-    features, labels = ([read_image(p, 'RGB', files.advice) for p in paths] for paths in zip(*files.items))
+    features = [read_image(img, 'RGB', files.advice) for img, _ in files.items]
+    labels = [read_image(label, 'RGB', files.advice) for _, label in files.items]
     return features, labels
 
 
@@ -192,7 +193,9 @@ def voc_rand_crop(feature, label, height, width, generator=None):
         top = int(torch.randint(0, h - height + 1, (1,), generator=generator))
         left = int(torch.randint(0, w - width + 1, (1,), generator=generator))
         rect = (top, left, height, width)
-    return tuple(torchvision.transforms.functional.crop(t, *rect) for t in (feature, label))
+    feature = torchvision.transforms.functional.crop(feature, *rect)
+    label = torchvision.transforms.functional.crop(label, *rect)
+    return feature, label
 
 
 @functools.lru_cache(maxsize=8)
@@ -285,7 +288,8 @@ def load_data_voc(batch_size, crop_size, data, seed=0, num_workers=None, device=
     """The book's two loaders of random crops: (train_iter, test_iter). `data`: a DataSource (find_data) or, as in the
     book, the VOC2012 folder. With `device`, batches arrive there, from splits kept there (DeviceData) or streamed."""
     data = data if isinstance(data, DataSource) else DataSource('voc', Path(data), VOC, False, 'VOC2012')
-    train, test = (open_dataset(data, is_train, crop_size, normalize=device is None) for is_train in (True, False))
+    train = open_dataset(data, True, crop_size, normalize=device is None)
+    test = open_dataset(data, False, crop_size, normalize=device is None)
     if data.classes not in (VOC, CITYSCAPES):      # a user's own classes: is every one labelled? (counted once)
         main_process_first(functools.partial(check_labelled_classes, train, data.root))
     train_iter = make_loader(train, batch_size, True, seed, num_workers)
