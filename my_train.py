@@ -85,9 +85,9 @@ def main():
 
     data = sd.find_data(args.dataset, args.data_dir, args.demo, args.download, args.void_as_background, args.classes,
                          args.val_share)
-    train_iter, test_iter = sd.load_data_voc(args.batch_size // args.accum_steps, args.crop_size, data, seed=args.seed,
-                                             num_workers=args.workers, device=device, channels_last=channels_last,
-                                             on_device=args.data_on_device)
+    train_iter, test_iter = sd.load_data_voc(args.batch_size // args.accum_steps, args.crop_size, data=data,
+                                             seed=args.seed, num_workers=args.workers, device=device,
+                                             channels_last=channels_last, on_device=args.data_on_device)
     model_args = dict(name=args.model, num_classes=len(data.classes.names), norm=args.norm, aux_loss=args.aux_loss)
     config = dict(vars(args), stage='train', data_dir=str(data.root), data_title=data.title)
     ckpt = sd.Checkpoint(args.save, model_args, config, data.classes, resume=args.resume, curves=CURVES)
@@ -108,14 +108,14 @@ def main():
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay)
 
     # Stage 1: Adam at lr 1e-4 for 30 epochs.
-    sd.train_ch13(net, train_iter, test_iter, loss, optimizer(args.lr), args.epochs, ckpt, amp, args.accum_steps,
-                  augment)
+    sd.train_ch13(net, train_iter, test_iter, loss, optimizer(args.lr), args.epochs, [device], checkpoint=ckpt,
+                  amp=amp, accum_steps=args.accum_steps, augment=augment)
     # Stage 2: 10 epochs at 1e-5 from stage 1's weights, with a fresh optimizer, into its own checkpoint.
     if args.finetune_epochs:
         ckpt = sd.Checkpoint(sd.finetune_path(args.save), model_args, dict(config, stage='finetune'), data.classes,
                              resume=args.resume, curves=CURVES, earlier=ckpt.history)
-        sd.train_ch13(net, train_iter, test_iter, loss, optimizer(args.finetune_lr), args.finetune_epochs, ckpt,
-                      amp, args.accum_steps, augment)
+        sd.train_ch13(net, train_iter, test_iter, loss, optimizer(args.finetune_lr), args.finetune_epochs, [device],
+                      checkpoint=ckpt, amp=amp, accum_steps=args.accum_steps, augment=augment)
 
 
 if __name__ == '__main__':

@@ -36,9 +36,9 @@ def main():
 
     data = sd.find_data(args.dataset, args.data_dir, args.demo, args.download, args.void_as_background, args.classes,
                          args.val_share)
-    train_iter, test_iter = sd.load_data_voc(args.batch_size // args.accum_steps, args.crop_size, data, seed=args.seed,
-                                             num_workers=args.workers, device=device, channels_last=channels_last,
-                                             on_device=args.data_on_device)
+    train_iter, test_iter = sd.load_data_voc(args.batch_size // args.accum_steps, args.crop_size, data=data,
+                                             seed=args.seed, num_workers=args.workers, device=device,
+                                             channels_last=channels_last, on_device=args.data_on_device)
     num_classes = len(data.classes.names)
     config = dict(vars(args), model='fcn', optimizer='sgd', stage='train', data_dir=str(data.root),
                   data_title=data.title)
@@ -49,7 +49,8 @@ def main():
     net = sd.place_model(model, device, channels_last, args.sync_bn, args.compile)     # DDP/compiled when asked
     loss = sd.cross_entropy_loss
     trainer = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sd.train_ch13(net, train_iter, test_iter, loss, trainer, args.epochs, ckpt, amp, args.accum_steps)
+    sd.train_ch13(net, train_iter, test_iter, loss, trainer, args.epochs, [device], checkpoint=ckpt, amp=amp,
+                  accum_steps=args.accum_steps)
 
 
 if __name__ == '__main__':

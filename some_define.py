@@ -55,16 +55,11 @@ VOC_CLASSES = ['background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', '
                'tv/monitor']
 
 
-def palette_colors(n):
-    """The first n colours of VOC's palette (its label PNGs carry them): the book's VOC_COLORMAP, more, 255 void."""
-    k = np.arange(8)[:, None]       # bits 3k, 3k+1 and 3k+2 of a class index give bit 7-k of red, green and blue
-    index = np.arange(n)[:, None, None]
-    return (((index >> (3 * k + np.arange(3))) & 1) << (7 - k)).sum(1).tolist()
-
-
-VOC_COLORMAP = palette_colors(21)   # [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], ..., [0, 64, 128]]
+VOC_COLORMAP = [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128], [0, 128, 128],
+                [128, 128, 128], [64, 0, 0], [192, 0, 0], [64, 128, 0], [192, 128, 0], [64, 0, 128], [192, 0, 128],
+                [64, 128, 128], [192, 128, 128], [0, 64, 0], [128, 64, 0], [0, 192, 0], [128, 192, 0], [0, 64, 128]]
 IGNORE_INDEX = 255              # VOC's 'void' border and Cityscapes' unlabelled pixels: no loss, no metric
-VOID_COLOR = palette_colors(256)[IGNORE_INDEX]      # how VOC draws it: 224, 224, 192
+VOID_COLOR = [224, 224, 192]    # how VOC draws it (entry 255 of its palette)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NET_STRIDE = 32         # every net's coarsest feature map is 1/32 of its input: sizes are padded to multiples of it
@@ -131,20 +126,31 @@ def read_image(path, mode='RGB', advice='remove it'):
 
 
 def voc_colormap2label(colormap=VOC_COLORMAP):
-    """Colour -> class: sorted packed RGB codes and their classes, an entry a colour, not the book's 256**3 table."""
-    colors = torch.tensor(list(colormap) + [VOID_COLOR], dtype=torch.int64)
-    codes, order = ((colors[:, 0] * 256 + colors[:, 1]) * 256 + colors[:, 2]).sort()
-    classes = torch.tensor(list(range(len(colormap))) + [IGNORE_INDEX])
-    return codes, classes[order]
+    """The book's mapping from RGB colour to class index, indexed as the book indexes it (ColormapLookup)."""
+    return ColormapLookup(colormap)
+
+
+class ColormapLookup:
+    """The book's colormap2label: indexed by packed colours, (R * 256 + G) * 256 + B, it gives their classes. It holds
+    one sorted entry a colour where the book fills a 256**3-entry table (128 MB); VOC's void colour gives 255 (the book:
+    0), a colour of no class -1 (the book: 0, background)."""
+
+    def __init__(self, colormap):
+        colors = torch.tensor(list(colormap) + [VOID_COLOR], dtype=torch.int64)
+        self.codes, order = ((colors[:, 0] * 256 + colors[:, 1]) * 256 + colors[:, 2]).sort()
+        self.classes = torch.tensor(list(range(len(colormap))) + [IGNORE_INDEX])[order]
+
+    def __getitem__(self, idx):     # a tensor or, as in the book, a NumPy array of packed colours
+        idx = torch.as_tensor(idx, dtype=torch.int64)
+        pos = torch.searchsorted(self.codes, idx).clamp(max=len(self.codes) - 1)
+        return torch.where(self.codes[pos] == idx, self.classes[pos], -1)
 
 
 def voc_label_indices(colormap, colormap2label):
-    """RGB label image (3xHxW) -> class indices (HxW int64); colours outside the palette give -1."""
-    codes, classes = colormap2label
-    c = colormap.to(torch.int64)
-    idx = (c[0] * 256 + c[1]) * 256 + c[2]
-    pos = torch.searchsorted(codes, idx).clamp(max=len(codes) - 1)
-    return torch.where(codes[pos] == idx, classes[pos], torch.full_like(idx, -1))
+    """The book's lookup: RGB label image (3xHxW) -> class indices (HxW int64), on any device."""
+    colormap = colormap.to(torch.int64)
+    idx = (colormap[0] * 256 + colormap[1]) * 256 + colormap[2]
+    return colormap2label[idx]
 
 
 def read_label(path, colormap2label=None, advice='remove it'):
@@ -184,15 +190,9 @@ def quarter_turn(img):
     return turn if turn in (5, 6, 7, 8) else None
 
 
-def voc_rand_crop(feature, label, height, width, generator=None):
-    """The book's random crop, the same rectangle for image and label; `generator` makes it reproducible."""
-    if generator is None:
-        rect = torchvision.transforms.RandomCrop.get_params(feature, (height, width))
-    else:
-        h, w = feature.shape[-2:]
-        top = int(torch.randint(0, h - height + 1, (1,), generator=generator))
-        left = int(torch.randint(0, w - width + 1, (1,), generator=generator))
-        rect = (top, left, height, width)
+def voc_rand_crop(feature, label, height, width):
+    """Randomly crop both feature and label images (the book's; seeded() at the caller makes it reproducible)."""
+    rect = torchvision.transforms.RandomCrop.get_params(feature, (height, width))
     feature = torchvision.transforms.functional.crop(feature, *rect)
     label = torchvision.transforms.functional.crop(label, *rect)
     return feature, label
@@ -217,7 +217,8 @@ class SegDataset(torch.utils.data.Dataset):
     """The one dataset mechanism (VOC, Cityscapes, a user's folders): SplitFiles and a class table in, the book's items
     out, read lazily. crop_size=None gives whole images; with a crop, smaller images are dropped, as the book does,
     unless `augment` (the tutorial's transform) pads them. normalize=False: uint8 images and labels, to normalise and
-    widen on the device. An item asked for as (index, seed) crops from that seed, whatever the number of workers."""
+    widen on the device. An item asked for as (index, seed), as SeededSampler hands them out, crops from that seed:
+    the same crops whatever the number of workers, and a resumed run's crops are an uninterrupted one's."""
 
     def __init__(self, files, classes, crop_size=None, normalize=True, void_as_background=False, augment=False):
         self.classes, self.num_classes, self.advice = classes, len(classes.names), files.advice
@@ -250,6 +251,9 @@ class SegDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
+    def normalize_image(self, img):     # the book's predict calls test_iter.dataset.normalize_image(img)
+        return normalize_image(img)
+
     def read(self, idx):
         """(uint8 3xHxW image, int64 HxW label) at full size, checked."""
         img_path, label_path = self.items[idx]
@@ -266,28 +270,33 @@ class SegDataset(torch.utils.data.Dataset):
         idx, seed = item if isinstance(item, tuple) else (item, None)
         image, label = self.read(idx)
         if self.crop_size is not None:
-            gen = None if seed is None else torch.Generator().manual_seed(int(seed))   # None: the global RNG
-            if self.augment:
-                image, label = tutorial_augment(image, label, self.crop_size, gen)
-            else:
-                image, label = voc_rand_crop(image, label, *self.crop_size, generator=gen)
+            with seeded(seed):
+                if self.augment:
+                    image, label = tutorial_augment(image, label, self.crop_size)
+                else:
+                    image, label = voc_rand_crop(image, label, *self.crop_size)
         if self.normalize:      # the book's pair: float32 image, int64 label
             return normalize_image(image), label
         return image, label.to(torch.uint8)     # 8x fewer label bytes to move: every class and 255 fit in a byte
 
 
 class VOCSegDataset(SegDataset):
-    """The book's dataset: a VOC split, read lazily. `classes`: another class table for data in the VOC layout."""
+    """The book's dataset: a VOC split, read lazily. `classes`: another class table for data in the VOC layout;
+    `val_share`: the share of a CVAT export's default.txt held out as val (cvat_split)."""
 
-    def __init__(self, is_train, crop_size, voc_dir, void_as_background=False, normalize=True, classes=VOC):
-        super().__init__(voc_files(voc_dir, is_train), classes, crop_size, normalize, void_as_background)
+    def __init__(self, is_train, crop_size, voc_dir, *, classes=VOC, void_as_background=False, normalize=True,
+                 val_share=None):
+        super().__init__(voc_files(voc_dir, is_train, val_share), classes, crop_size, normalize, void_as_background)
 
 
-def load_data_voc(batch_size, crop_size, data, seed=0, num_workers=None, device=None, channels_last=False,
+def load_data_voc(batch_size, crop_size, *, data=None, seed=0, num_workers=None, device=None, channels_last=False,
                   on_device='auto'):
-    """The book's two loaders of random crops: (train_iter, test_iter). `data`: a DataSource (find_data) or, as in the
-    book, the VOC2012 folder. With `device`, batches arrive there, from splits kept there (DeviceData) or streamed."""
-    data = data if isinstance(data, DataSource) else DataSource('voc', Path(data), VOC, False, 'VOC2012')
+    """The book's two loaders of random crops: (train_iter, test_iter). The book's call, without `data`: VOC2012 where
+    the scripts find it, its void border counted as background as the book's colormap2label counts it (the book's loss
+    knows no ignored label). `data`: a DataSource (find_data) or a VOC2012 folder, void ignored (255) unless the
+    DataSource says otherwise. With `device`, batches arrive there, from splits kept there (DeviceData) or streamed."""
+    data = find_data(void_as_background=True) if data is None else data if isinstance(data, DataSource) else \
+        DataSource('voc', Path(data), VOC, False, 'VOC2012')
     train = open_dataset(data, True, crop_size, normalize=device is None)
     test = open_dataset(data, False, crop_size, normalize=device is None)
     if data.classes not in (VOC, CITYSCAPES):      # a user's own classes: is every one labelled? (counted once)
@@ -302,6 +311,11 @@ def load_data_voc(batch_size, crop_size, data, seed=0, num_workers=None, device=
         f'data: streamed, {f"{workers} DataLoader workers" if workers else "read in the main process"} ({why})')
     loader = DeviceData if keep else DeviceLoader
     return loader(train_iter, device, channels_last), loader(test_iter, device, channels_last)
+
+
+def get_dataloader_workers():
+    """The book's DataLoader workers (d2l: 4), here at most the CPUs."""
+    return default_workers()
 
 
 # ----------------------------------------------------------------------------------------------- Transposed Convolution
@@ -342,26 +356,50 @@ def cross_entropy_loss(inputs, targets, weight=None):
     return F.cross_entropy(inputs, targets, weight=weight, reduction='none', ignore_index=IGNORE_INDEX).mean(1).mean(1)
 
 
-def train_batch_ch13(net, X, y, loss, amp=None, scaler=None, scale=1):
-    """Forward and backward of one (micro-)batch: back-propagates the book's SUM of per-example losses times `scale`
-    (world size: DDP's average is then the global batch's sum). Returns (loss, correct, labelled) on the device."""
+def try_all_gpus():
+    """The book's device list: every GPU, or [cpu] where there is none."""
+    devices = [torch.device(f'cuda:{i}') for i in range(torch.cuda.device_count())]
+    return devices if devices else [torch.device('cpu')]
+
+
+def train_batch_ch13(net, X, y, loss, trainer, devices=None, *, amp=None, scaler=None, step=True):
+    """The book's step: the batch to devices[0] (when given), the SUM of its per-example losses back-propagated, then
+    trainer.step(). Returns (loss sum, correct pixels), on the device: nothing waits for it. Beyond the book: mixed
+    precision (`amp`, and fp16's GradScaler `scaler`), void pixels left out of the accuracy, the loss times the number
+    of torchrun processes (DDP's average of their gradients is then the global batch's sum), and step=False, which
+    only adds this batch's gradients (train_epoch steps once per accum_steps). Gradients are zeroed after the step
+    where the book zeroes them before it: accumulated ones must survive the calls in between."""
+    if devices:
+        X, y = X.to(devices[0]), y.to(devices[0])
+    net.train()
     with autocast(X.device, amp):
         out, aux = model_output(net(X))
         l = loss(out, y)
         if aux is not None:     # torchvision's DeepLabV3 auxiliary head, weighted as torchvision's references do
             l = l + AUX_WEIGHT * loss(aux, y)
     l_sum = l.float().sum()
-    (scaler.scale(l_sum * scale) if scaler is not None else l_sum * scale).backward()
+    world = world_size()
+    (scaler.scale(l_sum * world) if scaler is not None else l_sum * world).backward()
+    if step:
+        if scaler is not None:
+            scaler.step(trainer)
+            scaler.update()
+        else:
+            trainer.step()
+        trainer.zero_grad(set_to_none=True)
     with torch.no_grad():
-        valid = y != IGNORE_INDEX
-        return l_sum.detach(), ((out.argmax(1) == y) & valid).sum(), valid.sum()
+        return l_sum.detach(), ((out.argmax(1) == y) & (y != IGNORE_INDEX)).sum()
+
+
+class NonFiniteLoss(Exception):
+    """train_epoch's signal to train_ch13: the loss, or the weights after a step, became inf or nan (args: the step)."""
 
 
 def train_epoch(net, batches, loss, trainer, amp=None, scaler=None, accum_steps=1, augment=None, seed=0):
     """One epoch of updates, each from accum_steps micro-batches (an incomplete last group is dropped, as the book
     drops a partial batch). Nothing waits for the device inside the loop: the sums stay there and the loss is checked
     once, at the end. `augment` draws from seed_for(seed, micro-batch, rank): a resumed epoch draws as before."""
-    world, steps = world_size(), len(batches) // accum_steps
+    steps = len(batches) // accum_steps
     sums, examples, first_bad = 0, 0, None     # first_bad: the first step whose loss was not finite, on the device
     trainer.zero_grad(set_to_none=True)
     for i, (X, y) in enumerate(batches):
@@ -373,42 +411,46 @@ def train_epoch(net, batches, loss, trainer, amp=None, scaler=None, accum_steps=
             X, y = augment(X, y, torch.Generator().manual_seed(seed_for(seed, i, rank())))
         last = (i + 1) % accum_steps == 0
         with net.no_sync() if (not last and hasattr(net, 'no_sync')) else contextlib.nullcontext():
-            l_sum, correct, labelled = train_batch_ch13(net, X, y, loss, amp, scaler, world)
-        sums = sums + torch.stack([l_sum.double(), correct.double(), labelled.double()])
+            l_sum, correct = train_batch_ch13(net, X, y, loss, trainer, amp=amp, scaler=scaler, step=last)
+        sums = sums + torch.stack([l_sum.double(), correct.double(), (y != IGNORE_INDEX).sum().double()])
         examples += y.shape[0]
         step = torch.where(l_sum.isfinite(), steps + 1, i // accum_steps + 1)
         first_bad = step if first_bad is None else torch.minimum(first_bad, step)
-        if last:
-            if scaler is not None:
-                scaler.step(trainer)
-                scaler.update()
-            else:
-                trainer.step()
-            trainer.zero_grad(set_to_none=True)
     if first_bad is not None and int(first_bad) <= steps:
-        raise FloatingPointError(int(first_bad))     # the step; nothing else raises this error (Python does not)
+        raise NonFiniteLoss(int(first_bad))
     if not bool(torch.stack([v.isfinite().all() for v in net.state_dict().values() if v.is_floating_point()]).all()):
-        raise FloatingPointError(steps)    # a finite loss but broken weights: the last checkpoint stays
+        raise NonFiniteLoss(steps)    # a finite loss but broken weights: the last checkpoint stays
     l_total, correct, labelled = sums.tolist()
     return all_reduce_sum([l_total, examples, correct, labelled])
 
 
-def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint, amp=None, accum_steps=1,
-               augment=None):
+def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, devices=None, *, checkpoint=None, amp=None,
+               accum_steps=1, augment=None):
     """The book's train_ch13 (loss, train acc, test acc each epoch; examples/sec at the end), plus what hours of GPU
-    time need: a Checkpoint each epoch, mixed precision, accumulation, several processes, a stop on a non-finite loss,
-    a clean Ctrl-C or SIGTERM. `net` may be compiled or in DDP: the checkpoint holds the model inside."""
+    time need: a Checkpoint each epoch (None: none is written), mixed precision, accumulation, several processes, a
+    stop on a non-finite loss, a clean Ctrl-C or SIGTERM. As in the book, a net not yet on devices[0] (default: every
+    GPU, else the CPU) goes there (the fast layers swapped in) and the batches follow; `net` may be compiled or in DDP
+    (place_model): the checkpoint holds the model inside."""
     from tqdm import tqdm
     figures = 'loss {loss:.3f}, train acc {train_acc:.3f}, test acc {test_acc:.3f}, test mIoU {test_miou:.3f}'
-    ckpt, scaler = checkpoint, torch.amp.GradScaler(net_device(net).type) if amp == torch.float16 else None
+    devices = try_all_gpus() if devices is None else list(devices)
+    if net_device(net) != devices[0]:       # the book's call: the net to the first GPU, on several as DataParallel
+        net = place_model(net, devices[0])
+    if len(devices) > 1 and world_size() == 1 and not isinstance(net, nn.DataParallel):
+        net = nn.DataParallel(net, devices)
+    if not isinstance(train_iter, DeviceLoader):    # the book's loaders: their batches follow the net
+        train_iter, test_iter = (it if it is None else DeviceLoader(it, devices[0]) for it in (train_iter, test_iter))
+    ckpt = checkpoint or Checkpoint(None)
+    scaler = torch.amp.GradScaler(devices[0].type) if amp == torch.float16 else None
     if len(train_iter) // accum_steps == 0:
         raise UserError(f'--accum-steps {accum_steps} is more than the {len(train_iter)} batches of an epoch')
     ckpt.start(unwrapped(net), trainer, scaler, num_epochs, len(train_iter.dataset), amp)
-    seen, train_time, run_seed = 0, 0.0, train_iter.sampler.seed
+    seen, train_time, run_seed = 0, 0.0, getattr(train_iter.sampler, 'seed', 0)
     try:
         for epoch in range(ckpt.epoch, num_epochs):
             run_epoch = ckpt.first_epoch + epoch    # a fine-tune continues the first stage's epochs, and its draws
-            train_iter.sampler.set_epoch(run_epoch)
+            if hasattr(train_iter.sampler, 'set_epoch'):
+                train_iter.sampler.set_epoch(run_epoch)
             torch.manual_seed(seed_for(run_seed, run_epoch, MODEL_DRAWS))     # the model's own (dropout)
             net.train()
             start = time.time()
@@ -428,27 +470,34 @@ def train_ch13(net, train_iter, test_iter, loss, trainer, num_epochs, checkpoint
             h = ckpt.history[-1]
             log(f'epoch {epoch + 1}/{num_epochs}: {figures.format(**h)} ({h["seconds"]:.0f} s)')
     except KeyboardInterrupt as stop:      # Ctrl-C, or SIGTERM from a scheduler (run_main makes it one)
+        if ckpt.path is None:       # the book's call, in a notebook perhaps: its own KeyboardInterrupt
+            raise
         log(f'\n{stop_name(stop)}: {ckpt.path} holds {ckpt.saved} finished epoch(s); run the same command with '
             '--resume to continue')
         raise SystemExit(stop_status(stop)) from None
-    except FloatingPointError as err:      # from train_epoch: the loss, or the weights after it, became inf or nan
+    except NonFiniteLoss as err:
         kept = f'{ckpt.path} (epoch {ckpt.saved}) is kept' if ckpt.saved else 'no checkpoint was written'
         raise UserError(f'the loss became inf or nan at epoch {ckpt.epoch + 1}, step {err.args[0]}; {kept}: lower '
                         '--lr, or find the operation with --detect-anomaly') from None
     if ckpt.history:
         log(figures.format(**ckpt.history[-1]))
     if train_time > 0:
-        log(f'{seen / train_time:.1f} examples/sec on {[str(net_device(net))] * world_size()}')
+        log(f'{seen / train_time:.1f} examples/sec on {[str(d) for d in devices] * world_size()}')
     return ckpt.history
 
 
 def evaluate_crops(net, data_iter, amp=None):
     """The per-epoch test figures on random crops (the book's test acc), plus mIoU from the same pixels."""
     net.eval()
-    cm = ConfusionMatrix(data_iter.dataset.num_classes)
+    num_classes = getattr(data_iter.dataset, 'num_classes', None)     # (every process's, for all_reduce)
+    cm = None if num_classes is None else ConfusionMatrix(num_classes)
     with torch.inference_mode(), autocast(net_device(net), amp):
         for X, y in data_iter:
-            cm.update(model_output(net(X))[0].argmax(1), y)
+            scores = model_output(net(X))[0]
+            if cm is None:      # a dataset of the book's own code: the classes the net predicts
+                cm = ConfusionMatrix(scores.shape[1])
+            cm.update(scores.argmax(1), y)
+    cm = cm or ConfusionMatrix(1)       # no batch at all: every figure NaN, as 0 / 0
     cm.all_reduce()
     return cm.compute()
 
@@ -641,20 +690,21 @@ class CityscapesSegDataset(SegDataset):
         super().__init__(cityscapes_files(root, is_train), CITYSCAPES, crop_size, normalize, augment=augment)
 
 
-def tutorial_augment(image, label, crop_size, generator):
+def tutorial_augment(image, label, crop_size):
     """The tutorial's training transform: random scale 0.75-2.0 (label nearest), a random crop (void padding where the
-    image is smaller), a flip half the time, brightness, contrast, saturation each x0.7-1.3. Draws from `generator`."""
-    s = 0.75 + 1.25 * float(torch.rand((), generator=generator))
+    image is smaller), a flip half the time, brightness, contrast, saturation each x0.7-1.3 (the global RNG's draws:
+    seeded() at the caller)."""
+    s = 0.75 + 1.25 * float(torch.rand(()))
     size = [round(image.shape[-2] * s), round(image.shape[-1] * s)]
     image = v2.functional.resize(tv_tensors.Image(image), size, antialias=True).as_subclass(torch.Tensor)
     label = v2.functional.resize(tv_tensors.Mask(label), size).as_subclass(torch.Tensor)
     pad = (0, max(crop_size[1] - size[1], 0), 0, max(crop_size[0] - size[0], 0))
     image, label = F.pad(image, pad), F.pad(label, pad, value=IGNORE_INDEX)
-    image, label = voc_rand_crop(image, label, *crop_size, generator=generator)
-    if float(torch.rand((), generator=generator)) < 0.5:
+    image, label = voc_rand_crop(image, label, *crop_size)
+    if float(torch.rand(())) < 0.5:
         image, label = image.flip(-1), label.flip(-1)
     for adjust in (v2.functional.adjust_brightness, v2.functional.adjust_contrast, v2.functional.adjust_saturation):
-        image = adjust(image, 0.7 + 0.6 * float(torch.rand((), generator=generator)))
+        image = adjust(image, 0.7 + 0.6 * float(torch.rand(())))
     return image, label
 
 
@@ -1143,6 +1193,13 @@ def save_confusion_matrix(cm, class_names, path, title, advice):
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
+def palette_colors(n):
+    """The first n colours of VOC's palette (its label PNGs carry them): VOC_COLORMAP, more, VOID_COLOR at 255."""
+    k = np.arange(8)[:, None]       # bits 3k, 3k+1 and 3k+2 of a class index give bit 7-k of red, green and blue
+    index = np.arange(n)[:, None, None]
+    return (((index >> (3 * k + np.arange(3))) & 1) << (7 - k)).sum(1).tolist()
+
+
 def read_classes(path):
     """A class table from a file: one class a line, `name` or `name R G B` (blank lines and # comments skipped), a
     CSV with a name,r,g,b header (class_dict.csv), or CVAT's labelmap.txt (`name:R,G,B:parts:actions`). Classes
@@ -1398,6 +1455,18 @@ def main_process_first(work, timeout=None):
         raise failure
 
 
+@contextlib.contextmanager
+def seeded(seed):
+    """The global CPU RNG, which the book's blocks draw from, seeded for the draws inside, then put back as it was (the
+    model's own draws go on undisturbed); seed None: the RNG as it is."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(seed))
+        yield
+
+
 def seed_for(*keys):
     """One 63-bit seed from several whole numbers (NumPy's SeedSequence mixes them: nearby keys, unrelated seeds)."""
     return int(np.random.SeedSequence([k % 2 ** 64 for k in keys]).generate_state(1, np.uint64)[0] >> 1)
@@ -1582,9 +1651,10 @@ class DeviceData(DeviceLoader):
     def __iter__(self):
         items, size = list(self.sampler), self.loader.batch_size
         for start in range(0, len(items) - size + 1 if self.loader.drop_last else len(items), size):
-            crops = [voc_rand_crop(*self.decoded[i], *self.dataset.crop_size,
-                                   generator=torch.Generator().manual_seed(int(seed)))
-                     for i, seed in items[start:start + size]]
+            crops = []
+            for i, seed in items[start:start + size]:
+                with seeded(seed):
+                    crops.append(voc_rand_crop(*self.decoded[i], *self.dataset.crop_size))
             yield to_device(*torch.utils.data.default_collate(crops), self.device, self.channels_last)
 
 
@@ -1676,9 +1746,10 @@ def open_dataset(data, is_train, crop_size=None, normalize=True):
     """The training or validation split of a DataSource."""
     if data.kind == 'cityscapes':
         return CityscapesSegDataset(is_train, crop_size, data.root, normalize)
-    files = (folder_files(data.root, is_train) if data.kind == 'folder' else
-             voc_files(data.root, is_train, data.val_share))
-    return SegDataset(files, data.classes, crop_size, normalize, data.void_as_background)
+    if data.kind == 'voc':
+        return VOCSegDataset(is_train, crop_size, data.root, classes=data.classes, normalize=normalize,
+                             void_as_background=data.void_as_background, val_share=data.val_share)
+    return SegDataset(folder_files(data.root, is_train), data.classes, crop_size, normalize, data.void_as_background)
 
 
 def find_voc_dir(data_dir=None, missing_ok=False):
@@ -2076,20 +2147,23 @@ def save_checkpoint(obj, path):
 class Checkpoint:
     """One training stage's file, in plain types for torch.load(weights_only=True), with model_args to rebuild the
     model. Made before the model: `resuming` says whether an existing file is continued (its weights then replace the
-    ImageNet ones, which are not loaded). `earlier`: the stage before's history (a fine-tune's curves continue it)."""
+    ImageNet ones, which are not loaded). `earlier`: the stage before's history (a fine-tune's curves continue it).
+    Checkpoint(None), the book's train_ch13 call: the history is kept, nothing is written or printed at the start."""
 
-    def __init__(self, path, model_args, config, classes, resume=False, curves=None, earlier=()):
-        self.path, self.model, self.curves, self.earlier = Path(path), None, curves, list(earlier)
+    def __init__(self, path, model_args=None, config=None, classes=None, resume=False, curves=None, earlier=()):
+        self.path = None if path is None else Path(path)
+        self.model, self.curves, self.earlier = None, curves, list(earlier)
         self.first_epoch = len(self.earlier)    # the run's epoch number of this stage's first
-        self.title = f'{recipe_title(config)} - {config["data_title"]}'
-        self.state = dict(epoch=0, history=[], model_args=model_args, num_classes=model_args['num_classes'])
-        self.resuming = resume and self.path.exists()
+        self.title = config and f'{recipe_title(config)} - {config["data_title"]}'
+        self.state = dict(epoch=0, history=[], model_args=model_args,
+                          num_classes=model_args and model_args['num_classes'])
+        self.resuming = resume and self.path is not None and self.path.exists()
         if self.resuming:
             self.state = load_torch_file(self.path)
             if self.state.get('model_args') != model_args:
                 raise UserError(f'{path} was written for {self.state.get("model_args")}, this run builds '
                                 f'{model_args}: pass the same flags, or another --save')
-        elif self.path.exists() and is_main_process():
+        elif self.path is not None and self.path.exists() and is_main_process():
             prev = self.path.with_name(self.path.stem + '.prev' + self.path.suffix)
             try:
                 os.replace(self.path, prev)
@@ -2097,7 +2171,7 @@ class Checkpoint:
                 raise write_error(prev, err, f'pass --resume to continue {path}, or another --save') from None
             log(f'{path} existed: kept as {prev} (use --resume to continue it instead)')
         self.saved = self.epoch     # the epochs the file on disk holds
-        self.state.update(config=config, classes=classes._asdict())
+        self.state.update(config=config, classes=classes and classes._asdict())
 
     @property
     def epoch(self):
@@ -2118,9 +2192,10 @@ class Checkpoint:
             scaler.load_state_dict(self.state['scaler'])
         if self.epoch:
             log(f'resuming {self.path} at epoch {self.epoch} of {num_epochs}')
-        world = world_size()
-        log(f'{self.state["config"]["stage"]}: {self.title.replace(" - ", " on ", 1)}, {examples} training examples, '
-            f'device {net_device(model)}{" x" + str(world) if world > 1 else ""}, amp {str(amp).replace("torch.", "")}')
+        world, stage = world_size(), self.state['config'] and self.state['config']['stage']
+        if self.title:
+            log(f'{stage}: {self.title.replace(" - ", " on ", 1)}, {examples} training examples, device '
+                f'{net_device(model)}{" x" + str(world) if world > 1 else ""}, amp {str(amp).replace("torch.", "")}')
         if self.epoch >= num_epochs:
             log(f'{self.path} has finished its {num_epochs} epochs')
         self.state['epochs'] = num_epochs
@@ -2130,7 +2205,7 @@ class Checkpoint:
         self.history.append(record)
         self.state.update(epoch=record['epoch'], model=self.model.state_dict(), optimizer=trainer.state_dict(),
                           scaler=scaler.state_dict() if scaler is not None else None)
-        if is_main_process():
+        if is_main_process() and self.path is not None:
             save_checkpoint(self.state, self.path)
             self.saved = self.epoch
             if self.curves:
@@ -2184,9 +2259,10 @@ def place_model(model, device, channels_last=False, sync_bn=False, compile=False
 
 
 def unwrapped(net):
-    """The model inside what place_model returns (compiled: ._orig_mod; DistributedDataParallel: .module)."""
+    """The model inside what place_model returns (compiled: ._orig_mod; DistributedDataParallel: .module), or the
+    book's DataParallel."""
     net = getattr(net, '_orig_mod', net)
-    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+    return net.module if isinstance(net, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else net
 
 
 def open_model(path, device=None, amp=None):

@@ -293,13 +293,7 @@ def measure_train(model_name, fast, device, batch, crop, steps, warmup, use_comp
             X, y = sd.to_device(host_x, host_y, device, channels_last)
         else:
             X, y = host_x.to(device), host_y.to(device)
-        trainer.zero_grad(set_to_none=True)
-        sd.train_batch_ch13(net, X, y, sd.cross_entropy_loss, amp, scaler)
-        if scaler is not None:
-            scaler.step(trainer)
-            scaler.update()
-        else:
-            trainer.step()
+        sd.train_batch_ch13(net, X, y, sd.cross_entropy_loss, trainer, amp=amp, scaler=scaler)
 
     start = time.perf_counter()
     for _ in range(warmup):

@@ -107,9 +107,9 @@ def test_voc_rand_crop_keeps_image_and_label_aligned():
     feature, label = coordinate_pair(h, w)
     tops_lefts = set()
     for seed in range(10):
-        gen = torch.Generator().manual_seed(seed)
-        for g in (gen, None):
-            f, l = sd.voc_rand_crop(feature, label, 8, 11, generator=g)
+        for s in (seed, None):
+            with sd.seeded(s):
+                f, l = sd.voc_rand_crop(feature, label, 8, 11)
             assert f.shape == (3, 8, 11) and l.shape == (8, 11)
             assert torch.equal(l, f[0] * w + f[1]), 'image and label cropped at different places'
             top, left = int(f[0, 0, 0]), int(f[1, 0, 0])
@@ -119,11 +119,28 @@ def test_voc_rand_crop_keeps_image_and_label_aligned():
     assert len(tops_lefts) > 1, 'the crop is not random'
 
 
-def test_voc_rand_crop_is_reproducible_with_a_generator():
+def test_voc_rand_crop_is_reproducible_when_seeded_and_leaves_the_global_rng_alone():
+    """seeded(seed) at the caller makes the book's crop reproducible; the global generator (the model's draws) goes on
+    as if no crop had been drawn. seeded(None) draws from the global generator, as the book's call does."""
     feature, label = coordinate_pair()
-    a = sd.voc_rand_crop(feature, label, 8, 11, generator=torch.Generator().manual_seed(123))
-    b = sd.voc_rand_crop(feature, label, 8, 11, generator=torch.Generator().manual_seed(123))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    torch.manual_seed(7)
+    expected_next = torch.rand(3)
+    torch.manual_seed(7)
+    crops = []
+    for _ in range(2):
+        with sd.seeded(123):
+            crops.append(sd.voc_rand_crop(feature, label, 8, 11))
+    assert torch.equal(crops[0][0], crops[1][0]) and torch.equal(crops[0][1], crops[1][1])
+    assert torch.equal(torch.rand(3), expected_next), 'a seeded crop moved the global generator'
+    others = set()
+    for seed in range(20):
+        with sd.seeded(seed):
+            others.add(tuple(sd.voc_rand_crop(feature, label, 8, 11)[0][:2, 0, 0].tolist()))
+    assert len(others) > 1, 'every seed gives the same crop'
+    torch.manual_seed(7)
+    with sd.seeded(None):
+        sd.voc_rand_crop(feature, label, 8, 11)
+    assert not torch.equal(torch.rand(3), expected_next), 'seeded(None) should draw from the global generator'
 
 
 # ----------------------------------------------------------------------------------------------------- dataset

@@ -95,8 +95,11 @@ def test_the_training_step_and_the_batch_augmentations(on):
     model = sd.build_model('fcn', 5).to(on)
     X, y = batch(on, n=4, classes=5, size=(32, 64))
     X, y = sd.cutmix_segmentation(X, y, prob=1.0, generator=torch.Generator().manual_seed(0))
-    l_sum, correct, labelled = sd.train_batch_ch13(model, X, y, sd.cross_entropy_loss)
-    assert_on(on, X, y, l_sum, correct, labelled, *(p.grad for p in model.parameters()))
+    trainer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    l_sum, correct = sd.train_batch_ch13(model, X, y, sd.cross_entropy_loss, trainer, step=False)
+    assert_on(on, X, y, l_sum, correct, *(p.grad for p in model.parameters()))
+    sd.train_batch_ch13(model, X, y, sd.cross_entropy_loss, trainer)        # the book's call: it steps
+    assert_on(on, *model.parameters(), *(s['momentum_buffer'] for s in trainer.state.values()))
 
 
 def test_the_unet_upsample_and_its_matrices(on):
@@ -110,7 +113,7 @@ def test_the_unet_upsample_and_its_matrices(on):
 def test_batches_reach_the_device_normalised(on, demo_voc):
     """Both data paths: streamed uint8 batches normalised on the device, and splits kept there."""
     for keep in ('off', 'on'):
-        train_iter, _ = sd.load_data_voc(4, (32, 64), demo_voc, num_workers=0, device=on, on_device=keep)
+        train_iter, _ = sd.load_data_voc(4, (32, 64), data=demo_voc, num_workers=0, device=on, on_device=keep)
         X, y = next(iter(train_iter))
         assert X.dtype == torch.float32 and y.dtype == torch.int64
         assert_on(on, X, y, *sd.imagenet_stats(on))
@@ -185,7 +188,7 @@ def test_the_training_loop_waits_for_the_device_only_at_the_end_of_an_epoch():
 
 def test_data_kept_on_the_device_is_cropped_there_without_waiting(demo_voc):
     with fake_device() as dev:
-        train_iter, _ = sd.load_data_voc(4, (32, 64), demo_voc, num_workers=0, device=dev.device, on_device='on')
+        train_iter, _ = sd.load_data_voc(4, (32, 64), data=demo_voc, num_workers=0, device=dev.device, on_device='on')
         list(train_iter)            # the first epoch puts the normalisation constants on the device
         train_iter.sampler.set_epoch(1)
         dev.reset()

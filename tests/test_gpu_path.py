@@ -48,9 +48,9 @@ def gpu(device, monkeypatch):
     seen = {'steps': [], 'upsample2x': 0}
     train_batch, upsample2x = sd.train_batch_ch13, sd.upsample2x
 
-    def recorded_step(net, X, y, loss, amp=None, scaler=None, scale=1):
+    def recorded_step(net, X, y, loss, trainer, devices=None, *, amp=None, scaler=None, step=True):
         seen['steps'].append((X.device.type, X.is_contiguous(memory_format=torch.channels_last), amp, scaler))
-        return train_batch(net, X, y, loss, amp, scaler, scale)
+        return train_batch(net, X, y, loss, trainer, devices, amp=amp, scaler=scaler, step=step)
 
     def counted_upsample(x):
         seen['upsample2x'] += 1

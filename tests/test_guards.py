@@ -163,7 +163,7 @@ def train_stub(monkeypatch, tmp_path, seed=0, epochs=2, resume=False, amp=None, 
     net = torch.nn.Conv2d(3, 2, 1)
     ckpt = sd.Checkpoint(tmp_path / name, dict(FCN_ARGS), CONFIG, sd.VOC, resume=resume)
     sd.train_ch13(net, StubLoader(seed), None, sd.cross_entropy_loss, torch.optim.SGD(net.parameters(), lr=0.1),
-                  epochs, ckpt, amp)
+                  epochs, checkpoint=ckpt, amp=amp)
     return sd.load_torch_file(tmp_path / name)
 
 

@@ -129,7 +129,7 @@ def test_voc_layout_with_own_classes(tmp_path, voc):
     (tmp_path / 'classes.txt').write_text('\n'.join(NAMES) + '\n')
     data = sd.find_data('voc', root, classes=tmp_path / 'classes.txt')
     assert data.classes.names == NAMES and data.classes.colors[:2] == sd.VOC_COLORMAP[:2]
-    train_iter, _ = sd.load_data_voc(4, (32, 64), data, num_workers=0, device=torch.device('cpu'))
+    train_iter, _ = sd.load_data_voc(4, (32, 64), data=data, num_workers=0, device=torch.device('cpu'))
     assert train_iter.dataset.num_classes == 4
     X, y = next(iter(train_iter))
     assert X.shape == (4, 3, 32, 64) and set(y.unique().tolist()) <= {0, 1, 2, 3, 255}

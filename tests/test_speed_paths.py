@@ -183,9 +183,9 @@ def voc(tmp_path_factory):
 
 def test_device_data_gives_the_streaming_batches(voc, capsys):
     cpu = torch.device('cpu')
-    kept = sd.load_data_voc(4, (32, 64), voc, seed=3, num_workers=2, device=cpu, on_device='on')
+    kept = sd.load_data_voc(4, (32, 64), data=voc, seed=3, num_workers=2, device=cpu, on_device='on')
     assert 'kept on cpu' in capsys.readouterr().out
-    streamed = sd.load_data_voc(4, (32, 64), voc, seed=3, num_workers=2, device=cpu, on_device='off')
+    streamed = sd.load_data_voc(4, (32, 64), data=voc, seed=3, num_workers=2, device=cpu, on_device='off')
     assert 'streamed, 2 DataLoader workers' in capsys.readouterr().out
     assert isinstance(kept[0], sd.DeviceData) and not isinstance(streamed[0], sd.DeviceData)
     for on, off in zip(kept, streamed):

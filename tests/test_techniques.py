@@ -495,7 +495,8 @@ def test_the_training_step_adds_the_auxiliary_loss_at_weight_0_4():
     net = TwoHeads()
     X = torch.randn(3, 3, 8, 10)
     _, y = _seg_batch(n=3, c=5, h=8, w=10, seed=5)
-    l_sum, correct, labelled = some_define.train_batch_ch13(net, X, y, some_define.cross_entropy_loss)
+    trainer = torch.optim.SGD(net.parameters(), lr=0.1)
+    l_sum, correct = some_define.train_batch_ch13(net, X, y, some_define.cross_entropy_loss, trainer, step=False)
     ref = TwoHeads()
     ref.load_state_dict(net.state_dict())
     out = ref(X)
@@ -507,7 +508,6 @@ def test_the_training_step_adds_the_auxiliary_loss_at_weight_0_4():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
         torch.testing.assert_close(p.grad, q.grad, msg=name)
     valid = y != IGNORE_INDEX
-    assert int(labelled) == int(valid.sum())
     assert int(correct) == int(((out['out'].argmax(1) == y) & valid).sum())
 
 
