@@ -121,7 +121,8 @@ def test_synthetic_tutorial_augment_keeps_image_and_label_aligned():
     rows = flipped = padded = 0
     shapes = set()
     for seed in range(60):
-        out, lab = sd.tutorial_augment(image, label, (40, 56), torch.Generator().manual_seed(seed))
+        with sd.seeded(seed):
+            out, lab = sd.tutorial_augment(image, label, (40, 56))
         assert out.shape == (3, 40, 56) and out.dtype == torch.uint8 and lab.shape == (40, 56)
         assert set(lab.unique().tolist()) <= {0, 1, 2, 3, 255}
         pad = out[0][lab == 255]                        # void padding: black, jittered like the rest
