@@ -282,9 +282,10 @@ def test_help_mentions_every_flag(script, flags, monkeypatch):
 def test_the_readmes_first_command(tmp_path, monkeypatch):
     """The README's first command (`python origin_train.py --demo && python origin_predict.py && python my_train.py
     --demo && python my_predict.py --eval`, read from README.md), its flags as written, shortened by --epochs 1 (and
-    one epoch of fine-tune; a 12 + 6 image demo written beforehand where --demo looks, which it then reuses), in a copy of the scripts and of some_define.py (whose data/, checkpoints/ and pictures/ are the
-    copy's), run in this process. The --demo recipe applies where no flag overrides it; the predict scripts need no
-    flag; my_predict.py evaluates the fine-tune and compares the three checkpoints; every picture says DEMO."""
+    one epoch of fine-tune; a 12 + 6 image demo written beforehand where --demo looks, which it then reuses), in a
+    copy of the scripts and of some_define.py (whose data/, checkpoints/ and pictures/ are the copy's), run in this
+    process. The --demo recipe applies where no flag overrides it; the predict scripts need no flag; my_predict.py
+    evaluates the fine-tune and compares the three checkpoints; every picture says DEMO."""
     import importlib.util
     from test_readme import first_command
     from test_reliability import run_inprocess
