@@ -17,12 +17,16 @@ FINETUNED = sd.finetune_path(SAVE)
 COMPARE = ['checkpoints/origin.pt', SAVE, str(FINETUNED)]     # the default columns, those that exist
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     sd.add_predict_args(parser, f'{FINETUNED} if it exists, else {SAVE}', PICTURE)
     parser.add_argument('--compare', nargs='+', metavar='CKPT', help='checkpoints side by side in '
                         f'pictures/compare.png (default: {", ".join(COMPARE)}, those that exist)')
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     path = Path(args.checkpoint or (FINETUNED if FINETUNED.exists() else SAVE))
     net, ckpt, device, amp = sd.open_model(path, args.device, args.amp)
     scales = args.scales if args.mst else None

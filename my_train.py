@@ -25,7 +25,7 @@ DEMO = dict(epochs=8, batch_size=8, crop_size=[64, 96], pretrained=False, lr=1e-
             finetune_lr=1e-4)
 
 
-def get_args():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     sd.add_data_args(parser)
     g = sd.add_recipe_args(parser, NUM_EPOCHS, LR, WD, BATCH_SIZE, CROP_SIZE, SAVE, DEMO)
@@ -51,7 +51,11 @@ def get_args():
     t.add_argument('--copyblob-pairs', nargs='+', metavar='SRC:HOST', help='class pairs by name or index (default: '
                    f'Cityscapes {" ".join(sd.COPYBLOB_PAIRS["cityscapes"])}; VOC {" ".join(sd.COPYBLOB_PAIRS["voc"])})')
     sd.add_speed_args(parser)
-    return sd.parse_with_demo(parser, DEMO)     # --demo: the DEMO recipe, where no flag says otherwise
+    return parser
+
+
+def get_args():
+    return sd.parse_with_demo(build_parser(), DEMO)     # --demo: the DEMO recipe, where no flag says otherwise
 
 
 def class_weights(args, train_ds, data):

@@ -11,10 +11,14 @@ import some_define as sd
 CHECKPOINT, PICTURE = 'checkpoints/origin.pt', 'pictures/origin_out.png'
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     sd.add_predict_args(parser, CHECKPOINT, PICTURE)
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     path = args.checkpoint or CHECKPOINT
     net, ckpt, _, amp = sd.open_model(path, args.device, args.amp)
     scales = args.scales if args.mst else None

@@ -20,12 +20,16 @@ SAVE, CURVES = 'checkpoints/origin.pt', 'pictures/origin_curves.png'
 DEMO = dict(epochs=8, batch_size=8, crop_size=[64, 96], pretrained=False)
 
 
-def get_args():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     sd.add_data_args(parser)
     sd.add_recipe_args(parser, NUM_EPOCHS, LR, WD, BATCH_SIZE, CROP_SIZE, SAVE, DEMO)
     sd.add_speed_args(parser)
-    return sd.parse_with_demo(parser, DEMO)     # --demo: the DEMO recipe, where no flag says otherwise
+    return parser
+
+
+def get_args():
+    return sd.parse_with_demo(build_parser(), DEMO)     # --demo: the DEMO recipe, where no flag says otherwise
 
 
 def main():

@@ -477,6 +477,55 @@ BREAKS = [
           'X, y = augment(X, y, torch.Generator().manual_seed(seed_for(seed, i, rank())))',
           'X, y = augment(X, y, torch.Generator().manual_seed(seed_for(i, rank())))',
           ('tests/test_guards.py::test_two_seeds_give_other_cutmix_and_copyblob_draws',)),
+    # ------------------------------------------------------------------------------------------ README and docs
+    Break('readme: a command with a flag no script has', 'README.md',
+          'python my_train.py --dataset folder --data-dir mydata --crop-size 320 480   # add --no-pretrained when '
+          'offline',
+          'python my_train.py --dataset folder --data-dir mydata --crop-size 320 480 --crops 2',
+          ('tests/test_readme.py::test_readme_commands_parse_with_each_scripts_parser[README.md]',)),
+    Break('readme: a docs command with a bad choice', 'docs/techniques.md',
+          'python my_predict.py --checkpoint checkpoints/city.pt --eval --mst',
+          'python my_predict.py --checkpoint checkpoints/city.pt --eval --mst --mst-mode mean',
+          ('tests/test_readme.py::test_readme_commands_parse_with_each_scripts_parser[docs/techniques.md]',)),
+    Break("readme: a script's --help fails", 'origin_predict.py',
+          'sd.add_predict_args(parser, CHECKPOINT, PICTURE)',
+          "sd.add_predict_args(parser, CHECKPOINT, PICTURE)\nparser.add_argument('--x', help='%(nothing)s')",
+          ('tests/test_readme.py::test_readme_every_script_help_exits_0[origin_predict.py]',)),
+    Break('readme: the first command is not what test_scripts runs', 'README.md',
+          'pip install -r requirements.txt && python origin_train.py --demo && python origin_predict.py && python '
+          'my_train.py --demo && python my_predict.py --eval',
+          'pip install -r requirements.txt && python origin_train.py --demo --crop-size 64 64 && python '
+          'origin_predict.py && python my_train.py --demo && python my_predict.py --eval',
+          ('tests/test_scripts.py::test_the_readmes_first_command',)),
+    Break('readme: the Chinese quick start gives another first command', 'README.zh-CN.md',
+          'pip install -r requirements.txt && python origin_train.py --demo && python origin_predict.py && python '
+          'my_train.py --demo && python my_predict.py --eval',
+          'pip install -r requirements.txt && python origin_train.py --demo && python my_train.py --demo && python '
+          'my_predict.py --eval',
+          ('tests/test_readme.py::test_readme_first_command_is_the_demo_and_the_same_in_chinese',)),
+    Break('readme: --demo folder trains on the VOC demo', SD,
+          "folder = demo == 'folder' or kind == 'folder'",
+          "folder = kind == 'folder'",
+          ('tests/test_readme.py::test_readme_own_data_demo_runs',)),
+    Break('readme: over 250 lines', 'README.md',
+          '- [docs/development.md](docs/development.md): the tests, the GPU tests, the mutation run, the benchmark.',
+          '- [docs/development.md](docs/development.md): the tests, the GPU tests, the mutation run, the benchmark.'
+          + '\n' * 260,
+          ('tests/test_readme.py::test_readme_is_at_most_250_lines',)),
+    Break('readme: a dead link', 'README.md',
+          '- [docs/reliability.md](docs/reliability.md): checkpoints, `--resume`, Ctrl-C and SIGTERM, full disks, bad '
+          'input.',
+          '- [docs/reliability.md](docs/reliable.md): checkpoints, `--resume`, Ctrl-C and SIGTERM, full disks, bad '
+          'input.',
+          ('tests/test_readme.py::test_readme_relative_links_point_to_files[README.md]',)),
+    Break('readme: a dead anchor', 'docs/data-and-weights.md',
+          'The layouts are in the [README](../README.md#my-own-data). Beyond them:',
+          'The layouts are in the [README](../README.md#own-data). Beyond them:',
+          ('tests/test_readme.py::test_readme_relative_links_point_to_files[docs/data-and-weights.md]',)),
+    Break('flags: a flag docs/flags.md does not name', 'docs/flags.md',
+          '| `--sync-bn` | train | off | under torchrun on GPUs: SyncBatchNorm |',
+          '',
+          ('tests/test_scripts.py::test_help_mentions_every_flag[script0-flags0]',)),
 ]
 
 

@@ -264,7 +264,7 @@ def script_parser(script, monkeypatch):
                                           (ORIGIN_PREDICT, []), (MY_PREDICT, ['--compare'])])
 def test_help_mentions_every_flag(script, flags, monkeypatch):
     """`python SCRIPT --help` lists every flag the script accepts (every option string of its parser, and those the
-    README names), each with its default; the README's flag table names every flag."""
+    test names), each with its default; docs/flags.md names every flag."""
     text = script_help(script)
     actions = [a for a in script_parser(script, monkeypatch)._actions if not isinstance(a, argparse._HelpAction)]
     accepted = [o for a in actions for o in a.option_strings]
@@ -272,21 +272,25 @@ def test_help_mentions_every_flag(script, flags, monkeypatch):
     missing = [f for f in accepted if not re.search(re.escape(f) + r'(?![\w-])', text)]
     assert not missing, f'{script.name} --help lacks {missing}'
     assert not [a.dest for a in actions if 'default' not in (a.help or '')], 'help without its default'
-    readme = (MAIN / 'README.md').read_text()
+    flags_doc = (MAIN / 'docs' / 'flags.md').read_text()
     undocumented = [a.option_strings or a.dest for a in actions if a.option_strings and not any(
-        re.search(re.escape(o) + r'(?![\w-])', readme) for o in a.option_strings)]
-    assert not undocumented, f'the README does not name {undocumented}'
+        re.search(re.escape(o) + r'(?![\w-])', flags_doc) for o in a.option_strings)]
+    assert not undocumented, f'docs/flags.md does not name {undocumented}'
 
 
 # ------------------------------------------------------------------------------------- the README's first command
 def test_the_readmes_first_command(tmp_path, monkeypatch):
-    """`python origin_train.py --demo && python origin_predict.py && python my_train.py --demo && python my_predict.py
-    --eval`, shortened (1 epoch, + 1 of fine-tune; a 12 + 6 image demo written beforehand where --demo looks, which
-    it then reuses), in a copy of the scripts and of some_define.py (whose data/, checkpoints/ and pictures/ are the
-    copy's), run in this process. The --demo recipe applies where no flag overrides it; the predict scripts need no
-    flag; my_predict.py evaluates the fine-tune and compares the three checkpoints; every picture says DEMO."""
+    """The README's first command (`python origin_train.py --demo && python origin_predict.py && python my_train.py
+    --demo && python my_predict.py --eval`, read from README.md), its flags as written, shortened by --epochs 1 (and
+    one epoch of fine-tune; a 12 + 6 image demo written beforehand where --demo looks, which it then reuses), in a
+    copy of the scripts and of some_define.py (whose data/, checkpoints/ and pictures/ are the copy's), run in this
+    process. The --demo recipe applies where no flag overrides it; the predict scripts need no flag; my_predict.py
+    evaluates the fine-tune and compares the three checkpoints; every picture says DEMO."""
     import importlib.util
+    from test_readme import first_command
     from test_reliability import run_inprocess
+    shorter = {'origin_train.py': ['--epochs', '1'], 'my_train.py': ['--epochs', '1', '--finetune-epochs', '1']}
+    runs = [(script, args + shorter.get(script, [])) for script, args in first_command()]
     app = tmp_path / 'clone'
     app.mkdir()
     for name in ('some_define.py', 'origin_train.py', 'origin_predict.py', 'my_train.py', 'my_predict.py'):
@@ -300,9 +304,7 @@ def test_the_readmes_first_command(tmp_path, monkeypatch):
     titles, grid = [], clone.save_image_grid
     monkeypatch.setattr(clone, 'save_image_grid', lambda path, rows, title, **kw: (
         titles.append((Path(path).name, title)), grid(path, rows, title, **kw))[1])
-    for script, args in (('origin_train.py', ['--demo', '--epochs', '1']), ('origin_predict.py', []),
-                         ('my_train.py', ['--demo', '--epochs', '1', '--finetune-epochs', '1']),
-                         ('my_predict.py', ['--eval'])):
+    for script, args in runs:
         res = run_inprocess(app / script, args, app)
         assert res.code == 0, f'{script} {args}\n{res.err}\n{res.out[-3000:]}'
     ck = app / 'checkpoints'
