@@ -183,6 +183,12 @@ def job_backbone_offline(workdir, voc_master):
     return run_subprocess(ORIGIN_TRAIN, args, workdir, env=env)
 
 
+def hear_ctrl_c():
+    """A shell starts a background job (`pytest ... &`) with SIGINT ignored, and its children inherit that: Python then
+    installs no Ctrl-C handler and the run below would never stop. A terminal's foreground job hears it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def job_ctrl_c(workdir, voc_master):
     """Ctrl-C in a terminal signals the whole foreground process group: the script and its DataLoader workers.
     Sent once epoch 1 is reported (its checkpoint written, its curves drawn)."""
@@ -190,7 +196,7 @@ def job_ctrl_c(workdir, voc_master):
     args = train_args(voc_master, '--epochs', '50', '--workers', '2', '--save', save)
     proc = subprocess.Popen([sys.executable, str(ORIGIN_TRAIN)] + [str(a) for a in args], cwd=workdir,
                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=hear_ctrl_c)
     out_lines, err_chunks, epoch_done = [], [], threading.Event()
 
     def read_out():
