@@ -2088,6 +2088,8 @@ def backbone_state_dict(arch, weights_path=None):
 # Starting from a trained model (--init-from): one of these scripts' checkpoints, or a torchvision segmentation file
 INIT_ADVICE = ('pass a checkpoint these scripts wrote, or a torchvision segmentation weights file such as '
                'deeplabv3_resnet50_coco-cd0a2569.pth')
+COCO_FILES = {name: torchvision.models.get_model_weights(name).COCO_WITH_VOC_LABELS_V1.url.rsplit('/', 1)[1]
+              for name in ('deeplabv3_resnet50', 'deeplabv3_resnet101')}      # 21 VOC classes, trained on COCO
 
 
 def init_state(path):
@@ -2109,25 +2111,29 @@ def init_from(model, path, name, num_classes):
     says how much was loaded and what was left; a file that fits nothing is the file of another model."""
     state, own = init_state(path), model.state_dict()
     fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-    weights = [k for k in own if not k.endswith('.num_batches_tracked')]   # BatchNorm's counters hold no weights
-    if not any(k in fits for k in weights):
+    if all(k.endswith('.num_batches_tracked') for k in fits):   # BatchNorm's counters alone hold no weights
+        coco = f", or torchvision's {COCO_FILES[name]}" if name in COCO_FILES else ''
         raise UserError(f'{path} fits nothing in a {name}: none of its tensors has a name and shape of this model '
-                        f'(it holds {short_names(state)}): {INIT_ADVICE}, of a {name}')
+                        f"(it holds {short_names(state)}), it is another model's: pass a checkpoint of a {name}{coco}")
     model.load_state_dict(fits, strict=False)
     log(init_report(path, state, own, fits, num_classes))
 
 
 def init_report(path, state, own, fits, num_classes):
-    """`--init-from FILE: loaded N of M tensors; left ... (21 classes in the file, 6 here); unused from the file: ...`"""
+    """`--init-from FILE: loaded N of M tensors; left as built ... (21 classes in the file, 6 here); unused from the
+    file: ...`, the tensors named in groups. BatchNorm's counters are not counted: they hold no weights."""
     weights = [k for k in own if not k.endswith('.num_batches_tracked')]
     reshaped = [k for k in weights if k in state and k not in fits]
+    left = []
+    if reshaped:    # a head of another class count: its first dimension is the classes
+        theirs = {state[k].shape[0] for k in reshaped
+                  if state[k].dim() and own[k].dim() and own[k].shape[0] == num_classes}
+        why = f'{theirs.pop()} classes in the file, {num_classes} here' if len(theirs) == 1 else 'other shapes there'
+        left.append(f'{short_names(reshaped)} ({why})')
     absent = [k for k in weights if k not in state]
+    if absent:
+        left.append(f'{short_names(absent)} (not in the file)')
     unused = [k for k in state if k not in own and not k.endswith('.num_batches_tracked')]
-    theirs = {state[k].shape[0] for k in reshaped
-              if state[k].dim() and own[k].dim() and own[k].shape[0] == num_classes}
-    left = [f'{short_names(reshaped)} ' + (f'({theirs.pop()} classes in the file, {num_classes} here)'
-                                           if len(theirs) == 1 else '(other shapes in the file)')] if reshaped else []
-    left += [f'{short_names(absent)} (not in the file)'] if absent else []
     text = f'--init-from {path}: loaded {sum(k in fits for k in weights)} of {len(weights)} tensors; '
     text += f'left as built {", ".join(left)}' if left else 'nothing left as built'
     return text + (f'; unused from the file: {short_names(unused)}' if unused else '')

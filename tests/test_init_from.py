@@ -197,3 +197,20 @@ def test_a_missing_or_corrupt_file_is_one_line_naming_it(case, fcn_ckpt, demo_vo
     line = one_error_line(res, str(path))
     assert {'missing': 'does not exist', 'truncated': 'not a readable --init-from file',
             'not_a_state_dict': 'holds no state_dict'}[case] in line
+
+
+def test_tensors_the_file_lacks_are_left_and_named(fcn_ckpt, tmp_path, capsys):
+    """A checkpoint without the last resnet stage (7.*): that stage stays as built, and the line says so."""
+    file = torch.load(fcn_ckpt, weights_only=True)['model']
+    path = tmp_path / 'partial.pt'
+    torch.save({k: v for k, v in file.items() if not k.startswith('7.')}, path)
+    net = sd.fcn_resnet18(21)
+    built = {k: v.clone() for k, v in net.state_dict().items()}
+    sd.init_from(net, path, 'fcn', 21)
+    stage = [k for k in file if k.startswith('7.') and not k.endswith('.num_batches_tracked')]
+    n = sum(not k.endswith('.num_batches_tracked') for k in file)
+    assert capsys.readouterr().out.strip() == (f'--init-from {path}: loaded {n - len(stage)} of {n} tensors; left as '
+                                               f'built 7.* ({len(stage)}) (not in the file)')
+    state = net.state_dict()
+    assert all(torch.equal(state[k], built[k]) for k in state if k.startswith('7.'))
+    assert all(torch.equal(state[k], file[k]) for k in state if not k.startswith('7.'))
