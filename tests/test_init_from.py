@@ -20,9 +20,10 @@ from PIL import Image
 
 import some_define as sd
 from test_reliability import MY_TRAIN, ORIGIN_TRAIN, one_error_line, run_inprocess
-from test_weights import save_named
+from test_weights import places, save_named  # noqa: F401 - places: the weights' places, empty and offline
 
 FAST = ['--epochs', '1', '--batch-size', '4', '--crop-size', '32', '64', '--no-pretrained', '--workers', '0']
+IMAGENET = [a for a in FAST if a != '--no-pretrained']     # the ImageNet default: none here, nothing to download
 COCO = torchvision.models.segmentation.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1
 COCO_NAME = 'deeplabv3_resnet50_coco-cd0a2569.pth'
 FCN_HEAD = ['final_conv.weight', 'final_conv.bias', 'transpose_conv.weight', 'transpose_conv.bias']
@@ -96,7 +97,7 @@ def coco(coco_file, monkeypatch):
 
 
 # -------------------------------------------------------------------------------------------- our checkpoints
-def test_a_checkpoint_of_other_classes_starts_a_run_that_trains(fcn_ckpt, three_classes, tmp_path):
+def test_a_checkpoint_of_other_classes_starts_a_run_that_trains(fcn_ckpt, three_classes, tmp_path, places):
     file = torch.load(fcn_ckpt, weights_only=True)['model']
     starts, train = [], sd.train_ch13
 
@@ -106,7 +107,7 @@ def test_a_checkpoint_of_other_classes_starts_a_run_that_trains(fcn_ckpt, three_
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sd, 'train_ch13', recorded)
         res = run_ok(ORIGIN_TRAIN, ['--dataset', 'folder', '--data-dir', three_classes, '--init-from', fcn_ckpt]
-                     + FAST + ['--batch-size', '2'], tmp_path)
+                     + IMAGENET + ['--batch-size', '2'], tmp_path)
     weights = [k for k in file if not k.endswith('.num_batches_tracked')]
     assert init_line(res) == (f'--init-from {fcn_ckpt}: loaded {len(weights) - 4} of {len(weights)} tensors; left '
                               f'as built {", ".join(FCN_HEAD)} (21 classes in the file, 3 here)')
@@ -129,11 +130,12 @@ def test_a_checkpoint_of_the_same_classes_leaves_nothing(fcn_ckpt, demo_voc, tmp
 
 
 # ----------------------------------------------------------------------------------- torchvision's COCO files
-def test_torchvisions_coco_file_with_its_21_classes(coco, demo_voc, tmp_path, monkeypatch):
+def test_torchvisions_coco_file_with_its_21_classes(coco, demo_voc, tmp_path, monkeypatch, places):
+    """No --no-pretrained: the ImageNet resnet50, which the file replaces, is neither here nor downloadable."""
     path, state = coco
     starts = captured_start(monkeypatch)
     res = run_ok(MY_TRAIN, ['--data-dir', demo_voc, '--model', 'deeplabv3_resnet50', '--finetune-epochs', '0',
-                            '--init-from', path] + FAST, tmp_path)
+                            '--init-from', path] + IMAGENET, tmp_path)
     assert init_line(res) == (f'--init-from {path}: loaded 302 of 302 tensors; nothing left as built; unused from '
                               'the file: aux_classifier.* (7)')
     start = starts[0]
