@@ -19,20 +19,15 @@ import torchvision
 from PIL import Image
 
 import some_define as sd
+from test_flags import FAST, run_ok
+from test_flags import fcn as fcn_ckpt  # noqa: F401 - origin_train.py, one epoch on the demo data: 21 classes
 from test_reliability import MY_TRAIN, ORIGIN_TRAIN, one_error_line, run_inprocess
 from test_weights import places, save_named  # noqa: F401 - places: the weights' places, empty and offline
 
-FAST = ['--epochs', '1', '--batch-size', '4', '--crop-size', '32', '64', '--no-pretrained', '--workers', '0']
 IMAGENET = [a for a in FAST if a != '--no-pretrained']     # the ImageNet default: none here, nothing to download
 COCO = torchvision.models.segmentation.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1
 COCO_NAME = 'deeplabv3_resnet50_coco-cd0a2569.pth'
 FCN_HEAD = ['final_conv.weight', 'final_conv.bias', 'transpose_conv.weight', 'transpose_conv.bias']
-
-
-def run_ok(script, args, cwd):
-    res = run_inprocess(script, args, cwd)
-    assert res.code == 0, f'{script.name} {" ".join(map(str, args))}\n{res.err}\n{res.out[-3000:]}'
-    return res
 
 
 def init_line(res):
@@ -50,14 +45,6 @@ def captured_start(monkeypatch):
 
 
 @pytest.fixture(scope='module')
-def fcn_ckpt(demo_voc, tmp_path_factory):
-    """origin_train.py, one epoch on the demo data: a checkpoint of 21 classes."""
-    work = tmp_path_factory.mktemp('fcn')
-    run_ok(ORIGIN_TRAIN, ['--data-dir', demo_voc] + FAST, work)
-    return work / 'checkpoints' / 'origin.pt'
-
-
-@pytest.fixture(scope='module')
 def three_classes(tmp_path_factory):
     """A user's own data of 3 classes in the folder layout: images/{train,val}/, masks/{train,val}/, classes.txt."""
     root, rng = tmp_path_factory.mktemp('own') / 'shapes', np.random.default_rng(0)
@@ -65,7 +52,8 @@ def three_classes(tmp_path_factory):
         for folder in ('images', 'masks'):
             (root / folder / split).mkdir(parents=True)
         for i in range(n):
-            Image.fromarray(rng.integers(0, 256, (48, 72, 3), dtype=np.uint8)).save(root / 'images' / split / f'{i}.jpg')
+            image = rng.integers(0, 256, (48, 72, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / 'images' / split / f'{i}.jpg')
             mask = np.zeros((48, 72), np.uint8)
             mask[5:25, 10:40], mask[30:45, 45:70] = 1, 2
             Image.fromarray(mask).save(root / 'masks' / split / f'{i}.png')
