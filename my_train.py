@@ -95,9 +95,11 @@ def main():
     model_args = dict(name=args.model, num_classes=len(data.classes.names), norm=args.norm, aux_loss=args.aux_loss)
     config = dict(vars(args), stage='train', data_dir=str(data.root), data_title=data.title)
     ckpt = sd.Checkpoint(args.save, model_args, config, data.classes, resume=args.resume, curves=CURVES)
-    # a resumed run's weights replace the ImageNet ones: they need not be loaded
-    model = sd.build_model(**model_args, pretrained=args.pretrained and not ckpt.resuming,
+    # a resumed run's weights, or those of --init-from, replace the ImageNet ones: they need not be loaded
+    model = sd.build_model(**model_args, pretrained=args.pretrained and not (ckpt.resuming or args.init_from),
                            weights_path=args.backbone_weights)
+    if args.init_from:      # a trained model: what fits is loaded, a head of other classes starts anew
+        sd.init_from(model, args.init_from, args.model, model_args['num_classes'])
     net = sd.place_model(model, device, channels_last, args.sync_bn, args.compile)
     weights = None
     if args.loss == 'weighted_ce' or (args.loss == 'focal' and args.class_weights):

@@ -48,8 +48,11 @@ def main():
                   data_title=data.title)
     model_args = dict(name='fcn', num_classes=num_classes, norm='batch', aux_loss=False)    # what rebuilds it
     ckpt = sd.Checkpoint(args.save, model_args, config, data.classes, resume=args.resume, curves=CURVES)
-    # a resumed run's weights replace the ImageNet ones: they need not be loaded
-    model = sd.fcn_resnet18(num_classes, args.pretrained and not ckpt.resuming, args.backbone_weights)
+    # a resumed run's weights, or those of --init-from, replace the ImageNet ones: they need not be loaded
+    model = sd.fcn_resnet18(num_classes, args.pretrained and not (ckpt.resuming or args.init_from),
+                            args.backbone_weights)
+    if args.init_from:      # a trained FCN: what fits is loaded, a head of other classes starts anew
+        sd.init_from(model, args.init_from, 'fcn', num_classes)
     net = sd.place_model(model, device, channels_last, args.sync_bn, args.compile)     # DDP/compiled when asked
     loss = sd.cross_entropy_loss
     trainer = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)

@@ -2038,11 +2038,12 @@ def load_torch_file(path, what='checkpoint', advice='train first, or pass a chec
                         f'{advice}') from None
 
 
-def check_named_hash(path, url):
+def check_named_hash(path, instead='pass --no-pretrained'):
     """A file under a name torchvision publishes, `<name>-<first hex digits of its sha256>.pth`, must hash to that
     prefix: a wrong file under the right name (a 580 KB one circulates as resnet18-f37072fd.pth) stops here, in one
-    line. Other names (a user's resnet18-20240115.pth) carry no hash: only their keys and shapes are checked."""
-    published = {w.url.rsplit('/', 1)[1] for name in torchvision.models.list_models()
+    line, which offers its URL or `instead`. Other names (a user's resnet18-20240115.pth) carry no hash: only their
+    keys and shapes are checked."""
+    published = {w.url.rsplit('/', 1)[1]: w.url for name in torchvision.models.list_models()
                  for w in torchvision.models.get_model_weights(name)}
     match = torch.hub.HASH_REGEX.search(path.name)
     if path.name not in published or not match or not path.is_file():     # a folder: load_torch_file says so
@@ -2050,8 +2051,8 @@ def check_named_hash(path, url):
     digest = hashlib.sha256(path.read_bytes()).hexdigest()     # read whole, as torch.load reads it next
     if not digest.startswith(match.group(1)):
         raise UserError(f'{path} ({path.stat().st_size:,} bytes) is not the file its name says: its sha256 should '
-                        f'start with {match.group(1)}, it starts with {digest[:8]}: replace it with {url}, or pass '
-                        '--no-pretrained')
+                        f'start with {match.group(1)}, it starts with {digest[:8]}: replace it with '
+                        f'{published[path.name]}, or {instead}')
 
 
 def backbone_state_dict(arch, weights_path=None):
@@ -2071,7 +2072,7 @@ def backbone_state_dict(arch, weights_path=None):
             raise UserError(f'no ImageNet {arch} weights here and the download failed ({error_line(err)}): put '
                             f'{url} next to the scripts, or pass --backbone-weights FILE, or train from '
                             'scratch with --no-pretrained') from None
-    check_named_hash(path, url)
+    check_named_hash(path)
     advice = f'pass torchvision\'s {filename} ({url}), or --no-pretrained'
     state = load_torch_file(path, f'{arch} weights file', advice)
     with torch.device('meta'):      # the expected names and shapes, without allocating or drawing random numbers
@@ -2082,6 +2083,69 @@ def backbone_state_dict(arch, weights_path=None):
             getattr(state[k], 'shape', None) != expected[k].shape for k in state):
         raise UserError(f'{path} is not a torchvision {arch} state_dict: {advice}')
     return state
+
+
+# Starting from a trained model (--init-from): one of these scripts' checkpoints, or a torchvision segmentation file
+INIT_ADVICE = ('pass a checkpoint these scripts wrote, or a torchvision segmentation weights file such as '
+               'deeplabv3_resnet50_coco-cd0a2569.pth')
+COCO_FILES = {name: torchvision.models.get_model_weights(name).COCO_WITH_VOC_LABELS_V1.url.rsplit('/', 1)[1]
+              for name in ('deeplabv3_resnet50', 'deeplabv3_resnet101')}      # 21 VOC classes, trained on COCO
+
+
+def init_state(path):
+    """--init-from's tensors, read with weights_only=True: a checkpoint's `model` (ours; torchvision's references
+    save theirs so too) or a plain state_dict (torchvision's published files), whose name is hash-checked."""
+    path = Path(path)
+    check_named_hash(path, 'drop --init-from')
+    state = load_torch_file(path, '--init-from file', INIT_ADVICE)
+    if isinstance(state, dict) and isinstance(state.get('model'), dict):
+        state = state['model']
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f'{path} holds no state_dict (tensors by name): {INIT_ADVICE}')
+    return state
+
+
+def init_from(model, path, name, num_classes):
+    """Loads, in place, every tensor of the file whose name and shape are the model's; the others stay as built, so
+    a head of another class count starts fresh (torchvision's COCO files fine-tuned to a user's classes). One line
+    says how much was loaded and what was left; a file that fits nothing is the file of another model."""
+    state, own = init_state(path), model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    if all(k.endswith('.num_batches_tracked') for k in fits):   # BatchNorm's counters alone hold no weights
+        coco = f", or torchvision's {COCO_FILES[name]}" if name in COCO_FILES else ''
+        raise UserError(f'{path} fits nothing in a {name}: none of its tensors has a name and shape of this model '
+                        f"(it holds {short_names(state)}), it is another model's: pass a checkpoint of a {name}{coco}")
+    model.load_state_dict(fits, strict=False)
+    log(init_report(path, state, own, fits, num_classes))
+
+
+def init_report(path, state, own, fits, num_classes):
+    """`--init-from FILE: loaded N of M tensors; left as built ... (21 classes in the file, 6 here); unused from the
+    file: ...`, the tensors named in groups. BatchNorm's counters are not counted: they hold no weights."""
+    weights = [k for k in own if not k.endswith('.num_batches_tracked')]
+    reshaped = [k for k in weights if k in state and k not in fits]
+    left = []
+    if reshaped:    # a head of another class count: its first dimension is the classes
+        theirs = {state[k].shape[0] for k in reshaped
+                  if state[k].dim() and own[k].dim() and own[k].shape[0] == num_classes}
+        why = f'{theirs.pop()} classes in the file, {num_classes} here' if len(theirs) == 1 else 'other shapes there'
+        left.append(f'{short_names(reshaped)} ({why})')
+    absent = [k for k in weights if k not in state]
+    if absent:
+        left.append(f'{short_names(absent)} (not in the file)')
+    unused = [k for k in state if k not in own and not k.endswith('.num_batches_tracked')]
+    text = f'--init-from {path}: loaded {sum(k in fits for k in weights)} of {len(weights)} tensors; '
+    text += f'left as built {", ".join(left)}' if left else 'nothing left as built'
+    return text + (f'; unused from the file: {short_names(unused)}' if unused else '')
+
+
+def short_names(names, most=4):
+    """Tensor names grouped by their first part: written out where a group is small, else `part.* (count)`."""
+    groups = {}
+    for name in names:
+        groups.setdefault(name.split('.')[0], []).append(name)
+    return ', '.join(', '.join(group) if len(group) <= most else f'{first}.* ({len(group)})'
+                     for first, group in groups.items())
 
 
 # ------------------------------------------------------------------------------------------ file writes and checkpoints
@@ -2357,6 +2421,7 @@ def recipe_title(config):
         text += f' + {config["finetune_epochs"]} ep at {config["finetune_lr"]:g}'
     extras = [f'{k} {config[k]}' for k in ('loss', 'norm') if config.get(k) not in (None, 'ce', 'batch')]
     extras += [f'{k} {config[k]:g}' for k in ('cutmix', 'copyblob') if config.get(k)]
+    extras += [f'from {Path(config["init_from"]).name}'] if config.get('init_from') else []
     return text + (f' ({", ".join(extras)})' if extras else '')
 
 
@@ -2380,11 +2445,18 @@ def picture_crop(config):
 # ---------------------------------------------------------------------------------------------------------------- flags
 def parse_with_demo(parser, demo):
     """parser.parse_args(); with --demo, parsed again with the script's `demo` recipe as defaults (flags given still
-    win). --backbone-weights is used even where the recipe trains from scratch; beside --no-pretrained: an error."""
+    win). --backbone-weights is used even where the recipe trains from scratch; beside --no-pretrained: an error.
+    --init-from starts a new run from a file's weights: beside --resume or --backbone-weights, an error."""
     args = parser.parse_args()
     if args.demo:
         parser.set_defaults(**demo)
         args = parser.parse_args()
+    if getattr(args, 'init_from', None) and args.resume:
+        raise UserError('--init-from and --resume contradict each other: --resume continues the checkpoint at --save '
+                        '(an interrupted --init-from run too), --init-from starts a new run: drop one')
+    if getattr(args, 'init_from', None) and args.backbone_weights:
+        raise UserError('--init-from and --backbone-weights contradict each other: the --init-from file holds the '
+                        'backbone too: drop one')
     if getattr(args, 'backbone_weights', None) and not args.pretrained:
         if '--no-pretrained' in sys.argv:
             raise UserError('--backbone-weights and --no-pretrained contradict each other: drop one')
@@ -2434,6 +2506,10 @@ def add_recipe_args(parser, epochs, lr, weight_decay, batch_size, crop_size, sav
                    '(default: ImageNet weights; --demo: random)')
     g.add_argument('--backbone-weights', help='the ImageNet backbone file, e.g. resnet18-f37072fd.pth, used with '
                    "--demo too (default: that file next to the scripts, else torchvision's cache or download)")
+    g.add_argument('--init-from', metavar='FILE', help="start from a trained model: a checkpoint of these scripts "
+                   "(any classes) or torchvision's deeplabv3_resnet50_coco-cd0a2569.pth / "
+                   'deeplabv3_resnet101_coco-586e9e4e.pth; tensors of matching name and shape are loaded, a head of '
+                   'other classes starts anew (default: none, the ImageNet backbone)')
     g.add_argument('--save', default=save, help=f'checkpoint path (default: {save})')
     g.add_argument('--resume', action='store_true', help='continue the checkpoint(s) at --save to the planned '
                    'epochs (default: start anew; an existing checkpoint is kept as *.prev.pt)')
