@@ -824,7 +824,8 @@ def build_model(name, num_classes=21, pretrained=False, weights_path=None, norm=
 
 
 # --------------------------------------------------------------------------------------------- losses and class weights
-LOSSES = ('ce', 'weighted_ce', 'focal')
+LOSSES = ('ce', 'weighted_ce', 'focal', 'dice', 'ce+dice')
+DICE_EPS = 1e-7        # the floor of Dice's denominator, segmentation_models_pytorch's
 # The tutorial's 19 Cityscapes class weights (--class-weights tutorial).
 TUTORIAL_CITYSCAPES_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023, 0.9539,
                                0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507]
@@ -851,8 +852,31 @@ class FocalLoss(nn.Module):
         return torch.where(valid, -focal * logp_y * weight, torch.zeros_like(logp_y))
 
 
+def dice_loss(logits, target, weight=None, ignore_index=IGNORE_INDEX):
+    """Multiclass soft Dice loss over the whole batch, one number, as segmentation_models_pytorch's
+    DiceLoss(mode='multiclass', from_logits=True, ignore_index=255) computes it: for each class c,
+    1 - 2 sum(p_c t_c) / (sum p_c + sum t_c) over the batch's labelled pixels (ignored ones are in neither sum), 0
+    for a class no labelled pixel has; then the mean over all classes, or with `weight` the weighted mean
+    sum(w_c loss_c) / sum(w_c). In fp32 whatever the autocast: sums over a whole batch lose digits in half precision.
+    The per-class sums are scattered by label (no one-hot tensor the size of the logits)."""
+    p = logits.float().log_softmax(1).exp()
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target))      # gather and scatter need in-range indices
+    p = p * valid.unsqueeze(1)
+    num_classes, index = p.shape[1], safe.reshape(-1)
+    intersection = p.new_zeros(num_classes).scatter_add(0, index, p.gather(1, safe.unsqueeze(1)).reshape(-1))
+    labelled = p.new_zeros(num_classes).scatter_add(0, index, valid.reshape(-1).to(p.dtype))
+    dice = intersection / (0.5 * (p.sum((0, 2, 3)) + labelled)).clamp_min(DICE_EPS)
+    loss = (1.0 - dice) * (labelled > 0)
+    return loss.mean() if weight is None else (loss * weight).sum() / weight.sum()
+
+
 def make_loss(name='ce', weight=None, gamma=2.0, device=None):
-    """A per-example loss by name (LOSSES), averaged over H and W like the book's; weights moved to `device` once."""
+    """A per-example loss by name (LOSSES), averaged over H and W like the book's; weights moved to `device` once.
+    Dice is one number for the batch, given to each of its examples: the batch's sum, which train_batch_ch13
+    back-propagates, is then batch size x Dice, on the scale of the book's summed cross entropy, and the reported
+    loss per example is the Dice loss. ce+dice adds the two (with `weight`, both weighted), as
+    segmentation_models_pytorch's and mmsegmentation's users combine them."""
     weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32).to(device)
     if name == 'ce':
         return cross_entropy_loss
@@ -860,6 +884,11 @@ def make_loss(name='ce', weight=None, gamma=2.0, device=None):
         if weight is None:
             raise UserError('--loss weighted_ce needs class weights')
         return lambda inputs, targets: cross_entropy_loss(inputs, targets, weight)
+    if name in ('dice', 'ce+dice'):
+        def dice_per_example(inputs, targets):
+            dice = dice_loss(inputs, targets, weight).expand(inputs.shape[0])
+            return dice + cross_entropy_loss(inputs, targets, weight) if name == 'ce+dice' else dice
+        return dice_per_example
     focal = FocalLoss(gamma=gamma, weight=weight)      # 'focal': the flags allow no other name (LOSSES)
     return lambda inputs, targets: focal(inputs, targets).mean(1).mean(1)
 
