@@ -19,6 +19,7 @@ BATCH_SIZE, CROP_SIZE = 32, [320, 480]
 FINETUNE_EPOCHS, FINETUNE_LR = 10, 1e-5     # the second stage, from the first stage's weights
 SAVE, CURVES = 'checkpoints/my.pt', 'pictures/my_curves.png'
 FREQUENCIES = 'pictures/class_frequencies.png'      # drawn when class weights are counted
+WEIGHTED_LOSSES = ('focal', 'dice', 'ce+dice')       # unweighted unless --class-weights is given
 # --demo: a CPU and no dataset. Small crops and batches, 8 + 2 epochs, no ImageNet weights to download; from scratch
 # Adam needs 10x the lr (1e-4 does not get far in 8 epochs).
 DEMO = dict(epochs=8, batch_size=8, crop_size=[64, 96], pretrained=False, lr=1e-3, finetune_epochs=2,
@@ -38,9 +39,9 @@ def build_parser():
                    help=f'default: {FINETUNE_LR:g}; --demo: {DEMO["finetune_lr"]:g}')
     t = parser.add_argument_group("the tutorial's techniques")
     t.add_argument('--loss', default='ce', choices=sd.LOSSES, help='default: ce')
-    t.add_argument('--class-weights', help='for weighted_ce/focal: "counts" (from the training labels\' pixel '
-                   'counts), "tutorial" (its 19 Cityscapes weights) or a file of one weight per class (default: '
-                   'counts for weighted_ce, none for focal)')
+    t.add_argument('--class-weights', help='for weighted_ce, focal, dice, ce+dice: "counts" (from the training '
+                   'labels\' pixel counts), "tutorial" (its 19 Cityscapes weights) or a file of one weight per class '
+                   '(default: counts for weighted_ce, none for the others)')
     t.add_argument('--focal-gamma', type=float, default=2.0, help='default: 2.0 (0 is cross entropy)')
     t.add_argument('--norm', default='batch', choices=sd.NORMS, help='replace every BatchNorm2d (default: batch; '
                    'evo = EvoNorm-S0)')
@@ -59,8 +60,8 @@ def get_args():
 
 
 def class_weights(args, train_ds, data):
-    """--loss weighted_ce / focal: the tutorial's Cityscapes table, a file, or from the training labels' pixel
-    counts (ENet's 1/ln(1.02 + share), shown as a table and a chart)."""
+    """--loss weighted_ce (or focal, dice, ce+dice with --class-weights): the tutorial's Cityscapes table, a file,
+    or from the training labels' pixel counts (ENet's 1/ln(1.02 + share), shown as a table and a chart)."""
     names = data.classes.names
     if args.class_weights == 'tutorial':
         if data.kind != 'cityscapes':
@@ -102,7 +103,7 @@ def main():
         sd.init_from(model, args.init_from, args.model, model_args['num_classes'])
     net = sd.place_model(model, device, channels_last, args.sync_bn, args.compile)
     weights = None
-    if args.loss == 'weighted_ce' or (args.loss == 'focal' and args.class_weights):
+    if args.loss == 'weighted_ce' or (args.loss in WEIGHTED_LOSSES and args.class_weights):
         weights = class_weights(args, train_iter.dataset, data)
     loss = sd.make_loss(args.loss, weights, args.focal_gamma, device)
     pairs = sd.parse_pairs(args.copyblob_pairs, data.classes.names, data.kind) if args.copyblob else []

@@ -7,7 +7,7 @@ tutorial's techniques: this project's d2l/torch.py, holding no recipe (the four 
   2. The improvement: ResNetUNet, and its fine-tune's checkpoint.
   3. The tutorial's techniques: Cityscapes data and augmentation, DeepLabV3, Batch/Instance/Group/EvoNorm, focal
      and class-weighted losses, CutMix, CopyBlob, confusion matrix and mIoU, multi-scale and original-size evaluation.
-  4. Your own data: class files, the images/ + masks/ folders, segmenting your photos.
+  4. Your own data: class files, the images/ + masks/ folders, labelme2voc's layout, segmenting your photos.
   5. The machinery: errors and stops, torchrun and seeds, speed paths (fast equivalents of the book's layers, data
      kept on the device, mixed precision), finding and downloading data, weights files, file writes and checkpoints,
      devices, pictures, flags, the demo-data generator.
@@ -824,7 +824,8 @@ def build_model(name, num_classes=21, pretrained=False, weights_path=None, norm=
 
 
 # --------------------------------------------------------------------------------------------- losses and class weights
-LOSSES = ('ce', 'weighted_ce', 'focal')
+LOSSES = ('ce', 'weighted_ce', 'focal', 'dice', 'ce+dice')
+DICE_EPS = 1e-7        # the floor of Dice's denominator, segmentation_models_pytorch's
 # The tutorial's 19 Cityscapes class weights (--class-weights tutorial).
 TUTORIAL_CITYSCAPES_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023, 0.9539,
                                0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507]
@@ -851,8 +852,31 @@ class FocalLoss(nn.Module):
         return torch.where(valid, -focal * logp_y * weight, torch.zeros_like(logp_y))
 
 
+def dice_loss(logits, target, weight=None, ignore_index=IGNORE_INDEX):
+    """Multiclass soft Dice loss over the whole batch, one number, as segmentation_models_pytorch's
+    DiceLoss(mode='multiclass', from_logits=True, ignore_index=255) computes it: for each class c,
+    1 - 2 sum(p_c t_c) / (sum p_c + sum t_c) over the batch's labelled pixels (ignored ones are in neither sum), 0
+    for a class no labelled pixel has; then the mean over all classes, or with `weight` the weighted mean
+    sum(w_c loss_c) / sum(w_c). In fp32 whatever the autocast: sums over a whole batch lose digits in half precision.
+    The per-class sums are scattered by label (no one-hot tensor the size of the logits)."""
+    p = logits.float().log_softmax(1).exp()
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target))      # gather and scatter need in-range indices
+    p = p * valid.unsqueeze(1)
+    num_classes, index = p.shape[1], safe.reshape(-1)
+    intersection = p.new_zeros(num_classes).scatter_add(0, index, p.gather(1, safe.unsqueeze(1)).reshape(-1))
+    labelled = p.new_zeros(num_classes).scatter_add(0, index, valid.reshape(-1).to(p.dtype))
+    dice = intersection / (0.5 * (p.sum((0, 2, 3)) + labelled)).clamp_min(DICE_EPS)
+    loss = (1.0 - dice) * (labelled > 0)
+    return loss.mean() if weight is None else (loss * weight).sum() / weight.sum()
+
+
 def make_loss(name='ce', weight=None, gamma=2.0, device=None):
-    """A per-example loss by name (LOSSES), averaged over H and W like the book's; weights moved to `device` once."""
+    """A per-example loss by name (LOSSES), averaged over H and W like the book's; weights moved to `device` once.
+    Dice is one number for the batch, given to each of its examples: the batch's sum, which train_batch_ch13
+    back-propagates, is then batch size x Dice, on the scale of the book's summed cross entropy, and the reported
+    loss per example is the Dice loss. ce+dice adds the two (with `weight`, both weighted), as
+    segmentation_models_pytorch's and mmsegmentation's users combine them."""
     weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32).to(device)
     if name == 'ce':
         return cross_entropy_loss
@@ -860,6 +884,11 @@ def make_loss(name='ce', weight=None, gamma=2.0, device=None):
         if weight is None:
             raise UserError('--loss weighted_ce needs class weights')
         return lambda inputs, targets: cross_entropy_loss(inputs, targets, weight)
+    if name in ('dice', 'ce+dice'):
+        def dice_per_example(inputs, targets):
+            dice = dice_loss(inputs, targets, weight).expand(inputs.shape[0])
+            return dice + cross_entropy_loss(inputs, targets, weight) if name == 'ce+dice' else dice
+        return dice_per_example
     focal = FocalLoss(gamma=gamma, weight=weight)      # 'focal': the flags allow no other name (LOSSES)
     return lambda inputs, targets: focal(inputs, targets).mean(1).mean(1)
 
@@ -1239,7 +1268,7 @@ def read_classes(path):
 
 def cvat_split(folder, txt, is_train, val_share):
     """(default.txt, ids) of CVAT's export of a task without subsets: with `val_share`, that share of its ids held
-    out as val, drawn with a fixed seed (the same ids whatever --seed, so that predict finds the same val)."""
+    out as val (held_out)."""
     default = folder / 'default.txt'
     if val_share and txt.exists():
         raise UserError(f'{txt} exists: --val-share is for {default.name} alone, drop it')
@@ -1250,12 +1279,60 @@ def cvat_split(folder, txt, is_train, val_share):
     if not default.exists():
         raise UserError(f'split file {default} is missing: --val-share splits a CVAT export\'s default.txt, drop it')
     ids = [line.strip() for line in default.read_text().splitlines() if line.strip()]
+    return default, held_out(ids, is_train, val_share, default)
+
+
+def held_out(ids, is_train, val_share, source):
+    """The train or val side of `ids` (from the file or folder `source`, for messages): the share `val_share` of them
+    held out as val, drawn with a fixed seed (the same ids whatever --seed, so that predict finds the same val)."""
     k = round(val_share * len(ids))
     if not 0 < k < len(ids):
-        raise UserError(f'--val-share {val_share:g} holds {k} of the {len(ids)} ids of {default} out: pass a share '
+        raise UserError(f'--val-share {val_share:g} holds {k} of the {len(ids)} ids of {source} out: pass a share '
                         'that leaves ids for both train and val, e.g. 0.2')
     held = set(np.random.default_rng(0).choice(len(ids), k, replace=False).tolist())
-    return default, [name for i, name in enumerate(ids) if (i in held) != is_train]
+    return [name for i, name in enumerate(ids) if (i in held) != is_train]
+
+
+# labelme's examples/semantic_segmentation/labelme2voc.py writes class_names.txt (`_background_` first; its labels
+# file's `__ignore__`, value -1, is dropped there and stored as 255 in the label PNGs), JPEGImages/<name>.jpg, label
+# PNGs of class indices in VOC's palette in SegmentationClass/ (SegmentationClassPNG/ in versions whose
+# SegmentationClass/ holds the .npy arrays) and SegmentationClassVisualization/; no split file.
+LABELME_VAL_SHARE = 0.2     # the share of a labelme export held out as val unless --val-share says otherwise
+
+
+def is_labelme(root):
+    """labelme2voc's output: class_names.txt and no VOC split files."""
+    return (Path(root) / 'class_names.txt').is_file() and not (Path(root) / 'ImageSets').exists()
+
+
+def labelme_classes(path):
+    """labelme2voc's class_names.txt: one name a line, `__ignore__` dropped (255 is ignored anyway), `_background_`
+    named background, colours from VOC's palette (labelme's label PNGs carry it)."""
+    try:
+        names = [line.strip() for line in Path(path).read_text().splitlines()]
+    except OSError as err:
+        raise UserError(f'{path} cannot be read ({err.strerror or err}): write it again with labelme2voc') from None
+    names = ['background' if n == '_background_' else n for n in names if n and n != '__ignore__']
+    if len(names) < 2:
+        raise UserError(f'{path} names {len(names)} classes: labelme2voc writes _background_ and one class a line')
+    return Classes(names, palette_colors(len(names)))
+
+
+def labelme_files(root, is_train=True, val_share=LABELME_VAL_SHARE):
+    """labelme2voc's (JPEGImages/<name>.jpg, label PNG) pairs, `val_share` of them held out as val (held_out)."""
+    root = Path(root)
+    labels = root / 'SegmentationClassPNG'
+    labels = labels if labels.is_dir() else root / 'SegmentationClass'
+    names = sorted(p.stem for p in labels.glob('*.png'))
+    if not names:
+        raise UserError(f'{labels} holds no label PNGs: {root} has class_names.txt (labelme2voc\'s layout), so '
+                        'run labelme2voc on the annotated folder again')
+    items = [(root / 'JPEGImages' / f'{name}.jpg', labels / f'{name}.png')
+             for name in held_out(names, is_train, val_share, labels)]
+    for image, label in items:
+        if not image.exists():
+            raise UserError(f'{image} is missing, the image of {label}: restore it, or move the label away')
+    return SplitFiles(items, labels, 'move it and its pair away')
 
 
 def folder_files(root, is_train=True):
@@ -1695,7 +1772,7 @@ def autocast(device, dtype):
 # ---------------------------------------------------------------------------------------------------- where the data is
 HERE = Path(__file__).resolve().parent
 DATA_DIR = HERE / 'data'                                    # --download and --demo write here
-# Where a run's data is; kind: voc, cityscapes or folder; val_share: the share of default.txt held out (--val-share)
+# Where a run's data is; kind: voc, cityscapes, folder or labelme; val_share: the share held out (--val-share)
 DataSource = collections.namedtuple('DataSource', 'kind root classes void_as_background title val_share',
                                     defaults=(None,))
 
@@ -1703,7 +1780,8 @@ DataSource = collections.namedtuple('DataSource', 'kind root classes void_as_bac
 def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_background=False, classes=None,
               val_share=None):
     """The DataSource of the data flags. --demo and --download write their data once (under torchrun in rank 0, while
-    the others wait). Without `classes` (a class file) a VOC layout's labelmap.txt (a CVAT export) gives the classes."""
+    the others wait). Without `classes` (a class file) a VOC layout's labelmap.txt (a CVAT export) gives the classes;
+    a folder with class_names.txt and no ImageSets/ is labelme2voc's output (labelme_files)."""
     if val_share and (demo or kind != 'voc'):
         raise UserError(f'--val-share splits the VOC layout\'s ImageSets/Segmentation/default.txt: drop it with '
                         f'--{"demo" if demo else "dataset " + kind}')
@@ -1730,6 +1808,10 @@ def find_data(kind='voc', data_dir=None, demo=None, download=False, void_as_back
             raise UserError(f'{root / "classes.txt"} is missing: write one class a line (`name`, or `name R G B` for '
                             'colour masks), background first, or pass --classes FILE')
         return DataSource('folder', root, read_classes(classes or found[0]), void_as_background, root.name)
+    if data_dir is not None and not download and is_labelme(data_dir):
+        root = Path(data_dir)
+        return DataSource('labelme', root, read_classes(classes) if classes else labelme_classes(
+            root / 'class_names.txt'), void_as_background, root.name, val_share or LABELME_VAL_SHARE)
     voc = find_voc_dir(data_dir, missing_ok=download)
     if download and voc:
         log(f'VOC2012 is already in {voc}: --download has nothing to fetch')
@@ -1749,7 +1831,9 @@ def open_dataset(data, is_train, crop_size=None, normalize=True):
     if data.kind == 'voc':
         return VOCSegDataset(is_train, crop_size, data.root, classes=data.classes, normalize=normalize,
                              void_as_background=data.void_as_background, val_share=data.val_share)
-    return SegDataset(folder_files(data.root, is_train), data.classes, crop_size, normalize, data.void_as_background)
+    files = labelme_files(data.root, is_train, data.val_share) if data.kind == 'labelme' else \
+        folder_files(data.root, is_train)
+    return SegDataset(files, data.classes, crop_size, normalize, data.void_as_background)
 
 
 def find_voc_dir(data_dir=None, missing_ok=False):
@@ -2473,12 +2557,15 @@ def add_data_args(parser, dataset_default='voc'):
     g.add_argument('--demo', nargs='?', const='voc', choices=['voc', 'folder'], help='a small synthetic dataset in '
                    'data/demo/ (VOC layout, or --demo folder) and a CPU-sized recipe (default: off)')
     g.add_argument('--dataset', choices=['voc', 'cityscapes', 'folder'], default=dataset_default, help='voc: the '
-                   'VOC layout; cityscapes: DIR/leftImg8bit/ and DIR/gtFine/; folder: DIR/images/{train,val}/, '
+                   "VOC layout, or labelme2voc's (class_names.txt); cityscapes: DIR/leftImg8bit/ and DIR/gtFine/; "
+                   'folder: DIR/images/{train,val}/, '
                    f'DIR/masks/{{train,val}}/, DIR/classes.txt (default: {dataset_default or "from the checkpoint"})')
     g.add_argument('--classes', metavar='FILE', help='`name` or `name R G B` lines, a class_dict.csv or a labelmap.txt '
-                   "(default: DIR/labelmap.txt, else VOC's 21; folder: DIR/classes.txt; predict: the checkpoint's)")
+                   "(default: DIR/labelmap.txt, else VOC's 21; folder: DIR/classes.txt; labelme: DIR/class_names.txt; "
+                   "predict: the checkpoint's)")
     g.add_argument('--val-share', type=float, metavar='SHARE', help='a CVAT export with only ImageSets/Segmentation/'
-                   'default.txt: hold this share out as val, e.g. 0.2 (default: none, train.txt and val.txt are read)')
+                   'default.txt, or a labelme export: hold this share out as val, e.g. 0.2 (default: none, train.txt '
+                   f'and val.txt are read; labelme: {LABELME_VAL_SHARE:g})')
     g.add_argument('--device', help='cpu, cuda or cuda:N (default: the GPU if there is one, else the CPU)')
     g.add_argument('--workers', type=int, help=f'DataLoader workers (default: min(4, CPUs), here {default_workers()})')
     g.add_argument('--seed', type=int, default=0, help='seed for weights, batch order and crops (default: 0)')
