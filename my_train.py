@@ -95,7 +95,10 @@ def main():
                                              channels_last=channels_last, on_device=args.data_on_device)
     model_args = dict(name=args.model, num_classes=len(data.classes.names), norm=args.norm, aux_loss=args.aux_loss)
     config = dict(vars(args), stage='train', data_dir=str(data.root), data_title=data.title)
-    ckpt = sd.Checkpoint(args.save, model_args, config, data.classes, resume=args.resume, curves=CURVES)
+    if args.resume and args.finetune_epochs:    # a fine-tune that would refuse this resume does so before stage 1 runs
+        sd.check_later_stage(sd.finetune_path(args.save), dict(config, stage='finetune'))
+    ckpt = sd.Checkpoint(args.save, model_args, config, data.classes, resume=args.resume, curves=CURVES,
+                         keep_best=args.keep_best)
     # a resumed run's weights, or those of --init-from, replace the ImageNet ones: they need not be loaded
     model = sd.build_model(**model_args, pretrained=args.pretrained and not (ckpt.resuming or args.init_from),
                            weights_path=args.backbone_weights)
@@ -120,7 +123,7 @@ def main():
     # Stage 2: 10 epochs at 1e-5 from stage 1's weights, with a fresh optimizer, into its own checkpoint.
     if args.finetune_epochs:
         ckpt = sd.Checkpoint(sd.finetune_path(args.save), model_args, dict(config, stage='finetune'), data.classes,
-                             resume=args.resume, curves=CURVES, earlier=ckpt.history)
+                             resume=args.resume, curves=CURVES, earlier=ckpt.history, keep_best=args.keep_best)
         sd.train_ch13(net, train_iter, test_iter, loss, optimizer(args.finetune_lr), args.finetune_epochs, [device],
                       checkpoint=ckpt, amp=amp, accum_steps=args.accum_steps, augment=augment)
 

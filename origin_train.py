@@ -47,7 +47,8 @@ def main():
     config = dict(vars(args), model='fcn', optimizer='sgd', stage='train', data_dir=str(data.root),
                   data_title=data.title)
     model_args = dict(name='fcn', num_classes=num_classes, norm='batch', aux_loss=False)    # what rebuilds it
-    ckpt = sd.Checkpoint(args.save, model_args, config, data.classes, resume=args.resume, curves=CURVES)
+    ckpt = sd.Checkpoint(args.save, model_args, config, data.classes, resume=args.resume, curves=CURVES,
+                         keep_best=args.keep_best)
     # a resumed run's weights, or those of --init-from, replace the ImageNet ones: they need not be loaded
     model = sd.fcn_resnet18(num_classes, args.pretrained and not (ckpt.resuming or args.init_from),
                             args.backbone_weights)

@@ -2292,25 +2292,116 @@ def save_checkpoint(obj, path):
                      'same command with --resume to continue')
 
 
+# --resume continues a run exactly, so every flag its checkpoint records must match, deny by default: a flag added later
+# is refused until it is named here. These change where and how fast the same numbers are computed (another device,
+# kernel, layout or worker count rounds differently or not at all; the recipe, the draws and the data stay) or where
+# the file now lies. --amp is not among them: it changes the precision of every step, and fp16 keeps GradScaler state.
+RESUME_MAY_CHANGE = ('workers', 'device', 'data_on_device', 'channels_last', 'cudnn_benchmark', 'compile',
+                     'detect_anomaly', 'download', 'save')
+# A stage's checkpoint may also see its own length extended (never below the epochs it finished) and what only a
+# later stage uses; a fine-tune's base (--epochs, its --finetune-lr) is its recipe.
+STAGE_MAY_CHANGE = {'train': ('epochs', 'finetune_epochs', 'finetune_lr'), 'finetune': ('finetune_epochs',)}
+STAGE_EPOCHS = {'train': 'epochs', 'finetune': 'finetune_epochs'}
+NOT_COMPARED = ('resume', 'flag_defaults')      # how a resume starts, and the bookkeeping below
+# What a resume takes from its checkpoint: how the run started (--init-from cannot be given beside --resume).
+RESUME_KEEPS = ('init_from',)
+Change = collections.namedtuple('Change', 'key was now allowed recorded')
+
+
+def flag_name(key):
+    return {'pretrained': '--no-pretrained', 'stage': 'the stage', 'data_title': 'the data'}.get(
+        key, '--' + key.replace('_', '-'))
+
+
+def shown_value(value):
+    if isinstance(value, bool):
+        return 'on' if value else 'off'
+    if isinstance(value, (list, tuple)):
+        return ' '.join(map(shown_value, value))
+    return 'unset' if value is None else f'{value:g}' if isinstance(value, float) else str(value)
+
+
+def resume_changes(saved_config, config, finished=0):
+    """What differs between a checkpoint's config and this run's, as Changes. A key the checkpoint lacks (it
+    predates the flag) is taken as the flag's default (config['flag_defaults']): `recorded` False says so."""
+    defaults, missing = config.get('flag_defaults') or {}, object()
+    stage = config.get('stage', 'train')
+    changes = []
+    for key in [k for k in {**saved_config, **config} if k not in NOT_COMPARED]:
+        recorded = key in saved_config
+        was, now = saved_config.get(key, defaults.get(key, missing)), config.get(key, missing)
+        if was == now and recorded:
+            continue
+        allowed = key in RESUME_MAY_CHANGE or key in STAGE_MAY_CHANGE.get(stage, ())
+        if key == STAGE_EPOCHS.get(stage) and now is not missing:
+            allowed = allowed and now >= finished
+        changes.append(Change(key, None if was is missing else was, None if now is missing else now,
+                              allowed or was == now, recorded))
+    return changes
+
+
+def check_resume(path, saved, config, say=True):
+    """--resume's check of a checkpoint's state `saved` against this run's config: one UserError naming every
+    refused change with both values, before anything is loaded; with `say`, one line naming the allowed ones."""
+    stage = config.get('stage', 'train')
+    changes = resume_changes(saved.get('config') or {}, config, saved.get('epoch', 0))
+
+    def was(c):
+        return f'was {shown_value(c.was)}' if c.recorded else \
+            f'was not recorded (the checkpoint predates it: taken as its default, {shown_value(c.was)})'
+    refused = [f'{flag_name(c.key)} {was(c)}, now {shown_value(c.now)}' + (
+        f' (fewer than the {saved.get("epoch")} epochs it has finished)' if c.key == STAGE_EPOCHS.get(stage) else '')
+        for c in changes if not c.allowed]
+    if refused:
+        raise UserError(f'--resume {path}: {"; ".join(refused)}: a resume continues exactly, so start a new --save, '
+                        "or resume with the checkpoint's flags")
+    moved = [f'{flag_name(c.key)} {shown_value(c.now)} (was {shown_value(c.was)})' for c in changes if c.recorded]
+    predates = [flag_name(c.key) for c in changes if not c.recorded]
+    if say and (moved or predates):
+        log(f'resuming {path}' + (f' with {", ".join(moved)}' if moved else '') + (
+            f'; it predates {", ".join(predates)}: taken as the default' if predates else ''))
+
+
+def check_later_stage(path, config):
+    """Refuses a resume whose later stage's checkpoint would refuse it, before the first stage trains on."""
+    if Path(path).exists():
+        check_resume(path, load_torch_file(path), config, say=False)
+
+
+def best_path(path):
+    """--keep-best's file beside a stage's checkpoint: my.pt -> my_best.pt, my_finetune.pt -> my_finetune_best.pt."""
+    return Path(path).with_stem(Path(path).stem + '_best')
+
+
 class Checkpoint:
     """One training stage's file, in plain types for torch.load(weights_only=True), with model_args to rebuild the
     model. Made before the model: `resuming` says whether an existing file is continued (its weights then replace the
     ImageNet ones, which are not loaded). `earlier`: the stage before's history (a fine-tune's curves continue it).
+    `keep_best`: also *_best.pt, the epoch of the best test mIoU so far, written after the checkpoint (which records
+    that epoch as `best`, so a resume mends a stop between the two writes).
     Checkpoint(None), the book's train_ch13 call: the history is kept, nothing is written or printed at the start."""
 
-    def __init__(self, path, model_args=None, config=None, classes=None, resume=False, curves=None, earlier=()):
+    def __init__(self, path, model_args=None, config=None, classes=None, resume=False, curves=None, earlier=(),
+                 keep_best=False):
         self.path = None if path is None else Path(path)
         self.model, self.curves, self.earlier = None, curves, list(earlier)
+        self.best_path = best_path(self.path) if keep_best and self.path is not None else None
         self.first_epoch = len(self.earlier)    # the run's epoch number of this stage's first
-        self.title = config and f'{recipe_title(config)} - {config["data_title"]}'
         self.state = dict(epoch=0, history=[], model_args=model_args,
                           num_classes=model_args and model_args['num_classes'])
         self.resuming = resume and self.path is not None and self.path.exists()
         if self.resuming:
             self.state = load_torch_file(self.path)
+            saved_config = self.state.get('config') or {}
+            if config is not None:
+                config = dict(config, **{k: saved_config[k] for k in RESUME_KEEPS if k in saved_config})
             if self.state.get('model_args') != model_args:
                 raise UserError(f'{path} was written for {self.state.get("model_args")}, this run builds '
                                 f'{model_args}: pass the same flags, or another --save')
+            if config is not None:
+                check_resume(self.path, self.state, config)
+            self.state.pop('kept_as', None)
+            self.resume_best()
         elif self.path is not None and self.path.exists() and is_main_process():
             prev = self.path.with_name(self.path.stem + '.prev' + self.path.suffix)
             try:
@@ -2319,6 +2410,7 @@ class Checkpoint:
                 raise write_error(prev, err, f'pass --resume to continue {path}, or another --save') from None
             log(f'{path} existed: kept as {prev} (use --resume to continue it instead)')
         self.saved = self.epoch     # the epochs the file on disk holds
+        self.title = config and f'{recipe_title(config)} - {config["data_title"]}'
         self.state.update(config=config, classes=classes and classes._asdict())
 
     @property
@@ -2329,9 +2421,27 @@ class Checkpoint:
     def history(self):
         return self.state['history']
 
+    def resume_best(self):
+        """A stop between end_epoch's two writes leaves *_best.pt behind the best epoch the checkpoint records: the
+        checkpoint then holds that epoch, and the copy is written as end_epoch would have (the loaded state as is)."""
+        best = self.state.get('best')
+        if self.best_path is None or not best or not is_main_process():
+            return
+        kept = load_torch_file(self.best_path)['epoch'] if self.best_path.exists() else 0
+        if kept >= best['epoch']:
+            return
+        if best['epoch'] != self.epoch:
+            log(f'{self.best_path} lacks epoch {best["epoch"]} (its weights are gone): it keeps the best from here on')
+            return
+        save_checkpoint(dict(self.state, kept_as='best'), self.best_path)
+        log(f'{self.best_path}: epoch {best["epoch"]} written (the run stopped before it)')
+
     def start(self, model, trainer, scaler, num_epochs, examples, amp):
         """The model's weights, the optimizer's (and GradScaler's) state when resuming; the stage's first line."""
-        self.model = model
+        self.model, autocast_name = model, str(amp).replace('torch.', '') if amp else 'off'
+        if self.resuming and self.state.get('autocast', autocast_name) != autocast_name:
+            raise UserError(f'--resume {self.path}: mixed precision was {self.state["autocast"]}, now '
+                            f'{autocast_name} (--amp follows --device unless given): pass --amp or --no-amp as it ran')
         if self.resuming:
             model.load_state_dict(self.state['model'])
         if self.state.get('optimizer'):
@@ -2346,16 +2456,23 @@ class Checkpoint:
                 f'{net_device(model)}{" x" + str(world) if world > 1 else ""}, amp {str(amp).replace("torch.", "")}')
         if self.epoch >= num_epochs:
             log(f'{self.path} has finished its {num_epochs} epochs')
-        self.state['epochs'] = num_epochs
+        self.state.update(epochs=num_epochs, autocast=autocast_name)
 
     def end_epoch(self, trainer, scaler, record):
-        """Adds the epoch's figures and writes the file (rank 0) and the curves."""
+        """Adds the epoch's figures and writes the file (rank 0), then the best copy if this epoch beats the best so
+        far (a tie keeps the earlier epoch; a NaN mIoU, no test batch, never counts), then the curves."""
         self.history.append(record)
+        best, miou = self.state.get('best'), record['test_miou']
+        improved = math.isfinite(miou) and (best is None or miou > best['test_miou'])
+        if improved:
+            self.state['best'] = dict(epoch=record['epoch'], test_miou=miou)
         self.state.update(epoch=record['epoch'], model=self.model.state_dict(), optimizer=trainer.state_dict(),
                           scaler=scaler.state_dict() if scaler is not None else None)
         if is_main_process() and self.path is not None:
             save_checkpoint(self.state, self.path)
             self.saved = self.epoch
+            if improved and self.best_path is not None:
+                save_checkpoint(dict(self.state, kept_as='best'), self.best_path)
             if self.curves:
                 plot_history(self.earlier + self.history, self.curves, self.title, self.first_epoch)
 
@@ -2510,14 +2627,16 @@ def recipe_title(config):
 
 
 def metrics_for_title(ckpt_path, ckpt):
-    """A picture title's figures: full-resolution results if --eval wrote them, else the last epoch's crops."""
+    """A picture title's figures: full-resolution results if --eval wrote them, else the last epoch's crops; a
+    --keep-best file says which epoch it holds."""
     path = results_path(ckpt_path, '.json')
+    best = f', best epoch {ckpt["epoch"]} of {ckpt.get("epochs")}' if ckpt.get('kept_as') == 'best' else ''
     if path.exists():
         r = json.loads(path.read_text())
-        return f'val acc {r["pixel_acc"]:.3f}, mIoU {r["miou"]:.3f}'
+        return f'val acc {r["pixel_acc"]:.3f}, mIoU {r["miou"]:.3f}{best}'
     if ckpt['history']:
         h = ckpt['history'][-1]
-        return f'val crops: acc {h["test_acc"]:.3f}, mIoU {h["test_miou"]:.3f}'
+        return f'val crops: acc {h["test_acc"]:.3f}, mIoU {h["test_miou"]:.3f}{best}'
     return 'untrained'
 
 
@@ -2530,7 +2649,8 @@ def picture_crop(config):
 def parse_with_demo(parser, demo):
     """parser.parse_args(); with --demo, parsed again with the script's `demo` recipe as defaults (flags given still
     win). --backbone-weights is used even where the recipe trains from scratch; beside --no-pretrained: an error.
-    --init-from starts a new run from a file's weights: beside --resume or --backbone-weights, an error."""
+    --init-from starts a new run from a file's weights: beside --resume or --backbone-weights, an error.
+    args.flag_defaults: every flag's default (the recipe's, or --demo's), for check_resume."""
     args = parser.parse_args()
     if args.demo:
         parser.set_defaults(**demo)
@@ -2545,6 +2665,8 @@ def parse_with_demo(parser, demo):
         if '--no-pretrained' in sys.argv:
             raise UserError('--backbone-weights and --no-pretrained contradict each other: drop one')
         args.pretrained = True
+    # recorded with the config: a resume takes a flag its checkpoint predates as the flag's default
+    args.flag_defaults = {a.dest: parser.get_default(a.dest) for a in parser._actions if a.dest != 'help'}
     return args
 
 
@@ -2599,7 +2721,10 @@ def add_recipe_args(parser, epochs, lr, weight_decay, batch_size, crop_size, sav
                    'other classes starts anew (default: none, the ImageNet backbone)')
     g.add_argument('--save', default=save, help=f'checkpoint path (default: {save})')
     g.add_argument('--resume', action='store_true', help='continue the checkpoint(s) at --save to the planned '
-                   'epochs (default: start anew; an existing checkpoint is kept as *.prev.pt)')
+                   'epochs with the same recipe flags (default: start anew; an existing checkpoint is kept as '
+                   '*.prev.pt)')
+    g.add_argument('--keep-best', action='store_true', help='also keep *_best.pt beside each checkpoint: the epoch '
+                   'with the best test mIoU (default: off)')
     return g
 
 

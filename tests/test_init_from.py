@@ -105,6 +105,12 @@ def test_a_checkpoint_of_other_classes_starts_a_run_that_trains(fcn_ckpt, three_
     ckpt = torch.load(tmp_path / 'checkpoints' / 'origin.pt', weights_only=True)
     assert ckpt['epoch'] == 1 and ckpt['model']['final_conv.weight'].shape[0] == 3
     assert ckpt['config']['init_from'] == str(fcn_ckpt) and f'from {fcn_ckpt.name}' in res.out
+    # resumed (--resume alone: --init-from beside it is an error), the run keeps the record of how it started
+    more = [a if a != '1' else '2' for a in IMAGENET]      # --epochs 2: extended by one
+    res = run_ok(ORIGIN_TRAIN, ['--dataset', 'folder', '--data-dir', three_classes, '--resume'] + more
+                 + ['--batch-size', '2'], tmp_path)
+    ckpt = torch.load(tmp_path / 'checkpoints' / 'origin.pt', weights_only=True)
+    assert ckpt['epoch'] == 2 and ckpt['config']['init_from'] == str(fcn_ckpt) and f'from {fcn_ckpt.name}' in res.out
 
 
 def test_a_checkpoint_of_the_same_classes_leaves_nothing(fcn_ckpt, demo_voc, tmp_path, monkeypatch):
