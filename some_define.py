@@ -636,7 +636,7 @@ def run_padded(forward, x):
     ph, pw = ((side + NET_STRIDE - 1) // NET_STRIDE * NET_STRIDE for side in (h, w))
     out = forward(F.pad(x, (0, pw - w, 0, ph - h)))
     oh, ow = out.shape[-2:]
-    return out[..., :math.ceil(h * oh / ph), :math.ceil(w * ow / pw)]
+    return out[..., :(h * oh + ph - 1) // ph, :(w * ow + pw - 1) // pw]     # ceil(h * oh / ph), in integers
 
 
 def finetune_path(save):
@@ -2324,7 +2324,7 @@ def checkpoint_classes(ckpt):
 ONNX_PACKAGES = 'pip install onnx onnxruntime onnxscript'
 # The export follows the example's path through run_padded: sides that are not multiples of NET_STRIDE take the
 # padding branch, which serves every size (a multiple would export the branch that pads nothing, for that size only).
-ONNX_EXAMPLE = (1, 3, 100, 150)
+ONNX_EXAMPLE = (2, 3, 100, 150)
 ONNX_CHECKS = ((1, 3, 97, 131), (2, 3, 150, 75))      # batch and sizes the file is checked on, none a multiple
 ONNX_TOLERANCE = 1e-4   # the largest difference from PyTorch, relative to the largest logit
 
@@ -2332,12 +2332,12 @@ ONNX_TOLERANCE = 1e-4   # the largest difference from PyTorch, relative to the l
 class ImageToLogits(nn.Module):
     """What the ONNX file computes: float RGB images in [0, 1], (N,3,H,W) of any batch and size -> class logits
     (N,C,H,W). The ImageNet normalisation and run_padded's padding and crop are inside, so that a program without
-    PyTorch feeds the image as read. DeepLabV3 comes without its auxiliary head, a training aid."""
+    PyTorch feeds the image as read. Only the main head's scores are returned: DeepLabV3's auxiliary head, a training
+    aid, computes nothing the output needs, and the exporter leaves it out of the file."""
 
     def __init__(self, net):
         super().__init__()
-        aux = getattr(net, 'aux_classifier', None) is not None
-        self.net = type(net)(net.backbone, net.classifier) if aux else net     # the same layers, no aux head
+        self.net = net
         imagenet_stats(torch.device('cpu'))     # cached now: made under the export, they would be its fake tensors
 
     def forward(self, image):
@@ -2350,9 +2350,9 @@ def export_onnx(ckpt_path, onnx_path):
     (fast_layers); onnxruntime runs the file on ONNX_CHECKS against PyTorch with the speed layers, as the predict
     scripts run it. A file that fails the check is never written; the write is atomic."""
     try:
-        import onnx
+        import onnx  # noqa: F401 - torch.onnx's exporter needs both
         import onnxruntime
-        import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
+        import onnxscript  # noqa: F401
     except ImportError:
         raise UserError(f'--export-onnx needs onnx, onnxruntime and onnxscript: {ONNX_PACKAGES}') from None
     net, ckpt = rebuild_model(ckpt_path)
@@ -2361,7 +2361,9 @@ def export_onnx(ckpt_path, onnx_path):
         warnings.simplefilter('ignore')
         program = torch.onnx.export(ImageToLogits(net).eval(), (torch.rand(ONNX_EXAMPLE),), dynamo=True,
                                     input_names=['image'], output_names=['logits'], dynamic_shapes=dims)
-    model = program.model_proto.SerializeToString()
+    proto = program.model_proto
+    proto.metadata_props.add(key='classes', value=json.dumps(ckpt['classes']))     # names and colours, for a program
+    model = proto.SerializeToString()
     session = onnxruntime.InferenceSession(model, providers=['CPUExecutionProvider'])
     worst, scale = onnx_difference(session, ImageToLogits(fast_layers(net)).eval())
     line = (f'onnxruntime vs PyTorch on {" and ".join("x".join(map(str, s)) for s in ONNX_CHECKS)}: max abs '
