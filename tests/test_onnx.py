@@ -16,8 +16,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime
 import pytest
 import torch
 from PIL import Image
@@ -26,6 +24,8 @@ import some_define as sd
 from test_faults import tmpfs  # noqa: F401 - the fixture
 from test_reliability import MY_PREDICT, ORIGIN_PREDICT, one_error_line, run_inprocess
 
+onnx = pytest.importorskip('onnx')      # tests/requirements.txt: pip install onnx onnxruntime onnxscript
+onnxruntime = pytest.importorskip('onnxruntime')
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = sd.Classes(['background', 'road', 'tree', 'sky', 'car'],
                      [[0, 0, 0], [128, 64, 128], [107, 142, 35], [70, 130, 180], [0, 0, 142]])
@@ -152,6 +152,14 @@ def test_a_full_disk_leaves_no_partial_file_and_the_old_one_whole(cached_export,
     res = run_inprocess(ORIGIN_PREDICT, ['--checkpoint', cached_export, '--export-onnx', old], tmp_path)
     one_error_line(res, old, 'No space left on device')
     assert [p.name for p in folder.iterdir()] == ['m.onnx'] and old.read_bytes() == b'the earlier export'
+
+
+def test_a_file_that_differs_from_pytorch_is_not_written(cached_export, tmp_path, monkeypatch):
+    """Above 1e-4 of the largest logit (here: onnxruntime's logits taken as 1e-3 off), one line and no file."""
+    monkeypatch.setattr(sd, 'onnx_difference', lambda session, model: (1e-3, 1.0))
+    res = run_inprocess(MY_PREDICT, ['--checkpoint', cached_export, '--export-onnx', 'm.onnx'], tmp_path)
+    one_error_line(res, 'differs from PyTorch', 'relative 1.00e-03', 'nothing written')
+    assert not (tmp_path / 'm.onnx').exists()
 
 
 @pytest.mark.parametrize('package', ['onnx', 'onnxruntime', 'onnxscript'])
