@@ -2357,8 +2357,7 @@ def export_onnx(ckpt_path, onnx_path):
         raise UserError(f'--export-onnx needs onnx, onnxruntime and onnxscript: {ONNX_PACKAGES}') from None
     net, ckpt = rebuild_model(ckpt_path)
     dims = {'image': {0: torch.export.Dim('batch'), 2: torch.export.Dim('height'), 3: torch.export.Dim('width')}}
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):    # its progress lines, in emoji
-        warnings.simplefilter('ignore')
+    with contextlib.redirect_stdout(io.StringIO()):     # the exporter's progress lines
         program = torch.onnx.export(ImageToLogits(net).eval(), (torch.rand(ONNX_EXAMPLE),), dynamo=True,
                                     input_names=['image'], output_names=['logits'], dynamic_shapes=dims)
     proto = program.model_proto
