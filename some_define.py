@@ -2276,7 +2276,7 @@ def open_model(path, device=None, amp=None):
 
 
 def load_model(path, device):
-    """A model rebuilt from its checkpoint alone: (net in eval mode on device, with its fast_layers; checkpoint dict)."""
+    """A model rebuilt from its checkpoint alone: (net with its fast_layers, in eval mode on device; checkpoint)."""
     net, ckpt = rebuild_model(path)
     return fast_layers(net).to(device).eval(), ckpt
 
@@ -2322,9 +2322,7 @@ def checkpoint_classes(ckpt):
 
 # ---------------------------------------------------------------------------------------------------------- ONNX export
 ONNX_PACKAGES = 'pip install onnx onnxruntime onnxscript'
-# The export follows the example's path through run_padded: sides that are not multiples of NET_STRIDE take the
-# padding branch, which serves every size (a multiple would export the branch that pads nothing, for that size only).
-ONNX_EXAMPLE = (2, 3, 100, 150)
+ONNX_EXAMPLE = (2, 3, 100, 150)    # what the export traces: a batch of 1 would be fixed at 1 in the file
 ONNX_CHECKS = ((1, 3, 97, 131), (2, 3, 150, 75))      # batch and sizes the file is checked on, none a multiple
 ONNX_TOLERANCE = 1e-4   # the largest difference from PyTorch, relative to the largest logit
 
@@ -2540,7 +2538,8 @@ def add_predict_args(parser, checkpoint, picture):
     parser.add_argument('inputs', nargs='*', help='image files or folders to segment: colour, overlay and label-id '
                         'PNGs go to --out-dir, one image at a time (default: none; the val pictures are drawn)')
     parser.add_argument('--checkpoint', help=f'default: {checkpoint}')
-    parser.add_argument('--export-onnx', metavar='FILE', help='write the model to FILE in ONNX (float RGB in [0, 1] of any batch and size -> logits), check it with onnxruntime, and stop (default: off)')
+    parser.add_argument('--export-onnx', metavar='FILE', help='write the model to FILE in ONNX (float RGB in [0, 1] '
+                        'of any batch and size -> logits), check it with onnxruntime, and stop (default: off)')
     parser.add_argument('--eval', action='store_true', help='metrics over the whole val split at original size: '
                         'table on stdout, *_results.txt/.json and *_confusion.png beside the checkpoint (default: off)')
     parser.add_argument('--mst', action='store_true', help='multi-scale + flip inference (default: off)')
