@@ -2322,7 +2322,7 @@ def checkpoint_classes(ckpt):
 
 # ---------------------------------------------------------------------------------------------------------- ONNX export
 ONNX_PACKAGES = 'pip install onnx onnxruntime onnxscript'
-ONNX_EXAMPLE = (2, 3, 100, 150)    # what the export traces: a batch of 1 would be fixed at 1 in the file
+ONNX_EXAMPLE = (2, 3, 100, 150)    # what the export traces; no side of 1, which torch.export special-cases
 ONNX_CHECKS = ((1, 3, 97, 131), (2, 3, 150, 75))      # batch and sizes the file is checked on, none a multiple
 ONNX_TOLERANCE = 1e-4   # the largest difference from PyTorch, relative to the largest logit
 
