@@ -28,6 +28,8 @@ def build_parser():
 def main():
     args = build_parser().parse_args()
     path = Path(args.checkpoint or (FINETUNED if FINETUNED.exists() else SAVE))
+    if args.export_onnx:
+        return sd.export_onnx(path, args.export_onnx)     # the model only: no dataset needed
     net, ckpt, device, amp = sd.open_model(path, args.device, args.amp)
     scales = args.scales if args.mst else None
     if args.inputs:

@@ -20,6 +20,8 @@ def build_parser():
 def main():
     args = build_parser().parse_args()
     path = args.checkpoint or CHECKPOINT
+    if args.export_onnx:
+        return sd.export_onnx(path, args.export_onnx)     # the model only: no dataset needed
     net, ckpt, _, amp = sd.open_model(path, args.device, args.amp)
     scales = args.scales if args.mst else None
     if args.inputs:

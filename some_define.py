@@ -10,7 +10,7 @@ tutorial's techniques: this project's d2l/torch.py, holding no recipe (the four 
   4. Your own data: class files, the images/ + masks/ folders, labelme2voc's layout, segmenting your photos.
   5. The machinery: errors and stops, torchrun and seeds, speed paths (fast equivalents of the book's layers, data
      kept on the device, mixed precision), finding and downloading data, weights files, file writes and checkpoints,
-     devices, pictures, flags, the demo-data generator.
+     devices, the ONNX export, pictures, flags, the demo-data generator.
 A book block may call machinery defined further down. Where the book is wasteful, names and results stay, waste goes.
 """
 import argparse
@@ -22,6 +22,7 @@ import errno
 import functools
 import hashlib
 import http.client
+import io
 import json
 import math
 import os
@@ -629,12 +630,13 @@ def run_padded(forward, x):
     """forward(x) for any input size: x zero-padded (the mean colour, after normalisation) at the bottom and right
     to a multiple of NET_STRIDE, the output cropped back by the same fraction (it may be coarser than the input)."""
     h, w = x.shape[-2:]
-    if not (h % NET_STRIDE or w % NET_STRIDE):      # F.pad would copy the batch for nothing
-        return forward(x)
-    padded = F.pad(x, (0, -w % NET_STRIDE, 0, -h % NET_STRIDE))
-    out = forward(padded)
-    (ph, pw), (oh, ow) = padded.shape[-2:], out.shape[-2:]
-    return out[..., :math.ceil(h * oh / ph), :math.ceil(w * ow / pw)]
+    if isinstance(h, int) and not (h % NET_STRIDE or w % NET_STRIDE):     # F.pad would copy the batch for nothing
+        return forward(x)       # (an export's symbolic sizes always pad: that path serves every size)
+    # the next multiples, written so that an export's symbolic sizes know them as multiples (-h % 32 hides it)
+    ph, pw = ((side + NET_STRIDE - 1) // NET_STRIDE * NET_STRIDE for side in (h, w))
+    out = forward(F.pad(x, (0, pw - w, 0, ph - h)))
+    oh, ow = out.shape[-2:]
+    return out[..., :(h * oh + ph - 1) // ph, :(w * ow + pw - 1) // pw]     # ceil(h * oh / ph), in integers
 
 
 def finetune_path(save):
@@ -2539,7 +2541,13 @@ def open_model(path, device=None, amp=None):
 
 
 def load_model(path, device):
-    """A model rebuilt from its checkpoint alone: (net in eval mode on device, checkpoint dict)."""
+    """A model rebuilt from its checkpoint alone: (net with its fast_layers, in eval mode on device; checkpoint)."""
+    net, ckpt = rebuild_model(path)
+    return fast_layers(net).to(device).eval(), ckpt
+
+
+def rebuild_model(path):
+    """(the checkpoint's model with the book's layers, on the CPU, in eval mode; the checkpoint dict)."""
     ckpt = load_torch_file(path)
     missing = [key for key in ('model_args', 'model', 'classes', 'config')
                if not isinstance(ckpt, dict) or key not in ckpt]
@@ -2553,7 +2561,7 @@ def load_model(path, device):
     except RuntimeError:
         raise UserError(f'{path}: its weights do not fit a {args["name"]} with {args["num_classes"]} classes '
                         '(an edited or foreign checkpoint): retrain, or pass the right file') from None
-    return fast_layers(net).to(device).eval(), ckpt
+    return net.eval(), ckpt
 
 
 def checkpoint_data(path, ckpt, kind=None, data_dir=None, demo=None, void_as_background=False, classes=None,
@@ -2575,6 +2583,76 @@ def checkpoint_data(path, ckpt, kind=None, data_dir=None, demo=None, void_as_bac
 def checkpoint_classes(ckpt):
     """The class table a checkpoint predicts (its names and colours)."""
     return Classes(**ckpt['classes'])
+
+
+# ---------------------------------------------------------------------------------------------------------- ONNX export
+ONNX_PACKAGES = 'pip install onnx onnxruntime onnxscript'
+ONNX_EXAMPLE = (2, 3, 100, 150)    # what the export traces; no side of 1, which torch.export special-cases
+ONNX_CHECKS = ((1, 3, 97, 131), (2, 3, 150, 75))      # batch and sizes the file is checked on, none a multiple
+ONNX_TOLERANCE = 1e-4   # the largest difference from PyTorch, relative to the largest logit
+
+
+class ImageToLogits(nn.Module):
+    """What the ONNX file computes: float RGB images in [0, 1], (N,3,H,W) of any batch and size -> class logits
+    (N,C,H,W). The ImageNet normalisation and run_padded's padding and crop are inside, so that a program without
+    PyTorch feeds the image as read. Only the main head's scores are returned: DeepLabV3's auxiliary head, a training
+    aid, computes nothing the output needs, and the exporter leaves it out of the file."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        imagenet_stats(torch.device('cpu'))     # cached now: made under the export, they would be its fake tensors
+
+    def forward(self, image):
+        return predict_scores(self.net, normalize_image(image))
+
+
+def export_onnx(ckpt_path, onnx_path):
+    """--export-onnx: the checkpoint's model as ImageToLogits in an ONNX file, batch, height and width dynamic.
+    The book's layers are exported (ONNX's ConvTranspose and Resize, which every runtime has), not the speed layers
+    (fast_layers); onnxruntime runs the file on ONNX_CHECKS against PyTorch with the speed layers, as the predict
+    scripts run it. A file that fails the check is never written; the write is atomic."""
+    try:
+        import onnx  # noqa: F401 - torch.onnx's exporter needs both
+        import onnxruntime
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise UserError(f'--export-onnx needs onnx, onnxruntime and onnxscript: {ONNX_PACKAGES}') from None
+    net, ckpt = rebuild_model(ckpt_path)
+    dims = {'image': {0: torch.export.Dim('batch'), 2: torch.export.Dim('height'), 3: torch.export.Dim('width')}}
+    with contextlib.redirect_stdout(io.StringIO()):     # the exporter's progress lines
+        program = torch.onnx.export(ImageToLogits(net).eval(), (torch.rand(ONNX_EXAMPLE),), dynamo=True,
+                                    input_names=['image'], output_names=['logits'], dynamic_shapes=dims)
+    proto = program.model_proto
+    proto.metadata_props.add(key='classes', value=json.dumps(ckpt['classes']))     # names and colours, for a program
+    model = proto.SerializeToString()
+    session = onnxruntime.InferenceSession(model, providers=['CPUExecutionProvider'])
+    worst, scale = onnx_difference(session, ImageToLogits(fast_layers(net)).eval())
+    line = (f'onnxruntime vs PyTorch on {" and ".join("x".join(map(str, s)) for s in ONNX_CHECKS)}: max abs '
+            f'difference {worst:.2e}, relative {worst / scale:.2e}')
+    if worst > ONNX_TOLERANCE * scale:
+        raise UserError(f'{ckpt_path}: the ONNX export differs from PyTorch ({line}): nothing written; report it')
+    write_atomically(onnx_path, lambda f: f.write(model), 'pass --export-onnx a path in a writable folder')
+    log(f'wrote {onnx_path} ({ckpt["model_args"]["name"]}, {ckpt["num_classes"]} classes; {line})')
+
+
+def onnx_difference(session, model):
+    """(max abs difference between the session's logits and the model's on ONNX_CHECKS, max abs logit)."""
+    worst, scale = 0.0, 0.0
+    for k, shape in enumerate(ONNX_CHECKS):
+        image = torch.rand(shape, generator=torch.Generator().manual_seed(k))
+        with torch.no_grad():
+            expected = model(image)
+        try:
+            got = torch.from_numpy(session.run(None, {'image': image.numpy()})[0])
+        except Exception as err:    # noqa: BLE001 - onnxruntime's own errors have no common base class
+            raise UserError(f'the ONNX export fails on {"x".join(map(str, shape))} ({error_line(err)}): nothing '
+                            'written; report it') from None
+        if got.shape != expected.shape:
+            raise UserError(f'the ONNX export gives {tuple(got.shape)} for {"x".join(map(str, shape))}, PyTorch '
+                            f'{tuple(expected.shape)}: nothing written; report it')
+        worst, scale = max(worst, float((got - expected).abs().max())), max(scale, float(expected.abs().max()))
+    return worst, scale
 
 
 # ------------------------------------------------------------------------------------------------------------- pictures
@@ -2748,6 +2826,8 @@ def add_predict_args(parser, checkpoint, picture):
     parser.add_argument('inputs', nargs='*', help='image files or folders to segment: colour, overlay and label-id '
                         'PNGs go to --out-dir, one image at a time (default: none; the val pictures are drawn)')
     parser.add_argument('--checkpoint', help=f'default: {checkpoint}')
+    parser.add_argument('--export-onnx', metavar='FILE', help='write the model to FILE in ONNX (float RGB in [0, 1] '
+                        'of any batch and size -> logits), check it with onnxruntime, and stop (default: off)')
     parser.add_argument('--eval', action='store_true', help='metrics over the whole val split at original size: '
                         'table on stdout, *_results.txt/.json and *_confusion.png beside the checkpoint (default: off)')
     parser.add_argument('--mst', action='store_true', help='multi-scale + flip inference (default: off)')

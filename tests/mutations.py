@@ -674,6 +674,37 @@ BREAKS = [
     Break('resume: how an --init-from run started not kept (its resume refused)', SD,
           "RESUME_KEEPS = ('init_from',)", 'RESUME_KEEPS = ()',
           ('tests/test_init_from.py::test_a_checkpoint_of_other_classes_starts_a_run_that_trains',)),
+    # ------------------------------------------------------------------------- issue 26 item 3: the ONNX export
+    Break('onnx: dynamic axes dropped (the second size fails)', SD,
+          "input_names=['image'], output_names=['logits'], dynamic_shapes=dims)",
+          "input_names=['image'], output_names=['logits'])",
+          ('tests/test_onnx.py::test_onnxruntime_gives_pytorchs_logits_at_any_batch_and_size[fcn]',)),
+    Break('onnx: the normalisation not in the graph', SD,
+          'return predict_scores(self.net, normalize_image(image))',
+          'return predict_scores(self.net, image)',
+          ('tests/test_onnx.py::test_onnxruntime_gives_pytorchs_logits_at_any_batch_and_size[fcn]',)),
+    Break('onnx: the aux head left in (the whole output exported)', SD,
+          'return predict_scores(self.net, normalize_image(image))',
+          'return self.net(normalize_image(image))',
+          ('tests/test_onnx.py::test_one_input_one_output_all_dynamic_no_aux_head_and_the_books_layers'
+           '[deeplabv3_resnet50]',)),
+    Break('onnx: the speed layers exported', SD,
+          'program = torch.onnx.export(ImageToLogits(net).eval(), (torch.rand(ONNX_EXAMPLE),), dynamo=True,',
+          'program = torch.onnx.export(ImageToLogits(fast_layers(net)).eval(), (torch.rand(ONNX_EXAMPLE),), '
+          'dynamo=True,',
+          ('tests/test_onnx.py::test_one_input_one_output_all_dynamic_no_aux_head_and_the_books_layers[fcn]',)),
+    Break('onnx: no atomic write', SD,
+          "write_atomically(onnx_path, lambda f: f.write(model), 'pass --export-onnx a path in a writable folder')",
+          'Path(onnx_path).write_bytes(model)',
+          ('tests/test_onnx.py::test_a_full_disk_leaves_no_partial_file_and_the_old_one_whole',)),
+    Break('onnx: a file that differs from PyTorch written', SD,
+          'if worst > ONNX_TOLERANCE * scale:',
+          'if False:',
+          ('tests/test_onnx.py::test_a_file_that_differs_from_pytorch_is_not_written',)),
+    Break('onnx: the padding in a form symbolic sizes cannot see as multiples (the U-Net does not export)', SD,
+          'ph, pw = ((side + NET_STRIDE - 1) // NET_STRIDE * NET_STRIDE for side in (h, w))',
+          'ph, pw = (side + -side % NET_STRIDE for side in (h, w))',
+          ('tests/test_onnx.py::test_onnxruntime_gives_pytorchs_logits_at_any_batch_and_size[resnet_unet]',)),
 ]
 
 
