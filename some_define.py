@@ -1400,16 +1400,23 @@ def segment_files(net, files, out_dir, classes, scales=None, amp=None, test_size
 
 
 def segmentation_pictures(image, pred, classes):
-    """(kind, PIL image) of a prediction; labelIds: what Cityscapes' scripts and the tutorial's challenge read."""
+    """(kind, PIL image) of a prediction; labelIds: what Cityscapes' scripts and the tutorial's challenge read. The
+    overlay is torchvision's draw_segmentation_masks at alpha 0.5 (each pixel in one class's mask), computed in uint8:
+    its class-by-class masks and float copies would outweigh a tiled prediction of a big photo."""
     colors = classes.colors
-    masks = pred[None] == torch.arange(len(colors))[:, None, None]
-    overlay = torchvision.utils.draw_segmentation_masks(image, masks, alpha=0.5, colors=[tuple(c) for c in colors])
+    color = label2image(pred, colors)
+    overlay = half_blend(image.permute(1, 2, 0), color)
     ids = Image.frombytes('P', (pred.shape[1], pred.shape[0]), pred.to(torch.uint8).numpy().tobytes())
     ids.putpalette(palette(colors).reshape(-1).tolist())
     pictures = [('labelIds', Image.fromarray(CITYSCAPES_TRAINID_TO_ID[pred.long()].numpy()))] \
         if classes == CITYSCAPES else []
-    return [('color', Image.fromarray(label2image(pred, colors).numpy())),
-            ('overlay', Image.fromarray(overlay.permute(1, 2, 0).numpy())), ('labels', ids)] + pictures
+    return [('color', Image.fromarray(color.numpy())), ('overlay', Image.fromarray(overlay.numpy())),
+            ('labels', ids)] + pictures
+
+
+def half_blend(a, b):
+    """(a + b) // 2 of two uint8 tensors without widening them: what a * 0.5 + b * 0.5 gives, cast back to uint8."""
+    return (a >> 1) + (b >> 1) + (a & b & 1)
 
 
 # ======================================================================================================================

@@ -260,3 +260,16 @@ def test_tile_flag_tiles_every_image_and_eval_counts_the_tiled_labels(fcn, tmp_p
 def test_bad_tile_flags_are_one_usage_error(fcn, tmp_path, flags, named):
     res = run_inprocess(ORIGIN_PREDICT, ['--checkpoint', fcn] + flags, tmp_path)
     assert res.code == 2 and 'Traceback' not in res.err and named in res.err.splitlines()[-1], res.err
+
+
+def test_the_overlay_is_torchvisions_draw_segmentation_masks_at_half_alpha():
+    """segmentation_pictures' overlay, computed in uint8 for big photos, is the picture torchvision draws."""
+    import torchvision
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8)
+    pred = torch.randint(0, 21, (37, 53))
+    overlay = dict(sd.segmentation_pictures(image, pred, sd.VOC))['overlay']
+    masks = pred[None] == torch.arange(21)[:, None, None]
+    colors = [tuple(c) for c in sd.VOC.colors]
+    expected = torchvision.utils.draw_segmentation_masks(image, masks, alpha=0.5, colors=colors)
+    assert np.array_equal(np.asarray(overlay), expected.permute(1, 2, 0).numpy())
