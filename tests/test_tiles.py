@@ -263,13 +263,15 @@ def test_bad_tile_flags_are_one_usage_error(fcn, tmp_path, flags, named):
 
 
 def test_the_overlay_is_torchvisions_draw_segmentation_masks_at_half_alpha():
-    """segmentation_pictures' overlay, computed in uint8 for big photos, is the picture torchvision draws."""
+    """segmentation_pictures' overlay, computed in uint8 for big photos, is the picture torchvision draws; with a
+    user's colours of odd values too (VOC's are all even)."""
     import torchvision
     torch.manual_seed(0)
     image = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8)
-    pred = torch.randint(0, 21, (37, 53))
-    overlay = dict(sd.segmentation_pictures(image, pred, sd.VOC))['overlay']
-    masks = pred[None] == torch.arange(21)[:, None, None]
-    colors = [tuple(c) for c in sd.VOC.colors]
+    pred = torch.randint(0, 4, (37, 53))
+    classes = sd.Classes(['background', 'a', 'b', 'c'], [[0, 0, 0], [255, 1, 3], [7, 129, 33], [201, 99, 255]])
+    overlay = dict(sd.segmentation_pictures(image, pred, classes))['overlay']
+    masks = pred[None] == torch.arange(4)[:, None, None]
+    colors = [tuple(c) for c in classes.colors]
     expected = torchvision.utils.draw_segmentation_masks(image, masks, alpha=0.5, colors=colors)
     assert np.array_equal(np.asarray(overlay), expected.permute(1, 2, 0).numpy())
