@@ -1045,7 +1045,7 @@ MST_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.2)     # multi-scale infer
 MST_MODES = ('softmax', 'tutorial')     # how multi-scale inference combines its passes (predict_scores)
 TILE_ABOVE_PIXELS = 2048 * 2048     # larger images are predicted window by window unless --whole-image: Cityscapes'
                                     # 2048x1024 stays whole, a phone photo's activations would not fit
-TILE_OVERLAP = 1 / 3                # mmsegmentation's VOC and ADE20K configs: 512 windows at stride 341
+TILE_OVERLAP = 1 / 3                # mmsegmentation's slide configs: 512 windows at stride 341, 256 at 170
 
 
 class ConfusionMatrix:
