@@ -3,14 +3,15 @@
     python tests/benchmark_tiles.py                          # fcn and resnet_unet at 1, 12 and 24 MP
     python tests/benchmark_tiles.py --models fcn --sizes 1 12
     python tests/benchmark_tiles.py --max-gib 8              # skip the cases expected to need more than 8 GiB
+    python tests/benchmark_tiles.py --models resnet_unet --sizes 12 --modes tiled
 
 Each case runs in a fresh process (so each peak is its own): an untrained model (no dataset, no weights file) built
 and placed as the predict scripts place it, one random photo-sized uint8 image, then some_define.predict on it,
 whole or in windows of the book's training crop (320x480, a third of overlap; the predict scripts' default
 windows). Then the script's three PNGs of it (segmentation_pictures). It prints peak RSS (getrusage) before the
 prediction (Python, torch, the model, the image), after it, and after the pictures, and the seconds it took.
-A whole-image case whose peak, extrapolated by pixels from the same model's smallest whole-image case, would pass
---max-gib is skipped and said so.
+A whole-image case whose peak, extrapolated by pixels from the same model's 1 MP whole-image case (run first when
+--sizes leaves it out), would pass --max-gib is skipped and said so.
 """
 import argparse
 import datetime
@@ -64,6 +65,7 @@ def main():
     parser.add_argument('--models', nargs='+', default=['fcn', 'resnet_unet'])
     parser.add_argument('--sizes', nargs='+', type=int, default=sorted(SIZES), choices=sorted(SIZES),
                         help='megapixels (default: 1 12 24)')
+    parser.add_argument('--modes', nargs='+', default=['whole', 'tiled'], choices=['whole', 'tiled'])
     parser.add_argument('--max-gib', type=float, default=16, help='skip whole-image cases expected above (default: 16)')
     parser.add_argument('--threads', type=int, default=2, help='torch threads per case (default: 2)')
     parser.add_argument('--timeout', type=int, default=1800, help='seconds per case (default: 1800)')
@@ -81,10 +83,13 @@ def main():
     print(f'| model | image | prediction | before | after predict | after pictures | seconds |')
     print('|---|---|---|---|---|---|---|')
     for model in args.models:
-        per_pixel = None            # (before, the whole image's growth per pixel), from its smallest case
+        per_pixel = None            # (before, the whole image's growth per pixel), from its 1 MP case
+        if 'whole' in args.modes and 1 not in args.sizes:
+            r = run_case(model, 1, False, args.threads, args.timeout)
+            per_pixel = r['before'], (r['pictures'] - r['before']) / (SIZES[1][0] * SIZES[1][1])
         for mp in args.sizes:
             h, w = SIZES[mp]
-            for tiled in (False, True):
+            for tiled in [mode == 'tiled' for mode in args.modes]:
                 name = f'| {model} | {mp} MP ({w}x{h}) | {"tiled" if tiled else "whole"} |'
                 expected = per_pixel and per_pixel[0] + per_pixel[1] * h * w
                 if not tiled and expected and expected > args.max_gib:
