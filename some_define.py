@@ -504,16 +504,15 @@ def evaluate_crops(net, data_iter, amp=None):
 
 def predict(net, img, scales=None, test_size=None, mst_mode='softmax', tiling=None):
     """The book's predict: uint8 image 3xHxW (batch Nx3xHxW) -> class indices HxW (NxHxW); `scales`, `tiling`:
-    predict_scores. Tiled at the image's own size, the labels come band by band (slide_bands): no whole score map."""
-    X = normalize_image(img.to(net_device(net)))
-    batch = X if X.ndim == 4 else X.unsqueeze(0)
+    predict_scores. Tiled at the image's own size, the labels come an image and a band at a time (slide_labels)."""
+    device, batch = net_device(net), img if img.ndim == 4 else img.unsqueeze(0)
     if tiling and not test_size and tiling.applies(*batch.shape[-2:]):
-        with torch.inference_mode():
-            bands = slide_bands(batch, tiling, lambda window: image_scores(net, window, scales, mode=mst_mode))
-            pred = torch.cat([band.argmax(dim=1).cpu() for band in bands], dim=1)
+        pred = torch.cat([slide_labels(net, normalize_image(one[None].to(device)), tiling, scales, mst_mode)
+                          for one in batch])
     else:
-        pred = predict_scores(net, batch, scales, test_size, mode=mst_mode, tiling=tiling).argmax(dim=1).cpu()
-    return pred if X.ndim == 4 else pred[0]
+        X = normalize_image(batch.to(device))
+        pred = predict_scores(net, X, scales, test_size, mode=mst_mode, tiling=tiling).argmax(dim=1).cpu()
+    return pred if img.ndim == 4 else pred[0]
 
 
 def palette(colors=VOC_COLORMAP):
@@ -1176,6 +1175,13 @@ def slide_scores(net, X, tiling, scales=None, flip=True, mode='softmax'):
     scores summed into a score map and divided by how many windows cover each pixel. Whole in memory: predict takes
     the labels band by band instead."""
     return torch.cat(list(slide_bands(X, tiling, lambda window: image_scores(net, window, scales, flip, mode))), dim=2)
+
+
+@torch.inference_mode()
+def slide_labels(net, X, tiling, scales=None, mode='softmax'):
+    """The argmax of slide_scores, taken a band of rows at a time: the whole score map is never held."""
+    bands = slide_bands(X, tiling, lambda window: image_scores(net, window, scales, mode=mode))
+    return torch.cat([band.argmax(dim=1).cpu() for band in bands], dim=1)
 
 
 def evaluate_full(net, dataset, scales=None, amp=None, test_size=None, num_workers=None, batch_size=8,
