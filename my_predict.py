@@ -32,9 +32,10 @@ def main():
         return sd.export_onnx(path, args.export_onnx)     # the model only: no dataset needed
     net, ckpt, device, amp = sd.open_model(path, args.device, args.amp)
     scales = args.scales if args.mst else None
+    tiling = sd.predict_tiling(ckpt['config'], args.tile, args.tile_overlap, args.whole_image)
     if args.inputs:
         sd.segment_files(net, sd.image_files(args.inputs), args.out_dir, sd.checkpoint_classes(ckpt), scales, amp,
-                         args.test_size, args.mst_mode)
+                         args.test_size, args.mst_mode, tiling)
     if args.inputs and not (args.eval or args.write_split):
         return              # your own images only: no dataset needed
 
@@ -50,10 +51,11 @@ def main():
             sd.log(f'{p} is left out of the comparison: it predicts other classes than {path}')
     columns = columns or [(path, net, ckpt)]
     for p, n, _ in columns if args.eval else []:
-        sd.evaluate_checkpoint(n, p, val, data.title, scales, amp, args.test_size, args.workers, args.mst_mode)
+        sd.evaluate_checkpoint(n, p, val, data.title, scales, amp, args.test_size, args.workers, args.mst_mode,
+                               tiling)
     if args.write_split:
         sd.segment_files(net, [image for image, _ in val.items], args.out_dir, data.classes, scales, amp,
-                         args.test_size, args.mst_mode)
+                         args.test_size, args.mst_mode, tiling)
     if not sd.is_main_process():
         return
 

@@ -24,9 +24,10 @@ def main():
         return sd.export_onnx(path, args.export_onnx)     # the model only: no dataset needed
     net, ckpt, _, amp = sd.open_model(path, args.device, args.amp)
     scales = args.scales if args.mst else None
+    tiling = sd.predict_tiling(ckpt['config'], args.tile, args.tile_overlap, args.whole_image)
     if args.inputs:
         sd.segment_files(net, sd.image_files(args.inputs), args.out_dir, sd.checkpoint_classes(ckpt), scales, amp,
-                         args.test_size, args.mst_mode)
+                         args.test_size, args.mst_mode, tiling)
         if not (args.eval or args.write_split):
             return          # your own images only: no dataset needed
 
@@ -35,10 +36,11 @@ def main():
     val = sd.open_dataset(data, is_train=False, normalize=False)    # whole images: metrics at the original size
     colors = data.classes.colors
     if args.eval:
-        sd.evaluate_checkpoint(net, path, val, data.title, scales, amp, args.test_size, args.workers, args.mst_mode)
+        sd.evaluate_checkpoint(net, path, val, data.title, scales, amp, args.test_size, args.workers, args.mst_mode,
+                               tiling)
     if args.write_split:
         sd.segment_files(net, [image for image, _ in val.items], args.out_dir, data.classes, scales, amp,
-                         args.test_size, args.mst_mode)
+                         args.test_size, args.mst_mode, tiling)
     if sd.is_main_process():    # the book's picture: three rows, image, prediction, ground truth
         crops = sd.val_crops(val, args.num_images, sd.picture_crop(ckpt['config']))
         title = f'{sd.recipe_title(ckpt["config"])}\n{sd.metrics_for_title(path, ckpt)} - {data.title}'

@@ -503,12 +503,17 @@ def evaluate_crops(net, data_iter, amp=None):
     return cm.compute()
 
 
-def predict(net, img, scales=None, test_size=None, mst_mode='softmax'):
-    """The book's predict: uint8 image 3xHxW (batch Nx3xHxW) -> class indices HxW (NxHxW); `scales`: predict_scores."""
-    X = normalize_image(img.to(net_device(net)))
-    batch = X if X.ndim == 4 else X.unsqueeze(0)
-    pred = predict_scores(net, batch, scales, test_size, mode=mst_mode).argmax(dim=1).cpu()
-    return pred if X.ndim == 4 else pred[0]
+def predict(net, img, scales=None, test_size=None, mst_mode='softmax', tiling=None):
+    """The book's predict: uint8 image 3xHxW (batch Nx3xHxW) -> class indices HxW (NxHxW); `scales`, `tiling`:
+    predict_scores. Tiled at the image's own size, the labels come an image and a band at a time (slide_labels)."""
+    device, batch = net_device(net), img if img.ndim == 4 else img.unsqueeze(0)
+    if tiling and not test_size and tiling.applies(*batch.shape[-2:]):
+        pred = torch.cat([slide_labels(net, normalize_image(one[None].to(device)), tiling, scales, mst_mode)
+                          for one in batch])
+    else:
+        X = normalize_image(batch.to(device))
+        pred = predict_scores(net, X, scales, test_size, mode=mst_mode, tiling=tiling).argmax(dim=1).cpu()
+    return pred if img.ndim == 4 else pred[0]
 
 
 def palette(colors=VOC_COLORMAP):
@@ -1068,6 +1073,9 @@ def batch_augment(cutmix=0.0, copyblob_prob=0.0, pairs=()):
 # ------------------------------------------------------------ evaluation: confusion matrix, mIoU, multi-scale inference
 MST_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.2)     # multi-scale inference, each also flipped
 MST_MODES = ('softmax', 'tutorial')     # how multi-scale inference combines its passes (predict_scores)
+TILE_ABOVE_PIXELS = 2048 * 2048     # larger images are predicted window by window unless --whole-image: Cityscapes'
+                                    # 2048x1024 stays whole, a phone photo's activations would not fit
+TILE_OVERLAP = 1 / 3                # mmsegmentation's slide configs: 512 windows at stride 341, 256 at 170
 
 
 class ConfusionMatrix:
@@ -1107,14 +1115,26 @@ class ConfusionMatrix:
 
 
 @torch.inference_mode()
-def predict_scores(net, X, scales=None, test_size=None, flip=True, mode='softmax'):
+def predict_scores(net, X, scales=None, test_size=None, flip=True, mode='softmax', tiling=None):
     """Class scores (N,C,H,W) at the size of normalised images X (N,3,H,W): the logits of one pass, or with `scales` the
     softmax of every scale (and its horizontal flip) resized to H,W and averaged. mode='tutorial' as the tutorial's
     code: raw scores averaged (a pass with large scores outvotes the others), align_corners=True, scaled sizes rounded
-    down. test_size: the net sees X at that size (the tutorial's Cityscapes evaluation). The caller sets net.eval()."""
+    down. test_size: the net sees X at that size (the tutorial's Cityscapes evaluation). tiling: a Tiling that applies
+    to that size runs all this window by window (slide_scores). The caller sets net.eval()."""
     h, w = X.shape[-2:]
     if test_size:
         X = F.interpolate(X, size=tuple(test_size), mode='bilinear', align_corners=False)
+    if tiling and tiling.applies(*X.shape[-2:]):
+        out = slide_scores(net, X, tiling, scales, flip, mode)
+    else:
+        out = image_scores(net, X, scales, flip, mode)
+    if test_size:
+        out = F.interpolate(out.float(), size=(h, w), mode='bilinear', align_corners=False)
+    return out
+
+
+def image_scores(net, X, scales=None, flip=True, mode='softmax'):
+    """predict_scores of X as the net sees it, in one piece."""
     def scores_of(x):
         return run_padded(lambda padded: model_output(net(padded))[0], x)
     if not scales:
@@ -1132,13 +1152,71 @@ def predict_scores(net, X, scales=None, test_size=None, flip=True, mode='softmax
                 scores = scores if tutorial else scores.softmax(1)
                 out = out + (scores.flip(-1) if flipped else scores)
         out = out / (len(scales) * (2 if flip else 1))
-    if test_size:
-        out = F.interpolate(out.float(), size=(h, w), mode='bilinear', align_corners=False)
     return out
 
 
+class Tiling(collections.namedtuple('Tiling', 'size overlap mode', defaults=(TILE_OVERLAP, 'auto'))):
+    """Sliding-window prediction, as mmsegmentation's slide mode: windows of `size` (H, W) overlapping by `overlap`
+    of a side; mode 'on' tiles every image, 'auto' those over TILE_ABOVE_PIXELS, 'off' none."""
+
+    def stride(self):
+        return tuple(max(1, math.floor(side * (1 - self.overlap))) for side in self.size)
+
+    def applies(self, h, w):
+        return self.mode == 'on' or (self.mode == 'auto' and h * w > TILE_ABOVE_PIXELS)
+
+
+def window_starts(length, window, stride):
+    """Where the windows along a side start: every `stride` pixels, the last one shifted back to end at the border
+    (so every window is whole and every pixel is covered); one window at 0 when the side is not longer than it."""
+    last = max(length - window, 0)
+    return [min(start, last) for start in range(0, last + stride, stride)]
+
+
+def window_counts(length, window, starts):
+    """How many windows cover each pixel of a side; a pixel's count is its row's times its column's."""
+    counts = torch.zeros(length)
+    for start in starts:
+        counts[start:start + window] += 1
+    return counts
+
+
+def slide_bands(X, tiling, scores_of):
+    """The scores of X (N,3,H,W) averaged over the windows that cover each pixel, a band of rows at a time: rows above
+    the next row of windows are final, so only one window's height of the score map is ever held (the whole map of
+    a phone photo runs to gigabytes). scores_of(window) gives the window's scores at its size."""
+    (h, w), stride = X.shape[-2:], tiling.stride()
+    wh, ww = min(tiling.size[0], h), min(tiling.size[1], w)
+    rows, cols = window_starts(h, wh, stride[0]), window_starts(w, ww, stride[1])
+    count_h, count_w = window_counts(h, wh, rows).to(X.device), window_counts(w, ww, cols).to(X.device)
+    held = None                 # the sums of rows y .. y + wh, the first of them carried from the row of windows above
+    for y, below in zip(rows, rows[1:] + [h]):
+        for x in cols:
+            scores = scores_of(X[..., y:y + wh, x:x + ww]).float()
+            if held is None:
+                held = scores.new_zeros(scores.shape[:2] + (wh, w))
+            held[..., x:x + ww] += scores
+        yield held[..., :below - y, :] / (count_h[y:below, None] * count_w)
+        carried = held[..., below - y:, :]
+        held = torch.cat([carried, carried.new_zeros(carried.shape[:2] + (below - y, w))], dim=2)
+
+
+def slide_scores(net, X, tiling, scales=None, flip=True, mode='softmax'):
+    """predict_scores window by window: each window through image_scores (every scale and flip of it), the windows'
+    scores summed into a score map and divided by how many windows cover each pixel. Whole in memory: predict takes
+    the labels band by band instead."""
+    return torch.cat(list(slide_bands(X, tiling, lambda window: image_scores(net, window, scales, flip, mode))), dim=2)
+
+
+@torch.inference_mode()
+def slide_labels(net, X, tiling, scales=None, mode='softmax'):
+    """The argmax of slide_scores, taken a band of rows at a time: the whole score map is never held."""
+    bands = slide_bands(X, tiling, lambda window: image_scores(net, window, scales, mode=mode))
+    return torch.cat([band.argmax(dim=1).cpu() for band in bands], dim=1)
+
+
 def evaluate_full(net, dataset, scales=None, amp=None, test_size=None, num_workers=None, batch_size=8,
-                  mst_mode='softmax'):
+                  mst_mode='softmax', tiling=None):
     """Confusion matrix over a whole split at each image's original size (labels are never resized). `dataset` gives
     whole uint8 images (crop_size=None, normalize=False); images of the same size (most of VOC is 500x375 or 375x500)
     go through the net together, multi-scale one image at a time."""
@@ -1155,7 +1233,8 @@ def evaluate_full(net, dataset, scales=None, amp=None, test_size=None, num_worke
             for image, label in batch:
                 by_size.setdefault(tuple(image.shape), []).append((image, label))
             for items in by_size.values():
-                preds = predict(net, torch.stack([image for image, _ in items]), scales, test_size, mst_mode)
+                images = torch.stack([image for image, _ in items])
+                preds = predict(net, images, scales, test_size, mst_mode, tiling)
                 for pred, (_, label) in zip(preds, items):
                     cm.update(pred, label)
     cm.all_reduce()
@@ -1181,10 +1260,10 @@ def metrics_table(results, class_names):
 
 
 def evaluate_checkpoint(net, ckpt_path, dataset, title, scales=None, amp=None, test_size=None, num_workers=None,
-                        mst_mode='softmax'):
+                        mst_mode='softmax', tiling=None):
     """--eval: a whole split at original size (evaluate_full); the table to stdout, beside the single-scale (or
     multi-scale) one when that exists, and *_results.txt/.json and *_confusion.png beside the checkpoint."""
-    cm = evaluate_full(net, dataset, scales, amp, test_size, num_workers, mst_mode=mst_mode)
+    cm = evaluate_full(net, dataset, scales, amp, test_size, num_workers, mst_mode=mst_mode, tiling=tiling)
     names = dataset.classes.names
     result = dict(cm.compute(), checkpoint=str(ckpt_path), mst=bool(scales), scales=scales,
                   mst_mode=mst_mode if scales else None, data=title, images=len(dataset), class_names=names)
@@ -1379,7 +1458,8 @@ def image_files(inputs):
         yield from sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
 
 
-def segment_files(net, files, out_dir, classes, scales=None, amp=None, test_size=None, mst_mode='softmax'):
+def segment_files(net, files, out_dir, classes, scales=None, amp=None, test_size=None, mst_mode='softmax',
+                  tiling=None):
     """Each image -> out_dir/<stem>_{color,overlay,labels}.png, one in memory at a time. An unreadable file is
     skipped with a warning; no output may replace an input; a failed write stops the run (the next would fail too)."""
     files, out_dir, done, skipped = list(files), Path(out_dir), 0, 0
@@ -1392,7 +1472,7 @@ def segment_files(net, files, out_dir, classes, scales=None, amp=None, test_size
             skipped += 1
             continue
         with autocast(net_device(net), amp):
-            pred = predict(net, image, scales, test_size, mst_mode)
+            pred = predict(net, image, scales, test_size, mst_mode, tiling)
         outs = {f'{Path(path).stem}_{kind}.png': pic for kind, pic in segmentation_pictures(image, pred, classes)}
         for name in outs:
             if (out_dir / name).resolve() in inputs:
@@ -1405,16 +1485,23 @@ def segment_files(net, files, out_dir, classes, scales=None, amp=None, test_size
 
 
 def segmentation_pictures(image, pred, classes):
-    """(kind, PIL image) of a prediction; labelIds: what Cityscapes' scripts and the tutorial's challenge read."""
+    """(kind, PIL image) of a prediction; labelIds: what Cityscapes' scripts and the tutorial's challenge read. The
+    overlay is torchvision's draw_segmentation_masks at alpha 0.5 (each pixel in one class's mask), computed in uint8:
+    its class-by-class masks and float copies would outweigh a tiled prediction of a big photo."""
     colors = classes.colors
-    masks = pred[None] == torch.arange(len(colors))[:, None, None]
-    overlay = torchvision.utils.draw_segmentation_masks(image, masks, alpha=0.5, colors=[tuple(c) for c in colors])
+    color = label2image(pred, colors)
+    overlay = half_blend(image.permute(1, 2, 0), color)
     ids = Image.frombytes('P', (pred.shape[1], pred.shape[0]), pred.to(torch.uint8).numpy().tobytes())
     ids.putpalette(palette(colors).reshape(-1).tolist())
     pictures = [('labelIds', Image.fromarray(CITYSCAPES_TRAINID_TO_ID[pred.long()].numpy()))] \
         if classes == CITYSCAPES else []
-    return [('color', Image.fromarray(label2image(pred, colors).numpy())),
-            ('overlay', Image.fromarray(overlay.permute(1, 2, 0).numpy())), ('labels', ids)] + pictures
+    return [('color', Image.fromarray(color.numpy())), ('overlay', Image.fromarray(overlay.numpy())),
+            ('labels', ids)] + pictures
+
+
+def half_blend(a, b):
+    """(a + b) // 2 of two uint8 tensors without widening them: what a * 0.5 + b * 0.5 gives, cast back to uint8."""
+    return (a >> 1) + (b >> 1) + (a & b & 1)
 
 
 # ======================================================================================================================
@@ -2837,10 +2924,35 @@ def add_predict_args(parser, checkpoint, picture):
                         f"averaged; tutorial: raw scores averaged, as the tutorial's code (default: {MST_MODES[0]})")
     parser.add_argument('--test-size', type=int, nargs=2, metavar=('H', 'W'), help='resize the images to H W, the '
                         "scores back (the tutorial's Cityscapes evaluation; default: original size)")
+    tiles = parser.add_mutually_exclusive_group()
+    tiles.add_argument('--tile', type=int, nargs=2, metavar=('H', 'W'), help='predict every image window by window '
+                       "(sliding windows, overlapping scores averaged; default: windows of the checkpoint's training "
+                       f'crop, on images over {TILE_ABOVE_PIXELS} pixels only)')
+    tiles.add_argument('--whole-image', action='store_true', help='never tile: the net sees each image whole, '
+                       'however large (default: off)')
+    parser.add_argument('--tile-overlap', type=overlap_fraction, default=TILE_OVERLAP, metavar='FRACTION',
+                        help=f'how much of a window its neighbour covers, 0 to below 1 (default: {TILE_OVERLAP:.3g})')
     parser.add_argument('--write-split', action='store_true', help='segment all val images to --out-dir (default: off)')
     parser.add_argument('--out-dir', default='predictions', help='where segmented images go (default: predictions)')
     parser.add_argument('--picture', default=picture, help=f'the val picture (default: {picture})')
     parser.add_argument('--num-images', type=int, default=4, help='val images in the pictures (default: 4, the book)')
+
+
+def overlap_fraction(text):
+    """--tile-overlap's type: a fraction of a window, 0 (windows side by side) to below 1 (a stride of 0)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f'{text}: a fraction of a window, at least 0 and below 1')
+    return value
+
+
+def predict_tiling(config, tile=None, overlap=TILE_OVERLAP, whole_image=False):
+    """The predict flags' Tiling: --tile's windows on every image; without it windows of the checkpoint's training
+    crop (mmsegmentation's slide mode uses its crop size) on images too large to go whole; none with --whole-image."""
+    if tile and min(tile) < 1:
+        raise UserError(f'--tile {tile[0]} {tile[1]}: a window needs at least one pixel a side')
+    mode = 'off' if whole_image else 'on' if tile else 'auto'
+    return Tiling(tuple(tile or config['crop_size']), overlap, mode)
 
 
 def check_training_flags(model, crop_size, batch_size, accum_steps, epochs, outputs=()):
