@@ -200,3 +200,23 @@ def test_the_docs_program_segments_a_photo_without_pytorch(export, tmp_path):
     net, _ = sd.load_model(ckpt, 'cpu')
     expected = sd.predict(net, sd.read_image(photo)).numpy()
     assert (np.asarray(labels) == expected).mean() > 0.999      # ties at float rounding aside
+
+
+def test_the_readmes_snippet_segments_a_photo_without_pytorch(export, tmp_path):
+    """The README's python block (its "Big photos, and ONNX" section), run as written where `import torch` fails,
+    beside my.onnx and photo.jpg: photo_labels.png holds PyTorch's prediction."""
+    _, ckpt, path, _, _ = export('fcn')
+    text = (ROOT / 'README.md').read_text(encoding='utf-8')
+    section = text.split('## Big photos, and ONNX', 1)[1].split('\n## ', 1)[0]
+    (tmp_path / 'snippet.py').write_text(re.search(r'```python\n(.*?)```', section, re.S).group(1))
+    (tmp_path / 'my.onnx').write_bytes(path.read_bytes())
+    (tmp_path / 'no_torch').mkdir()
+    (tmp_path / 'no_torch' / 'torch.py').write_text('raise ImportError("PyTorch is not installed here")\n')
+    photo = tmp_path / 'photo.jpg'
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (70, 99, 3), dtype=np.uint8)).save(photo, quality=90)
+    proc = subprocess.run([sys.executable, 'snippet.py'], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                          env={'PYTHONPATH': str(tmp_path / 'no_torch'), 'PATH': '/usr/bin:/bin'})
+    assert proc.returncode == 0, proc.stderr
+    labels = np.asarray(Image.open(tmp_path / 'photo_labels.png'))
+    net, _ = sd.load_model(ckpt, 'cpu')
+    assert (labels == sd.predict(net, sd.read_image(photo)).numpy()).mean() > 0.999
