@@ -12,14 +12,13 @@ matters, training is replaced by a capture of the net it would train.
 from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
 
 import some_define as sd
 from test_flags import FAST, run_ok
+from test_own_data import random_folder
 from test_flags import fcn as fcn_ckpt  # noqa: F401 - origin_train.py, one epoch on the demo data: 21 classes
 from test_reliability import MY_TRAIN, ORIGIN_TRAIN, one_error_line, run_inprocess
 from test_weights import places, save_named  # noqa: F401 - places: the weights' places, empty and offline
@@ -47,18 +46,10 @@ def captured_start(monkeypatch):
 @pytest.fixture(scope='module')
 def three_classes(tmp_path_factory):
     """A user's own data of 3 classes in the folder layout: images/{train,val}/, masks/{train,val}/, classes.txt."""
-    root, rng = tmp_path_factory.mktemp('own') / 'shapes', np.random.default_rng(0)
-    for split, n in (('train', 8), ('val', 2)):
-        for folder in ('images', 'masks'):
-            (root / folder / split).mkdir(parents=True)
-        for i in range(n):
-            image = rng.integers(0, 256, (48, 72, 3), dtype=np.uint8)
-            Image.fromarray(image).save(root / 'images' / split / f'{i}.jpg')
-            mask = np.zeros((48, 72), np.uint8)
-            mask[5:25, 10:40], mask[30:45, 45:70] = 1, 2
-            Image.fromarray(mask).save(root / 'masks' / split / f'{i}.png')
-    (root / 'classes.txt').write_text('background\ncircle\nsquare\n')
-    return root
+    def paint(mask):
+        mask[5:25, 10:40], mask[30:45, 45:70] = 1, 2
+    return random_folder(tmp_path_factory.mktemp('own') / 'shapes', ['background', 'circle', 'square'],
+                         {'train': 8, 'val': 2}, paint)
 
 
 @pytest.fixture(scope='module')

@@ -50,6 +50,23 @@ def write_folder(root, voc, rgb, classes_text=None):
     return root
 
 
+def random_folder(root, class_names, counts, paint, seed=0):
+    """A user's folder layout of random 48x72 JPEGs and index masks that paint(mask) draws, {split: count} of each,
+    and classes.txt."""
+    rng = np.random.default_rng(seed)
+    for split, n in counts.items():
+        for folder in ('images', 'masks'):
+            (root / folder / split).mkdir(parents=True)
+        for i in range(n):
+            image = rng.integers(0, 256, (48, 72, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / 'images' / split / f'{i}.jpg')
+            mask = np.zeros((48, 72), np.uint8)
+            paint(mask)
+            Image.fromarray(mask).save(root / 'masks' / split / f'{i}.png')
+    (root / 'classes.txt').write_text('\n'.join(class_names) + '\n')
+    return root
+
+
 @pytest.fixture(scope='module')
 def voc(tmp_path_factory):
     return Path(sd.make_demo_voc(tmp_path_factory.mktemp('voc') / 'VOC2012', num_train=12, num_val=6, seed=1))
@@ -243,18 +260,9 @@ def test_masks_saved_as_0_255_are_named_before_training(tmp_path, foreground):
     """One class, its masks saved as 0/255 (common for binary masks): here 255 means "ignore", so the class never
     reaches the loss. One line says so before the first epoch, with the class, the share of 255 and the fix; masks
     saved as 0/1 train without it."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / 'cracks'
-    for split, n in (('train', 6), ('val', 2)):
-        for folder in ('images', 'masks'):
-            (root / folder / split).mkdir(parents=True)
-        for i in range(n):
-            image = rng.integers(0, 256, (48, 72, 3), dtype=np.uint8)
-            Image.fromarray(image).save(root / 'images' / split / f'{i}.jpg')
-            mask = np.zeros((48, 72), np.uint8)
-            mask[10:30, 20:50] = foreground
-            Image.fromarray(mask).save(root / 'masks' / split / f'{i}.png')
-    (root / 'classes.txt').write_text('background\ncrack\n')
+    def paint(mask):
+        mask[10:30, 20:50] = foreground
+    root = random_folder(tmp_path / 'cracks', ['background', 'crack'], {'train': 6, 'val': 2}, paint)
     res = run_inprocess(MY_TRAIN, ['--dataset', 'folder', '--data-dir', root, '--model', 'fcn', '--finetune-epochs',
                                    '0', '--save', 'c.pt'] + FAST + ['--batch-size', '2'], tmp_path)
     assert res.code == 0, res.err
